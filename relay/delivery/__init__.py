@@ -1,0 +1,1 @@
+"""Delivery: scheduling, next-hop resolution, the SMTP client, retries and DSNs."""

@@ -1,0 +1,1 @@
+"""Operations: command-line queue tools (HTTP and metrics come later)."""

@@ -1,0 +1,1 @@
+"""The durable queue: spool files, the SQLite index, group commit and recovery."""

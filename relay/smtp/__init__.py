@@ -1,0 +1,1 @@
+"""Inbound SMTP: the listener, access control, AUTH and the streaming DATA reader."""
