@@ -1,0 +1,63 @@
+"""Small value types shared by every package: next-hop `host[:port]` and mail addresses."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    """A `host[:port]` or `[ipv6]:port` value from the config (a name means A/AAAA, never MX)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+
+def parse_hostport(text: str, default_port: int) -> HostPort:
+    """Parse `host`, `host:port`, `[v6]` or `[v6]:port`; raise ValueError with a readable reason."""
+    text = text.strip()
+    if not text:
+        raise ValueError("empty host")
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"{text!r}: missing ']'")
+        host, rest = text[1:end], text[end + 1 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{text!r}: expected ':port' after ']'")
+        port_text = rest[1:] if rest else ""
+    elif text.count(":") > 1:
+        raise ValueError(f"{text!r}: write IPv6 addresses as [address]:port")
+    else:
+        host, _, port_text = text.partition(":")
+        if ":" in text and not port_text:
+            raise ValueError(f"{text!r}: empty port")
+    port = default_port
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"{text!r}: port must be 1-65535")
+        port = int(port_text)
+    if not host:
+        raise ValueError(f"{text!r}: empty host")
+    return HostPort(host.lower().rstrip("."), port)
+
+
+def domain_of(address: str) -> str:
+    """The domain of a mail address, lower-cased (empty for the null sender)."""
+    return address.rpartition("@")[2].lower().rstrip(".")

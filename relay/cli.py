@@ -1,0 +1,60 @@
+"""The `invoice-relay` command line: parses arguments and hands each verb to its module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
+
+
+def _parser() -> argparse.ArgumentParser:
+    # --config is global: accepted before or after the verb.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                        help="main config file (default: $INVOICE_RELAY_CONFIG, ./relay.toml, "
+                             "/etc/invoice-relay/relay.toml, then embedded defaults)")
+    parser = argparse.ArgumentParser(prog="invoice-relay", parents=[common],
+                                     description="Durable SMTP relay for e-invoice mail.")
+    verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
+    verbs.add_parser("serve", parents=[common], help="run the relay in the foreground")
+    verbs.add_parser("check-config", parents=[common], help="validate config and policy files")
+    verbs.add_parser("hash-password", parents=[common],
+                     help="read a password on standard input, print its hash for users_file")
+    queue = verbs.add_parser("queue", parents=[common], help="inspect and repair the queue")
+    qverbs = queue.add_subparsers(dest="queue_verb", metavar="QUEUE_COMMAND", required=True)
+    qlist = qverbs.add_parser("list", parents=[common], help="one line per queued recipient")
+    qlist.add_argument("--state")
+    qlist.add_argument("--domain")
+    qlist.add_argument("--json", action="store_true")
+    qshow = qverbs.add_parser("show", parents=[common], help="envelope, state and attempts")
+    qshow.add_argument("id")
+    qverbs.add_parser("rebuild", parents=[common], help="rebuild the index from the spool files")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    config_path: str | None = getattr(args, "config", None)
+    if args.verb == "serve":
+        from relay.serve import serve
+
+        return serve(config_path)
+    if args.verb == "check-config":
+        from relay.config import check_config_command
+
+        return check_config_command(config_path)
+    if args.verb == "hash-password":
+        from relay.smtp.auth import hash_password_command
+
+        return hash_password_command()
+    if args.verb == "queue":
+        from relay.ops.queuecmd import queue_command
+
+        return queue_command(config_path, args)
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
