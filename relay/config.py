@@ -273,9 +273,12 @@ def _recipient_match(value: object) -> str:
     if "@" not in text:
         return parse_domain_pattern(text)
     local, _, domain = text.rpartition("@")
-    if not local or any(ch.isspace() for ch in local):
-        raise ValueError(f"{_q(text)} is not a mail address")
-    return f"{local.lower()}@{normalize_domain(domain)}"
+    try:
+        if not local or any(ch.isspace() for ch in local):
+            raise ValueError
+        return f"{local.lower()}@{normalize_domain(domain)}"
+    except ValueError:
+        raise ValueError(f"{_q(text)} is not a mail address") from None
 
 
 def _ip(value: object) -> IPAddress:

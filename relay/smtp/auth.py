@@ -82,11 +82,16 @@ def _parse_phc(phc: str) -> _Phc | None:
     return _Phc(ln, r, p, salt, digest)
 
 
-def hash_password(password: str) -> str:
-    """A new PHC string for `password` with a fresh random salt."""
+def hash_password(password: str, *, ln: int = LN) -> str:
+    """A new PHC string for `password` with a fresh random salt.
+
+    `ln` (log2 of the scrypt cost) is for tests that need cheap hashes; keep the default.
+    """
+    if not 1 <= ln <= _MAX_LN:
+        raise ValueError(f"ln must be 1-{_MAX_LN}")
     salt = os.urandom(SALT_BYTES)
-    digest = _scrypt(password, salt, LN, R, P, HASH_BYTES)
-    return f"$scrypt$ln={LN},r={R},p={P}${_b64encode(salt)}${_b64encode(digest)}"
+    digest = _scrypt(password, salt, ln, R, P, HASH_BYTES)
+    return f"$scrypt$ln={ln},r={R},p={P}${_b64encode(salt)}${_b64encode(digest)}"
 
 
 def verify_password(password: str, phc: str) -> bool:
