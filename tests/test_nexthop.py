@@ -6,6 +6,8 @@ import asyncio
 import time
 from collections.abc import Iterator
 
+import dns.asyncquery
+import dns.message
 import pytest
 from dnsserver import DnsServer
 
@@ -248,3 +250,20 @@ async def test_all_route_hosts_failing_is_temporary(resolver: NextHopResolver) -
     assert (info.value.temporary, info.value.status) == (True, "4.4.3")
     assert "nosuch.test:25" in info.value.text
     assert "broken.test:25" in info.value.text
+
+
+@pytest.mark.parametrize("domain", ["", ".", "a b.test", "x" * 64 + ".test", "-bad.test"])
+async def test_invalid_domain_is_permanent_without_query(
+    resolver: NextHopResolver, dns_server: DnsServer, domain: str
+) -> None:
+    with pytest.raises(DnsFailure) as info:
+        await resolver.for_domain(domain, 25)
+    assert (info.value.temporary, info.value.status) == (False, "5.1.2")
+    assert dns_server.queries == []
+
+
+async def test_dns_server_answers_over_tcp_too(dns_server: DnsServer) -> None:
+    query = dns.message.make_query("mx1.example.test", "A")
+    response = await dns.asyncquery.tcp(query, "127.0.0.1", timeout=2, port=dns_server.port)
+    assert [rd.to_text() for rd in response.answer[0]] == ["127.0.0.11"]
+    assert dns_server.address == f"127.0.0.1:{dns_server.port}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ NEGATIVE_TTL_DEFAULT = 60.0
 MAX_TTL = 86400.0  # never trust a cached answer longer than a day
 MAX_CACHE_ENTRIES = 50_000
 
+_HOSTNAME = re.compile(
+    r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*"
+)
 _ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
 _Status = Literal["ok", "nxdomain", "nodata"]
 
@@ -73,9 +77,14 @@ def _temporary(name: str, rdtype: str, why: str) -> DnsFailure:
 def ascii_domain(domain: str) -> str:
     """Lower-case IDNA (A-label) form without the trailing dot; DnsFailure 5.1.2 if invalid."""
     try:
-        return dns.name.from_text(domain.strip().rstrip(".")).to_text(omit_final_dot=True).lower()
+        name = dns.name.from_text(domain.strip().rstrip("."))
+        text = name.to_text(omit_final_dot=True).lower()
     except (dns.exception.DNSException, UnicodeError, ValueError) as exc:
         raise DnsFailure(False, "5.1.2", f"Invalid domain name {domain!r}: {exc}") from None
+    # dnspython accepts any octets (escaped as \DDD); a mail domain is letters, digits, hyphens.
+    if not _HOSTNAME.fullmatch(text):
+        raise DnsFailure(False, "5.1.2", f"Invalid domain name {domain!r}")
+    return text
 
 
 def _literal_address(domain: str) -> str | None:
