@@ -154,12 +154,13 @@ def vm_hwm_kib(pid: int) -> int | None:
     return None
 
 
-def machine_cpu() -> tuple[int, int]:
-    """(busy, total) jiffies over all CPUs, from /proc/stat."""
+def machine_cpu() -> tuple[int, int, int]:
+    """(busy, steal, total) jiffies over all CPUs, from /proc/stat."""
     f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = f[3] + (f[4] if len(f) > 4 else 0)
+    f += [0] * (8 - len(f))
+    idle, steal = f[3] + f[4], f[7]
     total = sum(f[:8])
-    return total - idle, total
+    return total - idle - steal, steal, total
 
 
 def kill_tree(name: str, root_pids: list[int], pgids: list[int], grace: float) -> None:
@@ -295,6 +296,10 @@ class Sink:
 
     def stop(self) -> None:
         kill_tree("smtp-sink", [self.proc.pid], [self.proc.pid], 5)
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 # --------------------------------------------------------------------------------------
@@ -393,11 +398,13 @@ append_dot_mydomain = no
 
     def cpu_snapshot(self) -> dict:
         procs = self.procs()
-        return {"total": sum(cpu_ticks(p) for p in procs),
-                "by_comm": _by_comm(procs)}
+        # per-daemon split is not meaningful: smtpd/cleanup/smtp exit after max_use (100)
+        # requests and their CPU moves into master's cutime/cstime; report the total only
+        return {"total": sum(cpu_ticks(p) for p in procs), "processes": len(procs)}
 
-    def peak_rss_kib(self) -> int:
-        return sum(vm_hwm_kib(p["pid"]) or 0 for p in self.procs())
+    def peak_rss(self) -> dict:
+        ps = [p for p in self.procs() if p["state"] != "Z"]
+        return {"sum_kib": sum(vm_hwm_kib(p["pid"]) or 0 for p in ps), "processes": len(ps)}
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -407,16 +414,10 @@ append_dot_mydomain = no
 
     def stop(self) -> None:
         kill_tree("postfix", [self.proc.pid], self.pgids, 30)
-
-
-def _by_comm(procs: list[dict]) -> dict:
-    out: dict[str, int] = {}
-    for p in procs:
-        out[p["comm"]] = out.get(p["comm"], 0) + p["utime"] + p["stime"]
-        if p["cutime"] or p["cstime"]:
-            k = f"{p['comm']}:reaped-children"
-            out[k] = out.get(k, 0) + p["cutime"] + p["cstime"]
-    return out
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 class Relay(System):
@@ -497,6 +498,10 @@ routes = ["127.0.0.1:{sink_port}"]
 
     def stop(self) -> None:
         kill_tree("relay", [self.proc.pid], self.pgids, 30)
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 # --------------------------------------------------------------------------------------
@@ -510,7 +515,7 @@ def run_round(kind: str, system: System | None, sink: Sink, smtp_source: str, n:
     sink.arm(target)
     snap_before = system.cpu_snapshot() if system else None
     others_before = {o.name: o.cpu_snapshot()["total"] for o in others if o is not system}
-    mbusy0, mtot0 = machine_cpu()
+    mbusy0, msteal0, mtot0 = machine_cpu()
     cmd = [smtp_source, "-s", str(sessions), "-m", str(n), "-l", str(size),
            "-f", "from@bench.test", "-t", "to@example.net", f"127.0.0.1:{port}"]
     t0 = time.monotonic()
@@ -532,23 +537,22 @@ def run_round(kind: str, system: System | None, sink: Sink, smtp_source: str, n:
         got = sink.current() - base
         raise BenchError(f"{kind}: timeout after {timeout:.0f}s: the sink received {got} of {n} "
                          f"messages (smtp-source finished in {t_src - t0:.2f}s)")
-    mbusy1, mtot1 = machine_cpu()
+    mbusy1, msteal1, mtot1 = machine_cpu()
     snap_after = system.cpu_snapshot() if system else None
     accepted_s, e2e_s = t_src - t0, reached - t0
     r = {"kind": kind, "system": system.name if system else "direct", "n": n, "size": size,
          "sessions": sessions, "accept_seconds": round(accepted_s, 4),
          "e2e_seconds": round(e2e_s, 4), "accepted_per_s": n / accepted_s,
          "e2e_per_s": n / e2e_s,
-         "machine_cpu_busy_pct": round(100 * (mbusy1 - mbusy0) / max(1, mtot1 - mtot0), 1)}
+         "machine_cpu_busy_pct": round(100 * (mbusy1 - mbusy0) / max(1, mtot1 - mtot0), 1),
+         "machine_cpu_steal_pct": round(100 * (msteal1 - msteal0) / max(1, mtot1 - mtot0), 1)}
     if system:
         us = 1e6 / CLK_TCK / n
         cpu = {k: (snap_after[k] - snap_before[k]) * us
-               for k in snap_after if isinstance(snap_after[k], int)}
+               for k in ("intake", "delivery", "total") if k in snap_after}
         r["cpu_us_per_msg"] = {k: round(v, 1) for k, v in cpu.items()}
-        if "by_comm" in snap_after:
-            r["cpu_us_per_msg_by_comm"] = {
-                k: round((v - snap_before["by_comm"].get(k, 0)) * us, 1)
-                for k, v in snap_after["by_comm"].items()}
+        if "processes" in snap_after:
+            r["processes_after"] = snap_after["processes"]
     idle = {}
     for o in others:
         if o is not system and o.name in others_before:
@@ -603,7 +607,7 @@ def summarize(rounds: list[dict], sizes: list[tuple[str, int]]) -> dict:
 def render_table(summary: dict, results: dict) -> str:
     lines = []
     hdr = (f"{'size':>5}  {'system':<8} {'rounds':>6}  {'accepted msg/s':>14} {'(min-max)':>15}"
-           f"  {'end-to-end msg/s':>16} {'(min-max)':>15}  {'CPU us/msg':>28}")
+           f"  {'end-to-end msg/s':>16} {'(min-max)':>15}  {'host CPU':>8}  {'CPU us/msg':>28}")
     lines.append(hdr)
     lines.append("-" * len(hdr))
     for label, s in summary.items():
@@ -625,7 +629,8 @@ def render_table(summary: dict, results: dict) -> str:
                 f"{label:>5}  {name:<8} {e['rounds']:>6}  {fmt_rate(a['median']):>14} "
                 f"{'(' + fmt_rate(a['min']) + '-' + fmt_rate(a['max']) + ')':>15}  "
                 f"{fmt_rate(b['median']):>16} "
-                f"{'(' + fmt_rate(b['min']) + '-' + fmt_rate(b['max']) + ')':>15}  {cpu_s:>28}")
+                f"{'(' + fmt_rate(b['min']) + '-' + fmt_rate(b['max']) + ')':>15}  "
+                f"{e['machine_cpu_busy_pct_median']:>7.0f}%  {cpu_s:>28}")
         if "relay_postfix_e2e_ratio" in s:
             r = s["relay_postfix_e2e_ratio"]
             ra = s["relay_postfix_accepted_ratio"]
@@ -639,9 +644,10 @@ def render_table(summary: dict, results: dict) -> str:
         parts = ", ".join(f"pid {pid} {v['vm_hwm_kib'] / 1024:.1f} MiB"
                           for pid, v in rss["processes"].items())
         lines.append(f"relay peak RSS (sum of VmHWM): {rss['sum_kib'] / 1024:.1f} MiB  [{parts}]")
-    if results.get("postfix_peak_rss_kib"):
-        lines.append(f"postfix RSS (sum of VmHWM over processes alive at the end): "
-                     f"{results['postfix_peak_rss_kib'] / 1024:.1f} MiB")
+    prss = results.get("postfix_peak_rss")
+    if prss:
+        lines.append(f"postfix: sum of VmHWM over its {prss['processes']} processes alive at the "
+                     f"end: {prss['sum_kib'] / 1024:.1f} MiB (shared pages counted per process)")
     for label, s in summary.items():
         e = s.get("relay")
         if e and "cpu_us_per_msg_median" in e:
@@ -705,6 +711,9 @@ def main() -> int:
     except KeyError as e:
         raise BenchError("user 'postfix' missing: apt-get install postfix") from e
     relay_cmd = args.relay_cmd.split() if args.relay_cmd else []
+    # the relay runs with its temp dir as cwd: make relative paths in the command absolute
+    relay_cmd = [str(Path(a).resolve()) if not a.startswith("-") and "/" in a and Path(a).exists()
+                 else a for a in relay_cmd]
     if "relay" in systems_wanted and not relay_cmd:
         raise BenchError("no invoice-relay command: install the relay into the venv "
                          "(.venv/bin/pip install .) or set RELAY_CMD")
@@ -790,7 +799,7 @@ def main() -> int:
             results["relay_processes"] = {str(k): v for k, v in
                                           systems["relay"].seen_procs.items()}
         if "postfix" in systems:
-            results["postfix_peak_rss_kib"] = systems["postfix"].peak_rss_kib()
+            results["postfix_peak_rss"] = systems["postfix"].peak_rss()
     except BenchError as e:
         log(f"FAILED: {e}")
         results["error"] = str(e)
