@@ -1,0 +1,238 @@
+"""One delivery attempt of one job: try the next hops in order until one gives an answer.
+
+A connect failure, a 4xx/5xx greeting, a 4xx to EHLO or MAIL, a TLS failure or a drop before
+the final dot moves on to the next address; RCPT and DATA replies decide per recipient.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from relay.config import Config, SourceAddress
+from relay.delivery.client import (
+    ConnectionLost,
+    LocalAddressError,
+    Reply,
+    ReplyError,
+    SmtpClient,
+    SmtpClientError,
+    Timeouts,
+    TlsFailed,
+    Transaction,
+)
+from relay.delivery.nexthop import NextHop
+from relay.queue.index import DueRecipient
+
+TLS_BROKEN_MEMORY = 3600.0  # after a failed handshake, talk plain text to that host for an hour
+
+
+@dataclass(slots=True)
+class Job:
+    """Recipients of one message that share a destination: one SMTP transaction."""
+
+    msg: str
+    recipients: list[DueRecipient]
+
+    @property
+    def first(self) -> DueRecipient:
+        return self.recipients[0]
+
+
+@dataclass(slots=True)
+class Verdict:
+    """What happened to one recipient in this attempt."""
+
+    due: DueRecipient
+    kind: str                 # delivered | temporary | permanent | unknown
+    reply: str
+    status: str               # enhanced status code
+    hop: NextHop | None = None
+    tls: str | None = None
+
+
+@dataclass(slots=True)
+class Connection:
+    client: SmtpClient
+    hop: NextHop
+    sent: int = 0
+
+
+def _status_of(reply: Reply, default: str) -> str:
+    return reply.enhanced or default
+
+
+@dataclass
+class Attempter:
+    config: Config
+    own_listeners: set[tuple[str, int]]
+    tls_context: ssl.SSLContext = field(default_factory=lambda: _no_verify_context())
+    tls_broken: dict[str, float] = field(default_factory=dict)
+    rng: random.Random = field(default_factory=random.Random)
+
+    def timeouts(self) -> Timeouts:
+        return Timeouts(connect=self.config.delivery.connect_timeout)
+
+    def is_own_listener(self, hop: NextHop) -> bool:
+        if (hop.address, hop.port) in self.own_listeners:
+            return True
+        wildcard = {p for a, p in self.own_listeners if a in ("0.0.0.0", "::")}
+        return hop.port in wildcard and ipaddress.ip_address(hop.address).is_loopback
+
+    def _source(self) -> SourceAddress | None:
+        pool = self.config.delivery.source_addresses
+        if not pool:
+            return None
+        return self.rng.choices(pool, weights=[s.weight for s in pool])[0]
+
+    async def connect(self, hop: NextHop) -> Connection:
+        source = self._source()
+        helo = source.hostname if source else self.config.server.hostname
+        address = str(source.address) if source else None
+        client = await SmtpClient.connect(hop.address, hop.port, helo_name=helo,
+                                          source_address=address, timeouts=self.timeouts())
+        if client.supports("STARTTLS") and self.tls_broken.get(hop.address, 0) < time.time():
+            try:
+                await client.starttls(self.tls_context, server_hostname=_sni(hop.name))
+            except TlsFailed:
+                # Remember the broken host, then talk plain text rather than defer forever.
+                self.tls_broken[hop.address] = time.time() + TLS_BROKEN_MEMORY
+                client.close()
+                client = await SmtpClient.connect(hop.address, hop.port, helo_name=helo,
+                                                  source_address=address,
+                                                  timeouts=self.timeouts())
+            except ReplyError:
+                pass  # STARTTLS refused: the session goes on in plain text
+        return Connection(client, hop)
+
+    async def deliver(self, job: Job, data: bytes, hops: Sequence[NextHop],
+                      conn: Connection | None) -> tuple[list[Verdict], Connection | None]:
+        """Deliver `job` over the first hop that answers; reuse `conn` when it fits."""
+        ordered = list(hops)
+        if conn is not None and conn.hop in ordered:
+            ordered.remove(conn.hop)
+            ordered.insert(0, conn.hop)
+        last: tuple[str, str, NextHop | None] = ("451 4.4.1 No next hop answered", "4.4.1", None)
+        lacked_utf8 = False
+        for hop in ordered:
+            if self.is_own_listener(hop):
+                _close(conn)
+                return self._all(job, "permanent", f"554 5.4.6 Mail for {job.first.domain} loops"
+                                 f" back to myself ({hop.address}:{hop.port})", "5.4.6", hop), None
+            if conn is None or conn.hop != hop or not conn.client.usable:
+                _close(conn)
+                conn = None
+                try:
+                    conn = await self.connect(hop)
+                except LocalAddressError as exc:
+                    last = (f"451 4.4.0 Local source address problem: {exc}", "4.4.0", hop)
+                    continue
+                except SmtpClientError as exc:
+                    last = (_describe(exc, hop), _status(exc, "4.4.1"), hop)
+                    continue
+            if job.first.smtputf8 and not conn.client.supports("SMTPUTF8"):
+                lacked_utf8 = True
+                _close(conn)
+                conn = None
+                continue
+            try:
+                tx = await conn.client.send(job.first.sender, [r.rcpt for r in job.recipients],
+                                            data, mail_params=self._params(job, conn.client))
+            except ConnectionLost as exc:
+                last = (_describe(exc, hop), "4.4.2", hop)
+                _close(conn)
+                conn = None
+                continue
+            if not tx.mail.is_ok and not tx.mail.is_permanent:
+                last = (tx.mail.text, _status_of(tx.mail, "4.0.0"), hop)
+                _close(conn)
+                conn = None
+                continue
+            verdicts = self._judge(job, tx, conn)
+            conn.sent += 1
+            return verdicts, conn if conn.client.usable else _close(conn)
+        _close(conn)
+        if lacked_utf8 and last[2] is None:
+            return self._all(job, "permanent", "554 5.6.7 No next hop supports SMTPUTF8, which"
+                             " this message needs", "5.6.7", None), None
+        return self._all(job, "temporary", last[0], last[1], last[2]), None
+
+    def _params(self, job: Job, client: SmtpClient) -> list[str]:
+        params = []
+        if job.first.body == "8BITMIME" and client.supports("8BITMIME"):
+            params.append("BODY=8BITMIME")
+        if job.first.smtputf8:
+            params.append("SMTPUTF8")
+        return params
+
+    def _judge(self, job: Job, tx: Transaction, conn: Connection) -> list[Verdict]:
+        hop, tls = conn.hop, conn.client.tls_version
+        if not tx.mail.is_ok:  # a 5xx to MAIL refuses every recipient
+            return self._all(job, "permanent", tx.mail.text, _status_of(tx.mail, "5.0.0"), hop,
+                             tls)
+        verdicts = []
+        for due in job.recipients:
+            reply = tx.rcpt.get(due.rcpt)
+            if reply is None or not reply.is_ok:
+                reply = reply or tx.mail
+                kind = "permanent" if reply.is_permanent else "temporary"
+                verdicts.append(Verdict(due, kind, reply.text,
+                                        _status_of(reply, "5.0.0" if kind == "permanent"
+                                                   else "4.0.0"), hop, tls))
+            elif tx.outcome_unknown:
+                verdicts.append(Verdict(due, "unknown", "connection lost after the final dot:"
+                                        " outcome unknown", "4.4.2", hop, tls))
+            elif tx.data is None:
+                verdicts.append(Verdict(due, "temporary", "451 4.4.2 no reply to DATA", "4.4.2",
+                                        hop, tls))
+            elif tx.data.is_ok:
+                verdicts.append(Verdict(due, "delivered", tx.data.text,
+                                        _status_of(tx.data, "2.0.0"), hop, tls))
+            else:
+                kind = "permanent" if tx.data.is_permanent else "temporary"
+                verdicts.append(Verdict(due, kind, tx.data.text, _status_of(
+                    tx.data, "5.0.0" if kind == "permanent" else "4.0.0"), hop, tls))
+        return verdicts
+
+    @staticmethod
+    def _all(job: Job, kind: str, reply: str, status: str, hop: NextHop | None,
+             tls: str | None = None) -> list[Verdict]:
+        return [Verdict(due, kind, reply, status, hop, tls) for due in job.recipients]
+
+
+def _close(conn: Connection | None) -> None:
+    if conn is not None:
+        conn.client.close()
+
+
+def _sni(name: str) -> str | None:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return name
+    return None
+
+
+def _describe(exc: SmtpClientError, hop: NextHop) -> str:
+    if exc.reply is not None:
+        return exc.reply.text
+    return f"451 4.4.1 {hop.name}[{hop.address}]:{hop.port}: {exc}"
+
+
+def _status(exc: SmtpClientError, default: str) -> str:
+    if exc.reply is not None and exc.reply.enhanced:
+        return "4" + exc.reply.enhanced[1:]  # a refusing greeting moves on: it is temporary here
+    return default
+
+
+def _no_verify_context() -> ssl.SSLContext:
+    """Opportunistic TLS: encrypt when offered, without verifying (a later issue adds verify)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx

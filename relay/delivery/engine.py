@@ -1,0 +1,239 @@
+"""The delivery engine: claims due recipients, queues them per destination, runs connections.
+
+Each destination (recipient domain) has its own queue of jobs and at most `max_connections`
+connection workers; a worker reuses its connection for up to `max_messages_per_connection`
+jobs. This is where the later shaping (rates, source-address pools, circuit breakers) plugs in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from relay import log
+from relay.config import Config, DestinationPolicy
+from relay.delivery import retry
+from relay.delivery.attempt import Attempter, Connection, Job, Verdict
+from relay.delivery.nexthop import DnsFailure, NextHop, NextHopResolver
+from relay.delivery.store import DeliveryStore, Result
+from relay.queue.envelope import BOUNCED, DELIVERED, EXPIRED, UNKNOWN
+from relay.queue.index import DueRecipient, Outcome
+
+MAX_IN_FLIGHT = 5000       # recipients held in memory at once; the rest wait in the index
+CLAIM_BATCH = 500
+IDLE_POLL = 1.0            # seconds between index polls when nothing wakes us
+CONNECTION_IDLE = 2.0      # keep an idle connection this long for more jobs
+
+
+@dataclass
+class Destination:
+    key: str
+    policy: DestinationPolicy | None
+    jobs: deque[Job] = field(default_factory=deque)
+    workers: int = 0
+    idle: int = 0
+    more: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def max_connections(self) -> int:
+        return self.policy.max_connections if self.policy else 20
+
+    @property
+    def max_per_connection(self) -> int:
+        return self.policy.max_messages_per_connection if self.policy else 100
+
+
+@dataclass
+class Counters:
+    delivered: int = 0
+    deferred: int = 0
+    bounced: int = 0
+    expired: int = 0
+    unknown: int = 0
+
+
+class DeliveryEngine:
+    def __init__(self, config: Config, store: DeliveryStore, resolver: NextHopResolver,
+                 attempter: Attempter) -> None:
+        self.config = config
+        self.store = store
+        self.resolver = resolver
+        self.attempter = attempter
+        self.destinations: dict[str, Destination] = {}
+        self.in_flight: set[tuple[str, int]] = set()
+        self.wake = asyncio.Event()
+        self.stopping = False
+        self.counters = Counters()
+        self._workers: set[asyncio.Task[None]] = set()
+        store.on_recorded = self._recorded
+
+    # --- the claim loop -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        while not self.stopping:
+            self.wake.clear()
+            room = MAX_IN_FLIGHT - len(self.in_flight)
+            if room > 0:
+                due = await self.store.claim(time.time(), min(room, CLAIM_BATCH))
+                self.dispatch(due)
+                if len(due) == min(room, CLAIM_BATCH):
+                    continue  # more may be due right now
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), IDLE_POLL)
+
+    def dispatch(self, due: list[DueRecipient]) -> None:
+        jobs: dict[tuple[str, str], Job] = {}
+        for d in due:
+            key = (d.msg, d.domain)
+            if (d.msg, d.idx) in self.in_flight:
+                continue
+            self.in_flight.add((d.msg, d.idx))
+            if key in jobs:
+                jobs[key].recipients.append(d)
+            else:
+                jobs[key] = Job(d.msg, [d])
+        for (_, domain), job in jobs.items():
+            dest = self.destinations.get(domain)
+            if dest is None:
+                dest = Destination(domain, self.config.destination_for(domain))
+                self.destinations[domain] = dest
+            dest.jobs.append(job)
+            if dest.idle > 0:
+                dest.more.set()
+            elif dest.workers < dest.max_connections:
+                self._start_worker(dest)
+
+    def _start_worker(self, dest: Destination) -> None:
+        dest.workers += 1
+        task = asyncio.get_running_loop().create_task(self._worker(dest))
+        self._workers.add(task)
+        task.add_done_callback(self._workers.discard)
+
+    # --- connection workers ---------------------------------------------------------------
+
+    async def _worker(self, dest: Destination) -> None:
+        conn: Connection | None = None
+        try:
+            while not self.stopping:
+                if not dest.jobs and not await self._wait_for_job(dest):
+                    break
+                job = dest.jobs.popleft()
+                conn = await self._run_job(dest, job, conn)
+                if conn is not None and conn.sent >= dest.max_per_connection:
+                    await conn.client.quit()
+                    conn = None
+        finally:
+            dest.workers -= 1
+            if conn is not None:
+                await conn.client.quit()
+            if dest.workers == 0 and not dest.jobs:
+                self.destinations.pop(dest.key, None)
+
+    async def _wait_for_job(self, dest: Destination) -> bool:
+        dest.idle += 1
+        dest.more.clear()
+        try:
+            await asyncio.wait_for(dest.more.wait(), CONNECTION_IDLE)
+        except TimeoutError:
+            pass
+        finally:
+            dest.idle -= 1
+        return bool(dest.jobs)
+
+    async def _run_job(self, dest: Destination, job: Job, conn: Connection | None
+                       ) -> Connection | None:
+        try:
+            hops = await self._hops(dest)
+        except DnsFailure as exc:
+            kind = "temporary" if exc.temporary else "permanent"
+            code = "451" if exc.temporary else "550"
+            await self._finish(job, [Verdict(d, kind, f"{code} {exc.status} {exc.text}",
+                                             exc.status) for d in job.recipients])
+            return conn
+        try:
+            data = await self.store.read_message(job.msg)
+        except OSError as exc:
+            await self._finish(job, [Verdict(d, "temporary", f"451 4.3.0 spool read failed: {exc}",
+                                             "4.3.0") for d in job.recipients])
+            return conn
+        verdicts, conn = await self.attempter.deliver(job, data, hops, conn)
+        await self._finish(job, verdicts)
+        return conn
+
+    async def _hops(self, dest: Destination) -> list[NextHop]:
+        port = self.config.delivery.port
+        if dest.policy is not None and dest.policy.routes:
+            hops = await self.resolver.for_hosts(dest.policy.routes, "route")
+        else:
+            hops = await self.resolver.for_domain(dest.key, port)
+        fallback = self.config.delivery.fallback_relays
+        if fallback:
+            with contextlib.suppress(DnsFailure):
+                hops = hops + await self.resolver.for_hosts(fallback, "fallback")
+        return hops
+
+    # --- outcomes -----------------------------------------------------------------------
+
+    async def _finish(self, job: Job, verdicts: list[Verdict]) -> None:
+        now = time.time()
+        schedule = self.config.queue.retry_schedule
+        results = []
+        for v in verdicts:
+            due = v.due
+            status = v.status
+            if v.kind == "delivered":
+                state, next_at = DELIVERED, now
+            elif v.kind == "permanent":
+                state, next_at = BOUNCED, now
+            else:
+                state, next_at = retry.temporary_state(due.attempts, now, schedule, due.expires,
+                                                       unknown=v.kind == "unknown")
+                if state == EXPIRED:
+                    status = "4.4.7"
+            hop = v.hop
+            outcome = Outcome(due.msg, due.idx, state, now, next_at, v.reply,
+                              host=hop.name if hop else None,
+                              address=f"{hop.address}:{hop.port}" if hop else None, tls=v.tls)
+            results.append(Result(due, outcome, status))
+        await self.store.submit(results)
+
+    def _recorded(self, results: list[Result], dsns: int) -> None:
+        for r in results:
+            self.in_flight.discard((r.outcome.msg, r.outcome.idx))
+            self._log(r)
+        if dsns or results:
+            self.wake.set()
+
+    def _log(self, r: Result) -> None:
+        o = r.outcome
+        state = o.state
+        setattr(self.counters, state, getattr(self.counters, state, 0) + 1)
+        fields: dict[str, object] = {
+            "id": o.msg, "rcpt": r.due.rcpt, "host": o.host, "address": o.address,
+            "tls": o.tls, "status": r.status, "attempt": r.due.attempts + 1, "reply": o.reply,
+        }
+        if state not in (DELIVERED, BOUNCED, EXPIRED):
+            fields["next_attempt"] = time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                   time.gmtime(o.next_attempt))
+        if state == UNKNOWN:
+            fields["note"] = "connection lost after the final dot; will retry (possible duplicate)"
+        log.event(state, **fields)
+
+    # --- shutdown -----------------------------------------------------------------------
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking work; let deliveries in progress finish for up to `grace` seconds."""
+        self.stopping = True
+        self.wake.set()
+        for dest in self.destinations.values():
+            dest.more.set()
+        if self._workers:
+            _, pending = await asyncio.wait(set(self._workers), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        await self.store.flush()

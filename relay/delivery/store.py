@@ -1,0 +1,165 @@
+"""The delivery process's side of the queue: claims work and records outcomes in batches.
+
+One thread owns this process's index connection. Outcomes are recorded in batches (whatever
+arrived while the previous batch was being written): DSNs for the batch's failures are made
+durable first, then the index rows, then the spool is updated (files of finished messages are
+removed, partial final states appended), with one folder fsync per batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from relay.delivery.dsn import FailedRecipient, build_dsn, original_headers
+from relay.queue.envelope import BOUNCED, EXPIRED, FINAL_STATES, Envelope, new_queue_id
+from relay.queue.index import DueRecipient, Index, Outcome
+from relay.queue.spool import Spool
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """An outcome plus what a DSN needs to describe it."""
+
+    due: DueRecipient
+    outcome: Outcome
+    status: str   # enhanced status for the DSN, e.g. "5.1.1" or "4.4.7"
+
+
+class DeliveryStore:
+    def __init__(self, root: Path, db_path: Path, *, hostname: str, max_lifetime: float) -> None:
+        self.spool = Spool(root)
+        self.db_path = db_path
+        self.hostname = hostname
+        self.max_lifetime = max_lifetime
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index")
+        self._index: Index | None = None
+        self._pending: list[tuple[list[Result], asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.on_recorded: Callable[[list[Result], int], None] | None = None
+        self.syncs = 0
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def start(self) -> None:
+        self._index = await self._run(Index, self.db_path)
+
+    async def close(self) -> None:
+        await self.flush()
+        if self._index is not None:
+            await self._run(self._index.close)
+        self._thread.shutdown()
+
+    async def claim(self, now: float, limit: int) -> list[DueRecipient]:
+        assert self._index is not None
+        return await self._run(self._index.claim_due, now, limit)
+
+    async def next_due(self) -> float | None:
+        assert self._index is not None
+        return await self._run(self._index.next_due)
+
+    async def read_message(self, queue_id: str) -> bytes:
+        return await asyncio.to_thread(self.spool.read_message, queue_id)
+
+    # --- recording ----------------------------------------------------------------------
+
+    def submit(self, results: Sequence[Result]) -> asyncio.Future[None]:
+        """Queue results for the next batch; the future resolves once they are recorded."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._pending.append((list(results), future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush_loop())
+        return future
+
+    async def flush(self) -> None:
+        while self._flusher is not None and not self._flusher.done():
+            await asyncio.shield(self._flusher)
+
+    async def _flush_loop(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            results = [r for group, _ in batch for r in group]
+            try:
+                dsns = await self._run(self._record, results) if results else 0
+            except Exception as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
+            if self.on_recorded is not None:
+                self.on_recorded(results, dsns)
+
+    # --- on the index thread ------------------------------------------------------------
+
+    def _record(self, results: list[Result]) -> int:
+        assert self._index is not None
+        dsns = self._queue_dsns(results)
+        finished = set(self._index.record([r.outcome for r in results]))
+        finals: dict[str, list[tuple[int, str]]] = defaultdict(list)
+        for r in results:
+            if r.outcome.state in FINAL_STATES and r.outcome.msg not in finished:
+                finals[r.outcome.msg].append((r.outcome.idx, r.outcome.state))
+        for msg, states in finals.items():
+            self.spool.mark_final(msg, states, sync=True)
+            self.syncs += 1
+        for msg in finished:
+            self.spool.remove(msg)
+        if finished:
+            self.spool.sync_dir()
+            self.syncs += 1
+        return dsns
+
+    def _queue_dsns(self, results: list[Result]) -> int:
+        """One DSN per message and batch, listing every recipient that failed in it."""
+        failed: dict[str, list[Result]] = defaultdict(list)
+        for r in results:
+            if r.outcome.state in (BOUNCED, EXPIRED) and r.due.sender:
+                failed[r.outcome.msg].append(r)
+        made: list[tuple[Envelope, int]] = []
+        for msg, items in failed.items():
+            envelope, data = self._dsn(msg, items)
+            fd = self.spool.create(envelope, [data], complete=True)
+            try:
+                os.fdatasync(fd)
+                self.syncs += 1
+            finally:
+                os.close(fd)
+            made.append((envelope, len(data)))
+        if made:
+            self.spool.sync_dir()
+            self.syncs += 1
+            assert self._index is not None
+            self._index.insert(made, self.max_lifetime)
+        return len(made)
+
+    def _dsn(self, msg: str, items: list[Result]) -> tuple[Envelope, bytes]:
+        first = items[0].due
+        try:
+            headers = original_headers(self.spool.read_message(msg)[:70_000])
+        except OSError:
+            headers = b""
+        failures = [FailedRecipient(
+            recipient=r.due.rcpt, status=r.status, diagnostic=r.outcome.reply,
+            remote_mta=r.outcome.host, last_attempt=r.outcome.time) for r in items]
+        data = build_dsn(reporting_mta=self.hostname, queue_id=msg, original_sender=first.sender,
+                         arrival=first.received, original_headers=headers, failures=failures)
+        now = time.time()
+        envelope = Envelope(id=new_queue_id(), sender="", recipients=(first.sender,),
+                            received=now, client="", helo="", body="8BITMIME"
+                            if any(b > 127 for b in data) else None,
+                            smtputf8=not first.sender.isascii())
+        return envelope, data

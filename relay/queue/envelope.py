@@ -1,0 +1,54 @@
+"""The envelope of a queued message and the per-recipient states it moves through."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass
+
+# Recipient states. Pending ones are picked up by delivery; final ones never change again.
+QUEUED = "queued"        # accepted, never tried
+ACTIVE = "active"        # claimed by the delivery process right now
+DEFERRED = "deferred"    # a temporary failure; retried at next_attempt
+UNKNOWN = "unknown"      # the connection dropped after the final dot: maybe delivered; retried
+HOLD = "hold"            # an operator stopped delivery attempts
+DELIVERED = "delivered"
+BOUNCED = "bounced"
+EXPIRED = "expired"
+
+PENDING_STATES = (QUEUED, DEFERRED, UNKNOWN)
+FINAL_STATES = (DELIVERED, BOUNCED, EXPIRED)
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    id: str
+    sender: str
+    recipients: tuple[str, ...]
+    received: float
+    client: str = ""
+    helo: str = ""
+    auth: str | None = None
+    body: str | None = None       # "8BITMIME" when the client said BODY=8BITMIME
+    smtputf8: bool = False
+    message_id: str | None = None
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        data["recipients"] = list(self.recipients)
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Envelope:
+        data = json.loads(raw)
+        data["recipients"] = tuple(data["recipients"])
+        return cls(**data)
+
+
+def new_queue_id() -> str:
+    """Sortable by time (microseconds) and unique across our processes (pid + random)."""
+    micros = time.time_ns() // 1000
+    tail = (os.getpid() & 0xFFF) << 20 | secrets.randbits(20)
+    return f"{micros:014X}{tail:08X}"

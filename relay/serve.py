@@ -1,0 +1,222 @@
+"""`invoice-relay serve`: recover the queue, then run intake and delivery on both cores.
+
+Process model: the main process recovers the queue, forks the delivery process, then runs SMTP
+intake itself. Intake wakes delivery through a pipe after every committed batch. The delivery
+process dies with its parent (PR_SET_PDEATHSIG), so a killed relay never leaves a stray worker
+delivering on its own. If either side dies unexpectedly, the whole relay exits non-zero and the
+service manager restarts it; startup recovery then makes the queue consistent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import fcntl
+import os
+import signal
+import ssl
+import sys
+from pathlib import Path
+
+import uvloop
+
+from relay import log
+from relay.config import Config, load_or_exit
+from relay.queue.committer import Committer
+from relay.queue.recovery import mark_clean_shutdown, recover
+from relay.queue.spool import Spool
+
+DRAIN_GRACE = 30.0
+EXIT_CONFIG = 78
+PR_SET_PDEATHSIG = 1
+
+
+def serve(cli_config: str | None) -> int:
+    config = load_or_exit(cli_config)
+    log.setup()
+    root = config.queue.path
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = _lock_queue(root)
+    except OSError as exc:
+        print(f"{root}: cannot use the queue folder: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    db_path = root / "index.sqlite"
+    report = recover(root, db_path, max_lifetime=config.queue.max_lifetime)
+    log.event("recovered", **{k: v for k, v in vars(report).items() if v})
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+    child = os.fork()
+    if child == 0:
+        os.close(wake_write)
+        _die_with_parent()
+        code = 1
+        try:
+            code = uvloop.run(_delivery_main(config, wake_read, os.getppid()))
+        finally:
+            os._exit(code)
+    os.close(wake_read)
+    try:
+        code = uvloop.run(_intake_main(config, wake_write, child))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGTERM)
+        _wait_child(child, DRAIN_GRACE + 10)
+        lock.close()
+    if code == 0:
+        mark_clean_shutdown(root)
+    return code
+
+
+def _lock_queue(root: Path):  # type: ignore[no-untyped-def]
+    """One relay per queue folder: a second one would deliver the same recipients twice."""
+    handle = open(root / "lock", "a+")  # noqa: SIM115 - held for the life of the process
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise OSError(f"another invoice-relay is using {root}") from None
+    return handle
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _wait_child(pid: int, timeout: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+def _tls_context(config: Config) -> ssl.SSLContext | None:
+    server = config.server
+    if not server.tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(server.tls_cert, server.tls_key)
+    return ctx
+
+
+def _install_signals(stop: asyncio.Event, role: str) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.event(
+        "sighup", process=role, note="configuration reload is not supported yet; nothing changed"))
+
+
+# --- intake (main process) -------------------------------------------------------------------
+
+async def _intake_main(config: Config, wake_fd: int, child: int) -> int:
+    from relay.smtp.auth import Users, load_users
+    from relay.smtp.server import Intake, IntakeContext
+
+    stop = asyncio.Event()
+    _install_signals(stop, "intake")
+    root = config.queue.path
+
+    def wake(_: object) -> None:
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(wake_fd, b"w")
+
+    committer = Committer(Spool(root), root / "index.sqlite",
+                          max_lifetime=config.queue.max_lifetime, on_committed=wake)
+    committer.start()
+    users = Users(load_users(config.server.users_file)) if config.server.users_file else None
+    ctx = IntakeContext(hostname=config.server.hostname, trusted=config.server.trusted_networks,
+                        max_message_size=config.server.max_message_size, committer=committer,
+                        users=users, tls_context=_tls_context(config))
+    intake = Intake(ctx, config.server.listen, config.server.listen_tls)
+    try:
+        await intake.start()
+    except OSError as exc:
+        log.event("listen_failed", error=str(exc))
+        committer.stop()
+        return EXIT_CONFIG
+    log.event("listening", addresses=" ".join(f"{h}:{p}" for h, p in intake.bound()),
+              hostname=config.server.hostname, pid=os.getpid())
+    child_died = asyncio.get_running_loop().create_task(_watch_child(child))
+    stopper = asyncio.get_running_loop().create_task(stop.wait())
+    await asyncio.wait({child_died, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if child_died.done():
+        log.event("delivery_died", level=40, note="stopping so the service manager restarts us")
+        code = 1
+    log.event("draining", process="intake")
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(child, signal.SIGTERM)  # delivery drains at the same time
+    await intake.drain(DRAIN_GRACE)
+    await asyncio.to_thread(committer.stop)
+    stopper.cancel()
+    child_died.cancel()
+    log.event("stopped", process="intake")
+    return code
+
+
+async def _watch_child(pid: int) -> None:
+    while True:
+        done, _ = await asyncio.to_thread(_poll_child, pid)
+        if done:
+            return
+        await asyncio.sleep(0.5)
+
+
+def _poll_child(pid: int) -> tuple[int, int]:
+    try:
+        return os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return pid, 0
+
+
+# --- delivery (child process) ----------------------------------------------------------------
+
+async def _delivery_main(config: Config, wake_fd: int, parent: int) -> int:
+    from relay.delivery.attempt import Attempter
+    from relay.delivery.engine import DeliveryEngine
+    from relay.delivery.nexthop import NextHopResolver
+    from relay.delivery.store import DeliveryStore
+
+    stop = asyncio.Event()
+    _install_signals(stop, "delivery")
+    root = config.queue.path
+    store = DeliveryStore(root, root / "index.sqlite", hostname=config.server.hostname,
+                          max_lifetime=config.queue.max_lifetime)
+    await store.start()
+    listeners = {(hp.host, hp.port) for hp in (*config.server.listen, *config.server.listen_tls)}
+    engine = DeliveryEngine(config, store, NextHopResolver(config.dns.nameservers),
+                            Attempter(config, listeners))
+    loop = asyncio.get_running_loop()
+
+    def on_wake() -> None:
+        try:
+            data = os.read(wake_fd, 65536)
+        except BlockingIOError:
+            return
+        if not data:  # the intake process is gone
+            loop.remove_reader(wake_fd)
+            stop.set()
+        engine.wake.set()
+
+    os.set_blocking(wake_fd, False)
+    loop.add_reader(wake_fd, on_wake)
+    runner = loop.create_task(engine.run())
+    await stop.wait()
+    log.event("draining", process="delivery")
+    await engine.drain(DRAIN_GRACE)
+    runner.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await runner
+    await store.close()
+    log.event("stopped", process="delivery", delivered=engine.counters.delivered,
+              unknown=engine.counters.unknown)
+    return 0

@@ -1,0 +1,45 @@
+"""Every reply after EHLO carries an RFC 3463 enhanced status code (ENHANCEDSTATUSCODES).
+
+aiosmtpd's built-in replies mostly lack one; `with_enhanced_code` adds it, and rewrites the few
+stock texts whose wording the contract fixes.
+"""
+
+from __future__ import annotations
+
+import re
+
+QUEUED = "250 2.0.0 Ok: queued as {}"
+RELAY_DENIED = "554 5.7.1 <{}>: Relay access denied"
+TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+QUEUE_WRITE_FAILED = "451 4.3.0 Queue write failed, try again later"
+SHUTTING_DOWN = "421 4.3.2 Service shutting down"
+LOOP_DETECTED = "554 5.4.6 Too many Received headers: mail forwarding loop"
+
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
+_NO_ENHANCED = {"220", "334", "354"}  # greeting, AUTH challenge, DATA go-ahead (RFC 2034)
+_DEFAULT = {
+    "211": "2.0.0", "214": "2.0.0", "221": "2.0.0", "235": "2.7.0", "250": "2.0.0",
+    "251": "2.1.5", "252": "2.0.0", "421": "4.3.2", "450": "4.2.0", "451": "4.3.0",
+    "452": "4.3.1", "454": "4.7.0", "500": "5.5.2", "501": "5.5.4", "502": "5.5.1",
+    "503": "5.5.1", "504": "5.5.4", "530": "5.7.0", "534": "5.7.9", "535": "5.7.8",
+    "538": "5.7.11", "550": "5.7.1", "551": "5.1.6", "552": "5.3.4", "553": "5.1.3",
+    "554": "5.0.0", "555": "5.5.4",
+}
+_REWRITE = {
+    "552 Error: message size exceeds fixed maximum message size":
+        "552 5.3.4 Message size exceeds fixed limit",
+    "552 Error: Too much mail data": "552 5.3.4 Message size exceeds fixed limit",
+    "538 5.7.11 Encryption required for requested authentication mechanism":
+        "538 5.7.11 Encryption required",
+}
+
+
+def with_enhanced_code(reply: str) -> str:
+    """Return `reply` with an enhanced status code inserted after the basic code if missing."""
+    reply = _REWRITE.get(reply, reply)
+    code = reply[:3]
+    if code in _NO_ENHANCED or _HAS_ENHANCED.match(reply) or not code.isdigit():
+        return reply
+    enhanced = _DEFAULT.get(code, f"{code[0]}.0.0")
+    sep, text = reply[3:4] or " ", reply[4:]
+    return f"{code}{sep}{enhanced} {text}".rstrip()
