@@ -138,6 +138,19 @@ class _Handler:
 
 
 class Sink:
+    """An SMTP server on `host:port` (port 0 picks a free one; read `sink.port` after start()).
+
+    Options: `pipelining` adds PIPELINING to EHLO (stock aiosmtpd lacks it); `starttls` offers
+    STARTTLS with that context; `broken_tls` offers STARTTLS, answers 220, then sends garbage
+    and hangs up; `greeting_code` other than 220 greets with that code and closes; `mail_reply`
+    answers every MAIL; `rcpt_reply(address)` / `data_reply(content)` return a reply to refuse
+    (None accepts); any "421 ..." reply also closes the connection after it is sent;
+    `drop_after_dot` (bool, or called with a counter of final dots 1, 2, 3 ...) aborts the
+    connection after the final dot without replying and counts it in `dropped`;
+    `accept_delay` waits that many seconds before replying to the final dot.
+    Accepted messages land in `messages` as `Received`.
+    """
+
     def __init__(
         self,
         *,
