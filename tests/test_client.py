@@ -50,6 +50,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 
 @pytest.fixture
 def sink() -> Iterator[Sink]:
+    """Overrides conftest's plain sink: bad* recipients get 550, full* get 452."""
     with Sink(rcpt_reply=_refuse) as running:
         yield running
 
