@@ -182,7 +182,8 @@ def run_crash(tmp_path: Path, sink: Sink, kill_after: int) -> None:
         twice = [m for m, n in after.items() if n > 1]
         assert not twice, f"delivered twice after the restart: {twice[:5]}"
         duplicates = sum(n - 1 for n in total.values() if n > 1)
-        print(f"acked={len(acked)} before={sum(before.values())} total={sum(total.values())} dups={duplicates} states={dict(index_states(relay.queue_dir))}")
+        print(f"acked={len(acked)} before={sum(before.values())}"
+              f" total={sum(total.values())} duplicates={duplicates}")
         assert duplicates <= MAX_DUPLICATES, f"{duplicates} duplicates"
         # A duplicate is a message the sink had before the kill and got again after it.
         assert set(m for m, n in total.items() if n > 1) <= set(before)
