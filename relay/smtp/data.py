@@ -52,8 +52,9 @@ class DataReader:
         if cut > 0:
             self._consume(bytes(buf[:cut]))
             del buf[:cut]
-        elif len(buf) > MAX_LINE + 2 and self.error is None:
-            self.error = DataError.LINE_TOO_LONG
+        elif self.error is None and len(buf) - 2 - buf.endswith(b"\r") > MAX_LINE:
+            # buf is CRLF + an incomplete line; a trailing CR may be half of its CRLF
+            self._fail(DataError.LINE_TOO_LONG)
         if self.error is not None and len(buf) > 8:
             del buf[:-4]  # failed already: keep only what the final dot could straddle
         self._search_from = max(0, len(buf) - len(END) + 1)
