@@ -28,6 +28,7 @@ from relay.queue.committer import Committer, QueueWriteError
 from relay.queue.envelope import Envelope, new_queue_id
 from relay.smtp import replies
 from relay.smtp.data import DataReader
+from relay.smtp.fastinit import FastAddressParsing
 
 MAX_RECIPIENTS = 1000
 MAX_RECEIVED = 50
@@ -104,7 +105,7 @@ def _never(*_: Any) -> AuthResult:
     return AuthResult(success=False, handled=False)
 
 
-class RelaySMTP(SMTP):
+class RelaySMTP(FastAddressParsing, SMTP):
     """One inbound session."""
 
     def __init__(self, ctx: IntakeContext, *, implicit_tls: bool) -> None:
