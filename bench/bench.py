@@ -16,6 +16,7 @@ import datetime as _dt
 import json
 import os
 import pwd
+import resource
 import re
 import shutil
 import signal
@@ -154,13 +155,13 @@ def vm_hwm_kib(pid: int) -> int | None:
     return None
 
 
-def machine_cpu() -> tuple[int, int, int]:
-    """(busy, steal, total) jiffies over all CPUs, from /proc/stat."""
+def machine_cpu() -> tuple[int, int, int, int]:
+    """(busy, steal, total, irq+softirq) jiffies over all CPUs, from /proc/stat."""
     f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     f += [0] * (8 - len(f))
-    idle, steal = f[3] + f[4], f[7]
+    idle, steal, irq = f[3] + f[4], f[7], f[5] + f[6]
     total = sum(f[:8])
-    return total - idle - steal, steal, total
+    return total - idle - steal, steal, total, irq
 
 
 def kill_tree(name: str, root_pids: list[int], pgids: list[int], grace: float) -> None:
@@ -276,6 +277,9 @@ class Sink:
                 if left <= 0 or self.proc.poll() is not None:
                     return None
                 self.cond.wait(min(left, 0.5))
+
+    def cpu_ticks(self) -> int:
+        return sum(cpu_ticks(p) for p in tree([self.proc.pid], [self.proc.pid]))
 
     def current(self) -> int:
         with self.cond:
@@ -514,8 +518,10 @@ def run_round(kind: str, system: System | None, sink: Sink, smtp_source: str, n:
     target = base + n
     sink.arm(target)
     snap_before = system.cpu_snapshot() if system else None
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    sink0 = sink.cpu_ticks()
     others_before = {o.name: o.cpu_snapshot()["total"] for o in others if o is not system}
-    mbusy0, msteal0, mtot0 = machine_cpu()
+    mbusy0, msteal0, mtot0, mirq0 = machine_cpu()
     cmd = [smtp_source, "-s", str(sessions), "-m", str(n), "-l", str(size),
            "-f", "from@bench.test", "-t", "to@example.net", f"127.0.0.1:{port}"]
     t0 = time.monotonic()
@@ -526,6 +532,7 @@ def run_round(kind: str, system: System | None, sink: Sink, smtp_source: str, n:
         raise BenchError(f"{kind}: smtp-source did not finish within {timeout:.0f}s; the sink "
                          f"has {sink.current() - base} of {n} messages") from e
     t_src = time.monotonic()
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if src.returncode != 0 or src.stderr.strip():
         msg = (f"{kind}: smtp-source exited {src.returncode}: "
                f"{src.stderr.decode(errors='replace').strip()[:2000]}")
@@ -537,15 +544,27 @@ def run_round(kind: str, system: System | None, sink: Sink, smtp_source: str, n:
         got = sink.current() - base
         raise BenchError(f"{kind}: timeout after {timeout:.0f}s: the sink received {got} of {n} "
                          f"messages (smtp-source finished in {t_src - t0:.2f}s)")
-    mbusy1, msteal1, mtot1 = machine_cpu()
+    mbusy1, msteal1, mtot1, mirq1 = machine_cpu()
     snap_after = system.cpu_snapshot() if system else None
+    sink1 = sink.cpu_ticks()
+    source_s = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+    loadgen_s = source_s + (sink1 - sink0) / CLK_TCK
+    sut_s = ((snap_after["total"] - snap_before["total"]) / CLK_TCK) if system else 0.0
+    machine_s = (mbusy1 - mbusy0) / CLK_TCK
+    irq_s = (mirq1 - mirq0) / CLK_TCK
     accepted_s, e2e_s = t_src - t0, reached - t0
     r = {"kind": kind, "system": system.name if system else "direct", "n": n, "size": size,
          "sessions": sessions, "accept_seconds": round(accepted_s, 4),
          "e2e_seconds": round(e2e_s, 4), "accepted_per_s": n / accepted_s,
          "e2e_per_s": n / e2e_s,
          "machine_cpu_busy_pct": round(100 * (mbusy1 - mbusy0) / max(1, mtot1 - mtot0), 1),
-         "machine_cpu_steal_pct": round(100 * (msteal1 - msteal0) / max(1, mtot1 - mtot0), 1)}
+         "machine_cpu_steal_pct": round(100 * (msteal1 - msteal0) / max(1, mtot1 - mtot0), 1),
+         # smtp-source + smtp-sink; irq+softirq time (loopback TCP receive processing, not
+         # charged to any process); and whatever else ran (neighbours, kernel threads such
+         # as jbd2/kworker doing writeback)
+         "loadgen_cpu_us_per_msg": round(loadgen_s * 1e6 / n, 1),
+         "softirq_cpu_us_per_msg": round(irq_s * 1e6 / n, 1),
+         "other_cpu_cores": round((machine_s - irq_s - sut_s - loadgen_s) / (reached - t0), 2)}
     if system:
         us = 1e6 / CLK_TCK / n
         cpu = {k: (snap_after[k] - snap_before[k]) * us
@@ -588,6 +607,12 @@ def summarize(rounds: list[dict], sizes: list[tuple[str, int]]) -> dict:
                     for k in cpu_keys}
             entry["machine_cpu_busy_pct_median"] = statistics.median(
                 r["machine_cpu_busy_pct"] for r in rs)
+            entry["other_cpu_cores_median"] = statistics.median(
+                r["other_cpu_cores"] or 0 for r in rs)
+            entry["loadgen_cpu_us_per_msg_median"] = statistics.median(
+                r["loadgen_cpu_us_per_msg"] for r in rs)
+            entry["softirq_cpu_us_per_msg_median"] = statistics.median(
+                r["softirq_cpu_us_per_msg"] for r in rs)
             s[system] = entry
         rel = [r for r in rounds if r["system"] == "relay" and r["size"] == size
                and r["kind"] == "measure"]
@@ -639,6 +664,16 @@ def render_table(summary: dict, results: dict) -> str:
                 f"{r['median']:.2f}x ({', '.join(f'{x:.2f}' for x in r['per_round'])}), "
                 f"accepted {ra['median']:.2f}x")
         lines.append("")
+    lines.append("CPU outside the system under test, medians: smtp-source+sink us/msg | "
+                 "irq+softirq us/msg | anything else (neighbours, kernel threads) in cores")
+    for label, s in summary.items():
+        for system in ("relay", "postfix", "direct"):
+            e = s.get(system)
+            if e:
+                lines.append(f"  {label:>5} {'sink' if system == 'direct' else system:<8} "
+                             f"{e['loadgen_cpu_us_per_msg_median']:>8,.0f} | "
+                             f"{e['softirq_cpu_us_per_msg_median']:>8,.0f} | "
+                             f"{e['other_cpu_cores_median']:>5.2f}")
     rss = results.get("relay_peak_rss")
     if rss:
         parts = ", ".join(f"pid {pid} {v['vm_hwm_kib'] / 1024:.1f} MiB"
@@ -772,7 +807,8 @@ def main() -> int:
             cpu = r.get("cpu_us_per_msg", {})
             cpu_s = " ".join(f"{k}={v:,.0f}" for k, v in cpu.items())
             log(f"{what:<24} n={n:<5} accepted {r['accepted_per_s']:8,.0f}/s  end-to-end "
-                f"{r['e2e_per_s']:8,.0f}/s  machine CPU {r['machine_cpu_busy_pct']:5.1f}%  "
+                f"{r['e2e_per_s']:8,.0f}/s  machine CPU {r['machine_cpu_busy_pct']:5.1f}% "
+                f"(irq {r['softirq_cpu_us_per_msg']:,.0f} us/msg, other {r['other_cpu_cores']:.2f} cores)  "
                 f"CPU us/msg {cpu_s}")
             # let stragglers (duplicates) show up and the queue settle before the next round
             sink.settle(quiet=0.3, limit=3)
