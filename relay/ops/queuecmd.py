@@ -1,0 +1,140 @@
+"""`invoice-relay queue ...`: look into the queue and repair its index (read-mostly tools)."""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+from relay.config import Config, ConfigError, find_config_file, load_config
+from relay.queue.envelope import FINAL_STATES
+from relay.queue.recovery import recover
+from relay.queue.spool import Spool, SpoolCorrupt
+
+EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
+
+
+def queue_command(cli_config: str | None, args: argparse.Namespace) -> int:
+    try:
+        config = load_config(find_config_file(cli_config))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_PROBLEM
+    root = config.queue.path
+    if args.queue_verb == "rebuild":
+        return _rebuild(config)
+    db = root / "index.sqlite"
+    if not db.exists():
+        print(f"{db}: no queue index here (nothing was ever queued?)", file=sys.stderr)
+        return EXIT_PROBLEM
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        if args.queue_verb == "list":
+            return _list(conn, args.state, args.domain, args.json)
+        if args.queue_verb == "show":
+            return _show(conn, Spool(root), args.id)
+    finally:
+        conn.close()
+    return EXIT_USAGE
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else "-"
+
+
+def _list(conn: sqlite3.Connection, state: str | None, domain: str | None, as_json: bool) -> int:
+    where, params = [], []
+    if state:
+        where.append("state = ?")
+        params.append(state)
+    else:
+        where.append(f"state NOT IN ({','.join('?' * len(FINAL_STATES))})")
+        params.extend(FINAL_STATES)
+    if domain:
+        where.append("domain = ?")
+        params.append(domain.lower())
+    rows = conn.execute(
+        "SELECT msg, state, rcpt, attempts, next_attempt, last_reply FROM recipients"
+        f" WHERE {' AND '.join(where)} ORDER BY msg, idx", params)
+    for msg, st, rcpt, attempts, next_at, reply in rows:
+        pending = st not in FINAL_STATES
+        if as_json:
+            print(json.dumps({"queue_id": msg, "state": st, "recipient": rcpt,
+                              "attempts": attempts,
+                              "next_attempt": _when(next_at) if pending else None,
+                              "last_response": reply}, ensure_ascii=False))
+        else:
+            last = (reply or "-").replace("\n", " / ")
+            print(f"{msg}  {st:9}  {rcpt}  attempts={attempts}"
+                  f"  next={_when(next_at) if pending else '-'}  last={last}")
+    return EXIT_OK
+
+
+def _show(conn: sqlite3.Connection, spool: Spool, queue_id: str) -> int:
+    msg = conn.execute("SELECT id, sender, received, expires, size, message_id, client, auth,"
+                       " body, smtputf8, done FROM messages WHERE id = ?", (queue_id,)).fetchone()
+    if msg is None:
+        print(f"{queue_id}: no such message", file=sys.stderr)
+        return EXIT_PROBLEM
+    (_, sender, received, expires, size, message_id, client, auth, body, utf8, done) = msg
+    print(f"queue id:   {queue_id}")
+    print(f"sender:     <{sender}>")
+    print(f"received:   {_when(received)} from {client or '-'}"
+          f"{' (auth ' + auth + ')' if auth else ''}")
+    print(f"size:       {size}  body={body or '7BIT'}  smtputf8={'yes' if utf8 else 'no'}")
+    print(f"message-id: {message_id or '-'}")
+    print(f"expires:    {_when(expires)}" + (f"  (done {_when(done)})" if done else ""))
+    print("headers:")
+    try:
+        data = spool.read_message(queue_id)
+        end = data.find(b"\r\n\r\n")
+        head = data[: end if end >= 0 else 8192]
+        for line in head.decode("utf-8", "replace").split("\r\n"):
+            print(f"  {line}")
+    except (OSError, SpoolCorrupt):
+        print("  (spool file gone: the message is finished)")
+    print("recipients:")
+    for idx, rcpt, state, attempts, next_at, reply, host in conn.execute(
+            "SELECT idx, rcpt, state, attempts, next_attempt, last_reply, last_host"
+            " FROM recipients WHERE msg = ? ORDER BY idx", (queue_id,)):
+        nxt = f" next={_when(next_at)}" if state not in FINAL_STATES else ""
+        print(f"  [{idx}] <{rcpt}> {state} attempts={attempts}{nxt} host={host or '-'}")
+        if reply:
+            print(f"      last reply: {reply.replace(chr(10), ' / ')}")
+        for t, outcome, a_host, address, a_reply, tls in conn.execute(
+                "SELECT time, outcome, host, address, reply, tls FROM attempts"
+                " WHERE msg = ? AND idx = ? ORDER BY time", (queue_id, idx)):
+            print(f"      {_when(t)} {outcome} {a_host or '-'} {address or ''}"
+                  f" tls={tls or 'no'}: {(a_reply or '').replace(chr(10), ' / ')}")
+    return EXIT_OK
+
+
+def _rebuild(config: Config) -> int:
+    """Move the damaged index aside and rebuild it from the spool files."""
+    root = config.queue.path
+    if not (root / "spool").is_dir():
+        print(f"{root}: no spool folder", file=sys.stderr)
+        return EXIT_PROBLEM
+    with open(root / "lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{root}: the relay is running; stop it before `queue rebuild`",
+                  file=sys.stderr)
+            return EXIT_PROBLEM
+        db = root / "index.sqlite"
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for suffix in ("", "-wal", "-shm"):
+            old = Path(f"{db}{suffix}")
+            if old.exists():
+                old.rename(Path(f"{db}.broken-{stamp}{suffix}"))
+        report = recover(root, db, max_lifetime=config.queue.max_lifetime, full=True)
+    print(f"rebuilt {db}: {report.reindexed} messages from the spool,"
+          f" {report.finals_applied} final recipient states, {report.removed_incomplete}"
+          f" incomplete and {report.corrupt} damaged files set aside")
+    return EXIT_OK
