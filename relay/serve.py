@@ -30,11 +30,14 @@ from relay.queue.spool import Spool
 DRAIN_GRACE = 30.0
 EXIT_CONFIG = 78
 PR_SET_PDEATHSIG = 1
+# Held back until each process has its handlers: the default action of all three is to die.
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def serve(cli_config: str | None) -> int:
     config = load_or_exit(cli_config)
     log.setup()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # the forked child inherits this
     root = config.queue.path
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -47,13 +50,16 @@ def serve(cli_config: str | None) -> int:
     log.event("recovered", **{k: v for k, v in vars(report).items() if v})
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_write, False)
+    parent = os.getpid()
     child = os.fork()
     if child == 0:
         os.close(wake_write)
         _die_with_parent()
         code = 1
         try:
-            code = uvloop.run(_delivery_main(config, wake_read, os.getppid()))
+            if os.getppid() != parent:  # the parent died before prctl took effect
+                os._exit(1)
+            code = uvloop.run(_delivery_main(config, wake_read, parent))
         finally:
             os._exit(code)
     os.close(wake_read)
@@ -88,14 +94,17 @@ def _wait_child(pid: int, timeout: float) -> None:
     import time
 
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
+    try:
+        while time.monotonic() < deadline:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        return  # already reaped by _watch_child
 
 
 def _tls_context(config: Config) -> ssl.SSLContext | None:
@@ -113,6 +122,7 @@ def _install_signals(stop: asyncio.Event, role: str) -> None:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: log.event(
         "sighup", process=role, note="configuration reload is not supported yet; nothing changed"))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # pending ones arrive now
 
 
 # --- intake (main process) -------------------------------------------------------------------
