@@ -496,9 +496,16 @@ routes = ["127.0.0.1:{sink_port}"]
 
     def describe_failure(self) -> str:
         st = "running" if self.proc.poll() is None else f"exited with {self.proc.returncode}"
-        return (f"invoice-relay is {st}\n--- {self.stderr_log} (tail) ---\n"
-                f"{tail(self.stderr_log, 60)}\n--- {self.stdout_log} (tail) ---\n"
-                f"{tail(self.stdout_log, 20)}")
+        try:
+            lines = self.stderr_log.read_bytes().decode(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        routine = re.compile(r"event=(received|delivered) ")
+        notable = [ln for ln in lines if not routine.search(ln)]
+        return (f"invoice-relay is {st}\n--- {self.stderr_log}: last 40 lines other than "
+                f"received/delivered events ---\n" + "\n".join(notable[-40:]) +
+                f"\n--- last 5 lines ---\n" + "\n".join(lines[-5:]) +
+                f"\n--- {self.stdout_log} (tail) ---\n{tail(self.stdout_log, 20)}")
 
     def stop(self) -> None:
         kill_tree("relay", [self.proc.pid], self.pgids, 30)
@@ -580,6 +587,19 @@ def run_round(kind: str, system: System | None, sink: Sink, smtp_source: str, n:
     if idle:
         r["idle_systems_cpu_s"] = idle
     return r
+
+
+def git_state() -> dict:
+    """Commit and dirtiness of the checkout the harness lives in (the relay under test, when
+    it is installed from this checkout)."""
+    def git(*a):
+        try:
+            return subprocess.run(["git", "-C", str(BENCH_DIR.parent), *a], capture_output=True,
+                                  text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+    return {"commit": git("rev-parse", "HEAD"),
+            "dirty_files": git("status", "--porcelain", "--untracked-files=no").splitlines()}
 
 
 def fmt_rate(v: float) -> str:
@@ -760,7 +780,7 @@ def main() -> int:
                      "settings": {"rounds": args.rounds, "sessions": args.sessions,
                                   "n": {label: n_for[size] for label, size in sizes},
                                   "systems": systems_wanted, "relay_cmd": relay_cmd},
-                     "rounds": []}
+                     "git": git_state(), "rounds": []}
     started: list = []
     sink = None
     status = 0
@@ -855,8 +875,8 @@ def main() -> int:
                 log(f"error stopping {s.name}: {e}")
         if sink:
             sink.stop()
-        if args.keep or status != 0 and os.environ.get("BENCH_KEEP_ON_FAIL"):
-            log(f"kept {workdir}")
+        if args.keep or status == 1:
+            log(f"kept {workdir} (logs, spools, configs); remove it when done")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -866,8 +886,10 @@ def main() -> int:
         table = render_table(summary, results)
         results["table"] = table
         print()
+        g = results["git"]
         print(f"invoice-relay vs Postfix, {args.sessions} sessions, one message per connection, "
-              f"medians over {args.rounds} rounds" + ("  [INCOMPLETE]" if status else ""))
+              f"medians over {args.rounds} rounds; checkout {g['commit'][:10] or '?'}"
+              + (" (dirty)" if g["dirty_files"] else "") + ("  [INCOMPLETE]" if status else ""))
         print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
