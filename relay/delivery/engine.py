@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -180,6 +181,9 @@ class DeliveryEngine:
     async def _finish(self, job: Job, verdicts: list[Verdict]) -> None:
         now = time.time()
         schedule = self.config.queue.retry_schedule
+        # One jitter draw per job: its deferred recipients come due together and are retried in
+        # one transaction (per-recipient jitter split a message into one transaction each).
+        seed = random.random()
         results = []
         for v in verdicts:
             due = v.due
@@ -190,7 +194,8 @@ class DeliveryEngine:
                 state, next_at = BOUNCED, now
             else:
                 state, next_at = retry.temporary_state(due.attempts, now, schedule, due.expires,
-                                                       unknown=v.kind == "unknown")
+                                                       unknown=v.kind == "unknown",
+                                                       rng=random.Random(seed))
                 if state == EXPIRED:
                     status = "4.4.7"
             hop = v.hop

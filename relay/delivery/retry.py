@@ -22,8 +22,13 @@ def next_attempt(attempts_before: int, now: float, schedule: Sequence[float], ex
 
 
 def temporary_state(attempts_before: int, now: float, schedule: Sequence[float], expires: float,
-                    *, unknown: bool = False) -> tuple[str, float]:
-    """(state, next_attempt) after a temporary failure: deferred/unknown, or expired."""
+                    *, unknown: bool = False, rng: random.Random | None = None
+                    ) -> tuple[str, float]:
+    """(state, next_attempt) after a temporary failure: deferred/unknown, or expired.
+
+    Pass equally seeded `rng`s for the recipients of one transaction so that they get the same
+    jitter and stay together: one retry transaction rather than one per recipient."""
     if now >= expires:
         return EXPIRED, now
-    return (UNKNOWN if unknown else DEFERRED), next_attempt(attempts_before, now, schedule, expires)
+    return (UNKNOWN if unknown else DEFERRED), next_attempt(attempts_before, now, schedule,
+                                                             expires, rng)
