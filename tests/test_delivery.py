@@ -17,8 +17,10 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from email import message_from_bytes
 from email.message import Message
+from pathlib import Path
 
 import pytest
+from certs import make_certs, server_context
 from dnsserver import DnsServer
 from relayproc import RelayProcess, free_port
 from sink import Received, Sink
@@ -558,3 +560,155 @@ def test_drop_after_final_dot_is_unknown_and_retried(relay_factory: RelayFactory
         final = db.execute("SELECT state FROM recipients WHERE msg = ?", (queue_id,)).fetchall()
     assert states == [("unknown",), ("delivered",)]
     assert final == [("delivered",)]
+
+
+# ---------------------------------------------------------------------------- 9. STARTTLS
+
+
+def test_starttls_without_certificate_verification(relay_factory: RelayFactory,
+                                                   sinks: SinkFactory, tmp_path: Path) -> None:
+    # Our relay does not trust this CA (nobody told it about ca.pem), and the name differs.
+    certs = make_certs(tmp_path / "pki", names=("mx.elsewhere.test",))
+    dest = sinks(starttls=server_context(certs))
+    relay = relay_factory(routes={"example.net": [dest.address]}).start()
+    send(relay, ["ap@example.net"])
+    [got] = dest.wait_for(1)
+    assert got.tls is True
+    [event] = relay.wait_for_log(r"event=delivered")
+    assert re.search(r"tls=TLSv1\.[23]", event), event
+
+
+def test_broken_starttls_falls_back_to_plain_text(relay_factory: RelayFactory,
+                                                  sinks: SinkFactory) -> None:
+    dest = sinks(broken_tls=True)
+    relay = relay_factory(routes={"example.net": [dest.address]}).start()
+    send(relay, ["ap@example.net"])
+    [got] = dest.wait_for(1)
+    assert got.tls is False
+    [event] = relay.wait_for_log(r"event=delivered")
+    assert " tls=" not in event
+    assert relay.events("deferred") == []
+    # The broken host is remembered: the next message goes in plain text at once.
+    send(relay, ["ap2@example.net"])
+    dest.wait_for(2)
+    assert relay.events("deferred") == []
+
+
+# ---------------------------------------------------------------------------- 10. SMTPUTF8
+
+
+def test_smtputf8_message_bounces_when_no_mx_supports_it(
+        relay_factory: RelayFactory, sinks: SinkFactory, dns_server: DnsServer,
+        mx_port: int) -> None:
+    mx = sinks(host="127.0.0.2", port=mx_port, smtputf8=False)
+    home = sinks()
+    dns_server.add(mx_zone("example.net", (10, "mx1", "127.0.0.2")))
+    relay = relay_factory(routes=sender_route(home), dns={"nameservers": [dns_server.address]},
+                          delivery={"port": mx_port}).start()
+    send(relay, ["rechnung@example.net"],
+         message(body="Grüße, 发票 attached\r\n".encode()), mail_options=("SMTPUTF8",
+                                                                     "BODY=8BITMIME"))
+    [bounced] = relay.wait_for_log(r"event=bounced")
+    assert "status=5.6.7" in bounced
+    [dsn] = home.wait_for(1)
+    _, [group], _ = dsn_parts(dsn)
+    assert status_of(group)[:2] == ("rechnung@example.net", "5.6.7")
+    assert mx.messages == []
+
+
+def test_smtputf8_message_skips_mx_without_it(relay_factory: RelayFactory, sinks: SinkFactory,
+                                              dns_server: DnsServer, mx_port: int) -> None:
+    plain = sinks(host="127.0.0.2", port=mx_port, smtputf8=False)
+    modern = sinks(host="127.0.0.3", port=mx_port)
+    dns_server.add(mx_zone("example.net", (10, "mx1", "127.0.0.2"), (20, "mx2", "127.0.0.3")))
+    relay = relay_factory(dns={"nameservers": [dns_server.address]},
+                          delivery={"port": mx_port}).start()
+    data = message(body="Grüße, 发票 attached\r\n".encode())
+    send(relay, ["rechnung@example.net"], data, mail_options=("SMTPUTF8", "BODY=8BITMIME"))
+    [got] = modern.wait_for(1)
+    assert "SMTPUTF8" in got.mail_options
+    assert got.data.endswith(data)  # byte for byte, after our Received header
+    assert plain.messages == []
+
+
+# ---------------------------------------------------------------------------- 11. 8BITMIME
+
+
+def test_body_8bitmime_is_replayed(relay_factory: RelayFactory, sinks: SinkFactory) -> None:
+    dest = sinks()
+    relay = relay_factory(routes={"example.net": [dest.address]}).start()
+    data = message(subject="Rechnung", body="Betrag: 100 €\r\n".encode(),
+                   extra="Content-Type: text/plain; charset=utf-8\r\n"
+                         "Content-Transfer-Encoding: 8bit\r\n")
+    send(relay, ["ap@example.net"], data, mail_options=("BODY=8BITMIME",))
+    send(relay, ["ap@example.net"], message(subject="plain"))
+    first, second = dest.wait_for(2)
+    assert "BODY=8BITMIME" in first.mail_options
+    assert first.data.endswith(data)
+    assert not any(o.startswith("BODY=") for o in second.mail_options)
+    assert not any(o == "SMTPUTF8" for o in first.mail_options + second.mail_options)
+
+
+# ---------------------------------------------------------------------------- 12. loops
+
+
+def test_route_to_own_listener_bounces_as_loop(relay_factory: RelayFactory,
+                                               sinks: SinkFactory) -> None:
+    home = sinks()
+    port = free_port()
+    relay = relay_factory(port=port, routes={"example.net": [f"127.0.0.1:{port}"],
+                                             **sender_route(home)}).start()
+    queue_id = send(relay, ["ap@example.net"])
+    [bounced] = relay.wait_for_log(r"event=bounced")
+    assert f"id={queue_id}" in bounced and "status=5.4.6" in bounced
+    [dsn] = home.wait_for(1)
+    _, [group], _ = dsn_parts(dsn)
+    assert status_of(group)[:2] == ("ap@example.net", "5.4.6")
+    settle()
+    assert len(relay.events("received")) == 1  # nothing looped back into our intake
+    assert len(relay.events("bounced")) == 1
+    assert len(home.messages) == 1
+
+
+def test_mx_pointing_at_own_listener_bounces_as_loop(
+        relay_factory: RelayFactory, sinks: SinkFactory, dns_server: DnsServer,
+        mx_port: int) -> None:
+    home = sinks()
+    # A relay listening on 127.0.0.2:P whose MX for example.net is 127.0.0.2 (port P).
+    relay = relay_factory(port=mx_port, server={"listen": [f"127.0.0.2:{mx_port}"]},
+                          routes=sender_route(home),
+                          dns={"nameservers": [dns_server.address]},
+                          delivery={"port": mx_port})
+    dns_server.add(mx_zone("example.net", (10, "mx1", "127.0.0.2")))
+    relay.start()
+    with smtplib.SMTP("127.0.0.2", mx_port, timeout=10) as smtp:
+        smtp.sendmail(SENDER, ["ap@example.net"], message())
+    [bounced] = relay.wait_for_log(r"event=bounced")
+    assert "status=5.4.6" in bounced and "rcpt=ap@example.net" in bounced
+    [dsn] = home.wait_for(1)
+    _, [group], _ = dsn_parts(dsn)
+    assert status_of(group)[:2] == ("ap@example.net", "5.4.6")
+    settle()
+    assert len(relay.events("received")) == 1
+    assert len(relay.events("bounced")) == 1
+
+
+# ---------------------------------------------------------------------------- 13. reuse
+
+
+def test_connection_is_reused_for_several_messages(relay_factory: RelayFactory,
+                                                   sinks: SinkFactory) -> None:
+    dest = sinks()
+    policy = (f'[[destination]]\ndomain = "example.net"\nroutes = ["{dest.address}"]\n'
+              "max_connections = 1\n")
+    relay = relay_factory(policies=policy).start()
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as smtp:
+        for n in range(20):
+            smtp.sendmail(SENDER, [f"ap{n}@example.net"], message(subject=f"invoice {n}"))
+    got = dest.wait_for(20, timeout=20)
+    relay.wait_for_log(r"event=delivered", count=20)
+    assert sorted(r for m in got for r in m.rcpt_tos) == sorted(
+        f"ap{n}@example.net" for n in range(20))
+    ports = {m.peer for m in got}
+    assert len(ports) < 20
+    assert len(ports) <= 3, ports
