@@ -108,6 +108,10 @@ def _never(*_: Any) -> AuthResult:
 class RelaySMTP(FastAddressParsing, SMTP):
     """One inbound session."""
 
+    # aiosmtpd's defaults are "User Name\0" and "Password\0"; clients expect the usual texts.
+    AuthLoginUsernameChallenge = "Username:"
+    AuthLoginPasswordChallenge = "Password:"
+
     def __init__(self, ctx: IntakeContext, *, implicit_tls: bool) -> None:
         super().__init__(
             RelayHandler(ctx),
@@ -153,9 +157,21 @@ class RelaySMTP(FastAddressParsing, SMTP):
         super().connection_lost(error)
 
     async def push(self, status: str | bytes) -> None:
-        if isinstance(status, str) and self._command not in ("EHLO", "HELO"):
+        # Only the EHLO/HELO greeting lines go without a code (RFC 2034); their error replies,
+        # and replies to unknown commands (which leave _command as it was), get one.
+        if isinstance(status, str) and not (
+                self._command in ("EHLO", "HELO") and status.startswith("250")):
             status = replies.with_enhanced_code(status)
         await super().push(status)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        text = arg.lstrip() if arg else arg
+        if text and text.startswith("<>"):
+            # The null reverse-path (bounces): "" would be taken as a syntax error.
+            return "<>", text[2:]
+        if text and text[0] == "<" and ">" not in text:
+            return None, None  # aiosmtpd would take "<bad" as the address "bad"
+        return super()._getaddr(arg)
 
     async def smtp_AUTH(self, arg: str) -> None:
         if self.ctx.users is None:
@@ -284,7 +300,7 @@ class RelaySMTP(FastAddressParsing, SMTP):
         body = "8BITMIME" if "BODY=8BITMIME" in smtp_env.mail_options else None
         return Envelope(
             id=queue_id,
-            sender=smtp_env.mail_from or "",
+            sender="" if smtp_env.mail_from in (None, "<>") else smtp_env.mail_from,
             recipients=tuple(smtp_env.rcpt_tos),
             received=now,
             client=session.peer[0],

@@ -1,0 +1,818 @@
+"""Intake end to end: the real relay process, real SMTP over loopback (smtplib and raw sockets).
+
+What a client sees (the contract's exact replies, enhanced codes on every reply, PIPELINING,
+relay access, AUTH, SIZE, limits, bad input) and what reaches the sink (byte-for-byte the
+submitted message after our one Received header), and that nothing partial is ever queued.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import re
+import smtplib
+import socket
+import ssl
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
+from pathlib import Path
+
+import pytest
+from certs import make_certs
+from relayproc import RelayProcess, free_port
+from sink import Sink
+
+from relay.smtp.auth import hash_password
+
+RelayFactory = Callable[..., RelayProcess]
+
+ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+QUEUED = re.compile(r"^250 2\.0\.0 Ok: queued as (\S+)$")
+BAD_ENDINGS = "554 5.6.0 Message contains bare LF, bare CR or NUL"
+LINE_TOO_LONG = "554 5.6.0 Line longer than 998 octets"
+TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
+WRITE_FAILED = "451 4.3.0 Queue write failed, try again later"
+PASSWORD = "pass w0rd-Secret!"
+UTF8_PASSWORD = "p\u00e4ssw\u00f6rd \u53d1\u7968"
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+class Raw:
+    """A raw SMTP client: send exact bytes, read whole (multi-line) replies."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10,
+                 source: str | None = None) -> None:
+        self.sock = socket.create_connection(
+            (host, port), timeout=timeout,
+            source_address=(source, 0) if source else None)
+        self.buf = b""
+        self.greeting = self.reply()
+
+    def send(self, data: bytes | str) -> None:
+        self.sock.sendall(data.encode() if isinstance(data, str) else data)
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"connection closed; pending {self.buf!r}")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def reply_lines(self) -> list[str]:
+        lines = []
+        while True:
+            line = self._line().decode("utf-8", "replace")
+            lines.append(line)
+            if len(line) < 4 or line[3] != "-":
+                return lines
+
+    def reply(self) -> str:
+        """One reply; multi-line replies are joined with newlines."""
+        return "\n".join(self.reply_lines())
+
+    def cmd(self, line: str) -> str:
+        self.send(line + "\r\n")
+        return self.reply()
+
+    def ehlo(self, name: str = "client.test") -> list[str]:
+        self.send(f"EHLO {name}\r\n")
+        return self.reply_lines()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def abort(self) -> None:
+        """Close with a TCP RST rather than a FIN."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+    def __enter__(self) -> Raw:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def simple_message(subject: str = "test", body: bytes = b"hello\r\n") -> bytes:
+    return (f"From: a@sender.test\r\nTo: b@example.net\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject.replace(' ', '-')}.{time.monotonic_ns()}@sender.test>\r\n"
+            f"\r\n").encode() + body
+
+
+def stuff(message: bytes) -> bytes:
+    return re.sub(rb"(?m)^\.", b"..", message)
+
+
+def send_raw(raw: Raw, message: bytes, rcpt: str = "b@example.net",
+             sender: str = "a@sender.test") -> str:
+    """One transaction on an open raw session; returns the reply to the final dot."""
+    assert raw.cmd(f"MAIL FROM:<{sender}>").startswith("250 "), "MAIL refused"
+    assert raw.cmd(f"RCPT TO:<{rcpt}>").startswith("250 ")
+    assert raw.cmd("DATA").startswith("354")
+    raw.send(message + b".\r\n")
+    return raw.reply()
+
+
+def spool_files(relay: RelayProcess) -> list[str]:
+    spool = relay.queue_dir / "spool"
+    return sorted(p.name for p in spool.iterdir()) if spool.exists() else []
+
+
+def split_received(data: bytes) -> tuple[bytes, bytes]:
+    """(our Received header, the rest) of a delivered message."""
+    assert data.startswith(b"Received: "), data[:200]
+    lines = data.split(b"\r\n")
+    n = 1
+    while lines[n][:1] in (b" ", b"\t"):
+        n += 1
+    head = b"\r\n".join(lines[:n]) + b"\r\n"
+    return head, data[len(head):]
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.02)
+
+
+def assert_clean_log(relay: RelayProcess) -> None:
+    text = relay.log
+    assert "Traceback" not in text, text
+    assert PASSWORD not in text and UTF8_PASSWORD not in text
+
+
+def start(relay_factory: RelayFactory, sink: Sink | None = None, **kwargs: object,
+          ) -> RelayProcess:
+    if sink is not None:
+        kwargs.setdefault("routes", {"example.net": [sink.address]})
+    return relay_factory(**kwargs).start()
+
+
+# --- 1. an invoice, byte for byte -------------------------------------------------------------
+
+def invoice_bytes() -> bytes:
+    msg = EmailMessage()
+    msg["From"] = "Rechnungen <billing@sender.test>"
+    msg["To"] = "ap@example.net"
+    msg["Subject"] = "发票 INV-2024-0042：贵公司三月份的服务费用"
+    msg["Message-ID"] = "<inv-2024-0042@sender.test>"
+    msg.set_content("尊敬的客户：\n\n附件是您的发票，金额 ¥12,345.00。\n谢谢！\n"
+                    "Grüße — Ünïcödé line\n.a line starting with a dot\n",
+                    charset="utf-8", cte="8bit")
+    msg.add_attachment(os.urandom(200 * 1024), maintype="application", subtype="pdf",
+                       filename="INV-2024-0042.pdf")
+    data = msg.as_bytes(policy=SMTP_POLICY)
+    assert b"\r\n" in data and b"=?utf-8?" in data.lower()
+    return data
+
+
+def test_invoice_arrives_byte_for_byte(relay_factory: RelayFactory, sink: Sink) -> None:
+    relay = start(relay_factory, sink)
+    data = invoice_bytes()
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=20) as client:
+        client.ehlo("app.sender.test")
+        assert client.has_extn("8bitmime")
+        code, _ = client.mail("billing@sender.test", ["BODY=8BITMIME", f"SIZE={len(data)}"])
+        assert code == 250
+        assert client.rcpt("ap@example.net")[0] == 250
+        code, text = client.data(data)
+    reply = f"{code} {text.decode()}"
+    match = QUEUED.match(reply)
+    assert match, reply
+    queue_id = match.group(1)
+    [got] = sink.wait_for(1)
+    received, rest = split_received(got.data)
+    assert rest == data
+    assert queue_id.encode() in received
+    assert b"relay.test" in received and b"[127.0.0.1]" in received
+    assert got.rcpt_tos == ["ap@example.net"] and got.mail_from == "billing@sender.test"
+    assert "BODY=8BITMIME" in got.mail_options
+    [event] = relay.events("received")
+    assert event["id"] == queue_id
+    assert_clean_log(relay)
+
+
+def test_smtputf8_sender_and_recipient(relay_factory: RelayFactory, sink: Sink) -> None:
+    relay = start(relay_factory, sink)
+    sender, rcpt = "发票@例子.test", "müller@example.net"
+    data = ("From: 发票@例子.test\r\nTo: müller@example.net\r\nSubject: Grüße\r\n\r\n"
+            "Body ünïcödé 你好\r\n").encode()
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+        client.ehlo()
+        assert client.has_extn("smtputf8")
+        refused = client.sendmail(sender, [rcpt], data, mail_options=["SMTPUTF8", "BODY=8BITMIME"])
+        assert refused == {}
+    [got] = sink.wait_for(1)
+    assert got.mail_from == sender and got.rcpt_tos == [rcpt]
+    assert "SMTPUTF8" in got.mail_options
+    received, rest = split_received(got.data)
+    assert rest == data and b"UTF8SMTP" in received
+
+
+def test_send_message_utf8_headers(relay_factory: RelayFactory, sink: Sink) -> None:
+    relay = start(relay_factory, sink)
+    msg = EmailMessage()
+    msg["From"] = "发票@例子.test"
+    msg["To"] = "ap@example.net"
+    msg["Subject"] = "发票"
+    msg.set_content("你好\n", charset="utf-8", cte="8bit")
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+        assert client.send_message(msg, mail_options=["SMTPUTF8"]) == {}
+    [got] = sink.wait_for(1)
+    assert got.mail_from == "发票@例子.test"
+    assert split_received(got.data)[1] == msg.as_bytes(policy=SMTP_POLICY.clone(utf8=True))
+
+
+# --- 2. enhanced status codes everywhere -------------------------------------------------------
+
+def test_every_reply_has_an_enhanced_code(relay_factory: RelayFactory, sink: Sink) -> None:
+    relay = start(relay_factory, sink, server={"max_message_size": 123456})
+    with Raw(relay.port) as raw:
+        assert raw.greeting.startswith("220 ")
+        ehlo = raw.ehlo()
+        assert ehlo[0].startswith("250-")
+        keywords = {line[4:].upper() for line in ehlo[1:]}
+        for needed in ("PIPELINING", "ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8", "SIZE 123456"):
+            assert needed in keywords, ehlo
+        assert not any(k.startswith("AUTH") for k in keywords)  # no users_file
+        replies = []
+        for line in ["NOOP", "RSET", "HELP", "HELP MAIL", "VRFY <b@example.net>",
+                     "MAIL FROM:<a@sender.test>", "RCPT TO:<b@example.net>", "DATA"]:
+            replies.append((line, raw.cmd(line)))
+        assert replies[-1][1].startswith("354")
+        raw.send(simple_message() + b".\r\n")
+        replies.append(("<dot>", raw.reply()))
+        for line in ["FROB", "MAIL FROM:<a@sender.test> BODY=NONSENSE",
+                     "MAIL FROM:<a@sender.test>", "MAIL FROM:<a@sender.test>",
+                     "RCPT TO:<b@example.net> NOTIFY=NEVER", "RSET", "EXPN list", "ETRN x",
+                     "STARTTLS", "AUTH PLAIN", "DATA", "HELO again.test", "NOOP",
+                     "MAIL FROM:<a@sender.test>", "RCPT TO:<b@example.net>", "RSET"]:
+            replies.append((line, raw.cmd(line)))
+        replies.append(("QUIT", raw.cmd("QUIT")))
+    for line, reply in replies:
+        if line == "DATA" and reply.startswith("354"):
+            continue
+        if line.startswith("HELO") and reply.startswith("250"):
+            continue  # RFC 2034: the HELO/EHLO greeting line carries no code
+        for text in reply.split("\n"):
+            assert ENHANCED.match(text), f"{line!r} -> {text!r}"
+    assert QUEUED.match(dict(replies)["<dot>"])
+    assert dict(replies)["QUIT"].startswith("221 2.")
+    assert_clean_log(relay)
+
+
+def test_bad_command_right_after_ehlo_has_enhanced_code(relay_factory: RelayFactory) -> None:
+    relay = start(relay_factory)
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        for line in ["FROB", "\x01\x02", "MAIL", "EHLO"]:
+            reply = raw.cmd(line)
+            assert reply.startswith("5") and ENHANCED.match(reply), f"{line!r} -> {reply!r}"
+            raw.ehlo()
+
+
+# --- 3. PIPELINING ------------------------------------------------------------------------------
+
+def test_pipelining_in_one_write(relay_factory: RelayFactory, sink: Sink) -> None:
+    relay = start(relay_factory, sink)
+    message = simple_message("pipelined")
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        raw.send("MAIL FROM:<a@sender.test>\r\nRCPT TO:<b@example.net>\r\n"
+                 "RCPT TO:<c@example.net>\r\nDATA\r\n")
+        for _ in range(3):
+            assert ENHANCED.match(raw.reply()).group(0).startswith("250 2.")
+        assert raw.reply().startswith("354")
+        raw.send(message + b".\r\nQUIT\r\n")
+        assert QUEUED.match(raw.reply())
+        assert raw.reply().startswith("221 2.0.0")
+    [got] = sink.wait_for(1)
+    assert sorted(got.rcpt_tos) == ["b@example.net", "c@example.net"]
+    assert split_received(got.data)[1] == message
+
+
+def test_pipelined_transactions_back_to_back(relay_factory: RelayFactory, sink: Sink) -> None:
+    """Even a (non-conforming) client that sends everything at once is read correctly:
+    bytes after the final dot are commands, not message data."""
+    relay = start(relay_factory, sink)
+    one, two = simple_message("first"), simple_message("second", b"..dot\r\nx\r\n")
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        raw.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n" + one
+                 + b".\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<c@example.net>\r\nDATA\r\n"
+                 + two + b".\r\nNOOP\r\nQUIT\r\n")
+        got = [raw.reply() for _ in range(10)]
+    assert [r[:3] for r in got] == ["250", "250", "354", "250", "250", "250", "354", "250",
+                                    "250", "221"]
+    assert QUEUED.match(got[3]) and QUEUED.match(got[7])
+    msgs = sink.wait_for(2)
+    bodies = {m.rcpt_tos[0]: split_received(m.data)[1] for m in msgs}
+    assert bodies == {"b@example.net": one, "c@example.net": two.replace(b"..dot", b".dot")}
+
+
+# --- 4. relay access and AUTH ------------------------------------------------------------------
+
+def test_untrusted_client_gets_relay_denied(relay_factory: RelayFactory, sink: Sink) -> None:
+    relay = start(relay_factory, sink, server={"trusted_networks": ["127.0.0.2/32"]})
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd("MAIL FROM:<a@sender.test>").startswith("250")
+        assert raw.cmd("RCPT TO:<b@example.net>") == \
+            "554 5.7.1 <b@example.net>: Relay access denied"
+        assert raw.cmd("RCPT TO:<postmaster@relay.test>") == \
+            "554 5.7.1 <postmaster@relay.test>: Relay access denied"
+        assert raw.cmd("DATA").startswith("503 5.5.1")
+    # the trusted address may relay
+    with Raw(relay.port, source="127.0.0.2") as raw:
+        raw.ehlo()
+        assert QUEUED.match(send_raw(raw, simple_message()))
+    sink.wait_for(1)
+    assert_clean_log(relay)
+
+
+@pytest.fixture
+def tls_relay(relay_factory: RelayFactory, sink: Sink, tmp_path: Path,
+              ) -> Iterator[tuple[RelayProcess, ssl.SSLContext, int]]:
+    certs = make_certs(tmp_path / "pki")
+    users = tmp_path / "users"
+    users.write_text(f"alice:{hash_password(PASSWORD, ln=4)}\n"
+                     f"bob:{hash_password('other', ln=4)}\n"
+                     f"carol:{hash_password(UTF8_PASSWORD, ln=4)}\n")
+    tls_port = free_port()
+    relay = start(relay_factory, sink, server={
+        "trusted_networks": ["127.0.0.2/32"], "tls_cert": str(certs.cert),
+        "tls_key": str(certs.key), "users_file": str(users),
+        "listen_tls": [f"127.0.0.1:{tls_port}"]})
+    context = ssl.create_default_context(cafile=str(certs.ca_cert))
+    yield relay, context, tls_port
+    assert_clean_log(relay)
+
+
+def plain(user: str, password: str) -> str:
+    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def test_auth_requires_tls(tls_relay: tuple[RelayProcess, ssl.SSLContext, int]) -> None:
+    relay, _, _ = tls_relay
+    with Raw(relay.port) as raw:
+        ehlo = raw.ehlo()
+        assert "250-STARTTLS" in ehlo or "250 STARTTLS" in ehlo
+        assert not any("AUTH" in line for line in ehlo), ehlo
+        assert raw.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}") == \
+            "538 5.7.11 Encryption required"
+        assert raw.cmd("AUTH LOGIN") == "538 5.7.11 Encryption required"
+        # still unauthenticated: relaying is refused
+        assert raw.cmd("MAIL FROM:<a@sender.test>").startswith("250")
+        assert raw.cmd("RCPT TO:<b@example.net>") == \
+            "554 5.7.1 <b@example.net>: Relay access denied"
+
+
+def test_auth_plain_after_starttls(tls_relay: tuple[RelayProcess, ssl.SSLContext, int],
+                                   sink: Sink) -> None:
+    relay, context, _ = tls_relay
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+        client.ehlo()
+        client.starttls(context=context)
+        client.ehlo()
+        assert client.has_extn("auth")
+        assert set(client.esmtp_features["auth"].upper().split()) >= {"PLAIN", "LOGIN"}
+        start_time = time.monotonic()
+        code, text = client.docmd("AUTH", f"PLAIN {plain('alice', 'wrong password')}")
+        assert (code, text) == (535, b"5.7.8 Authentication credentials invalid")
+        assert time.monotonic() - start_time < 5
+        # unknown user: the same reply
+        assert client.docmd("AUTH", f"PLAIN {plain('mallory', PASSWORD)}")[0] == 535
+        # the session still works and is still unauthenticated
+        assert client.noop()[0] == 250
+        client.mail("a@sender.test")
+        assert client.rcpt("b@example.net") == \
+            (554, b"5.7.1 <b@example.net>: Relay access denied")
+        client.rset()
+        code, text = client.docmd("AUTH", f"PLAIN {plain('alice', PASSWORD)}")
+        assert code == 235 and ENHANCED.match(f"{code} {text.decode()}")
+        # a second AUTH in the same session is refused
+        assert client.docmd("AUTH", f"PLAIN {plain('alice', PASSWORD)}")[0] == 503
+        assert client.sendmail("a@sender.test", ["b@example.net"], simple_message()) == {}
+    [got] = sink.wait_for(1)
+    assert b"ESMTPSA" in split_received(got.data)[0]
+    [event] = relay.events("received")
+    assert event.get("auth") == "alice"
+
+
+def test_auth_plain_with_challenge(tls_relay: tuple[RelayProcess, ssl.SSLContext, int]) -> None:
+    relay, context, _ = tls_relay
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+        client.ehlo()
+        client.starttls(context=context)
+        client.ehlo()
+        assert client.docmd("AUTH", "PLAIN")[0] == 334
+        assert client.docmd(plain("alice", "nope")) == \
+            (535, b"5.7.8 Authentication credentials invalid")
+        assert client.docmd("AUTH", "PLAIN")[0] == 334
+        assert client.docmd("*")[0] == 501  # client cancels
+        assert client.docmd("AUTH", "PLAIN !!notbase64")[0] == 501
+        assert client.docmd("AUTH", "PLAIN")[0] == 334
+        assert client.docmd(plain("alice", PASSWORD))[0] == 235
+
+
+def test_auth_login(tls_relay: tuple[RelayProcess, ssl.SSLContext, int], sink: Sink) -> None:
+    relay, context, _ = tls_relay
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+        client.ehlo()
+        client.starttls(context=context)
+        client.ehlo()
+        # without initial response
+        assert client.docmd("AUTH", "LOGIN") == (334, b"VXNlcm5hbWU6")
+        assert client.docmd(b64("alice")) == (334, b"UGFzc3dvcmQ6")
+        assert client.docmd(b64("wrong")) == (535, b"5.7.8 Authentication credentials invalid")
+        # smtplib's own LOGIN (with initial response)
+        client.user, client.password = "alice", PASSWORD
+        code, _ = client.auth("LOGIN", client.auth_login)
+        assert code == 235
+        assert client.sendmail("a@sender.test", ["b@example.net"], simple_message()) == {}
+    sink.wait_for(1)
+
+
+def test_implicit_tls_listener(tls_relay: tuple[RelayProcess, ssl.SSLContext, int],
+                               sink: Sink) -> None:
+    _, context, tls_port = tls_relay
+    with smtplib.SMTP_SSL("127.0.0.1", tls_port, context=context, timeout=10) as client:
+        client.ehlo()
+        assert client.has_extn("auth")
+        assert not client.has_extn("starttls")
+        with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
+            client.login("alice", "wrong")
+        assert failed.value.smtp_code == 535
+        client.login("alice", PASSWORD)
+        assert client.sendmail("a@sender.test", ["b@example.net"], simple_message()) == {}
+    [got] = sink.wait_for(1)
+    assert b"ESMTPSA" in split_received(got.data)[0]
+    # without AUTH, the implicit TLS listener is no open relay
+    with smtplib.SMTP_SSL("127.0.0.1", tls_port, context=context, timeout=10) as client:
+        client.ehlo()
+        client.mail("a@sender.test")
+        assert client.rcpt("b@example.net")[0] == 554
+
+
+# --- 5. SIZE ------------------------------------------------------------------------------------
+
+def test_size_limit(relay_factory: RelayFactory, sink: Sink) -> None:
+    relay = start(relay_factory, sink, server={"max_message_size": 100_000})
+    big = simple_message("big", (b"z" * 98 + b"\r\n") * 1100)  # ~110 KB
+    with Raw(relay.port) as raw:
+        assert "250-SIZE 100000" in raw.ehlo() or "250 SIZE 100000" in raw.ehlo()
+        assert raw.cmd("MAIL FROM:<a@sender.test> SIZE=100001") == TOO_BIG
+        assert raw.cmd("MAIL FROM:<a@sender.test> SIZE=5000000000") == TOO_BIG
+        # without SIZE: refused after the final dot, and the session stays usable
+        assert send_raw(raw, big) == TOO_BIG
+        # a lying SIZE does not help either
+        assert raw.cmd("MAIL FROM:<a@sender.test> SIZE=1000").startswith("250")
+        assert raw.cmd("RCPT TO:<b@example.net>").startswith("250")
+        assert raw.cmd("DATA").startswith("354")
+        raw.send(big + b".\r\n")
+        assert raw.reply() == TOO_BIG
+        assert spool_files(relay) == []
+        assert relay.events("received") == []
+        assert QUEUED.match(send_raw(raw, simple_message()))
+    assert len(sink.wait_for(1)) == 1
+    time.sleep(0.2)
+    assert len(sink.messages) == 1
+    assert_clean_log(relay)
+
+
+def test_size_limit_large_message_streamed(relay_factory: RelayFactory, sink: Sink) -> None:
+    """Over the limit after the streaming spill began (> 1 MiB): the partial file goes too."""
+    relay = start(relay_factory, sink, server={"max_message_size": 2 * 1024 * 1024})
+    big = simple_message("big", (b"q" * 998 + b"\r\n") * 3000)  # 3 MB
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert send_raw(raw, big) == TOO_BIG
+        assert spool_files(relay) == []
+        assert QUEUED.match(send_raw(raw, simple_message()))
+    sink.wait_for(1)
+
+
+# --- 6. recipients ------------------------------------------------------------------------------
+
+def test_recipient_limit(relay_factory: RelayFactory, sink: Sink) -> None:
+    relay = start(relay_factory, sink)
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd("MAIL FROM:<a@sender.test>").startswith("250")
+        raw.send("".join(f"RCPT TO:<r{i}@example.net>\r\n" for i in range(1001)))
+        got = [raw.reply() for _ in range(1001)]
+        assert all(r.startswith("250 2.1.5") for r in got[:1000]), set(got[:1000])
+        assert got[1000] == "452 4.5.3 Too many recipients"
+        assert raw.cmd("DATA").startswith("354")
+        raw.send(simple_message() + b".\r\n")
+        assert QUEUED.match(raw.reply())
+    msgs = sink.wait_for(1, timeout=30)
+    deadline = time.monotonic() + 30
+    while sum(len(m.rcpt_tos) for m in sink.messages) < 1000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    rcpts = [r for m in sink.messages for r in m.rcpt_tos]
+    assert sorted(rcpts) == sorted(f"r{i}@example.net" for i in range(1000)), len(msgs)
+
+
+# --- 7. and 8. bad DATA, smuggling ------------------------------------------------------------
+
+@pytest.mark.parametrize(("body", "reply"), [
+    (b"line one\nline two\r\n", BAD_ENDINGS),
+    (b"line one\rline two\r\n", BAD_ENDINGS),
+    (b"line\x00one\r\n", BAD_ENDINGS),
+    (b"x" * 999 + b"\r\n", LINE_TOO_LONG),
+    (b"ok\r\n" + b"x" * 5000 + b"\r\nok\r\n", LINE_TOO_LONG),
+], ids=["bare-lf", "bare-cr", "nul", "999-octets", "5000-octets"])
+def test_bad_data_refused_session_usable(relay_factory: RelayFactory, sink: Sink, body: bytes,
+                                         reply: str) -> None:
+    relay = start(relay_factory, sink)
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert send_raw(raw, simple_message("bad", body)) == reply
+        assert spool_files(relay) == []
+        good = simple_message("good", b"x" * 998 + b"\r\n")
+        assert QUEUED.match(send_raw(raw, good))
+        assert raw.cmd("QUIT").startswith("221")
+    [got] = sink.wait_for(1)
+    assert split_received(got.data)[1] == good
+    assert len(relay.events("received")) == 1
+    assert_clean_log(relay)
+
+
+def test_smtp_smuggling_is_refused(relay_factory: RelayFactory, sink: Sink) -> None:
+    relay = start(relay_factory, sink)
+    smuggled = (b"Subject: legit\r\n\r\nhello\n.\r\n"
+                b"MAIL FROM:<ceo@victim.test>\r\nRCPT TO:<evil@example.net>\r\nDATA\r\n"
+                b"Subject: forged\r\n\r\nsend money\r\n")
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd("MAIL FROM:<a@sender.test>").startswith("250")
+        assert raw.cmd("RCPT TO:<b@example.net>").startswith("250")
+        assert raw.cmd("DATA").startswith("354")
+        raw.send(smuggled + b".\r\nNOOP\r\n")
+        assert raw.reply() == BAD_ENDINGS
+        # the very next reply answers our NOOP: nothing in the data was taken as a command
+        assert raw.reply().startswith("250 2.0.0")
+        for marker in (b"\r\n.\n", b"\r.\r\n", b"\n.\n"):
+            raw.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+            assert [raw.reply()[:3] for _ in range(3)] == ["250", "250", "354"]
+            raw.send(b"x" + marker + b"MAIL FROM:<x@y.test>\r\n.\r\nNOOP\r\n")
+            assert raw.reply() == BAD_ENDINGS
+            assert raw.reply().startswith("250 2.0.0")
+    assert spool_files(relay) == []
+    assert relay.events("received") == []
+    time.sleep(0.2)
+    assert sink.messages == []
+
+
+# --- 9. loops ------------------------------------------------------------------------------------
+
+def received_headers(n: int) -> bytes:
+    return b"".join(b"Received: from hop%d.test by hop%d.test; Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+                    % (i, i + 1) for i in range(n))
+
+
+def test_too_many_received_headers(relay_factory: RelayFactory, sink: Sink) -> None:
+    relay = start(relay_factory, sink)
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        reply = send_raw(raw, received_headers(51) + simple_message("loop"))
+        assert reply.startswith("554 5.4.6"), reply
+        assert spool_files(relay) == []
+        # 50 is still fine; "Received:" in the body does not count
+        assert QUEUED.match(send_raw(raw, received_headers(50) + simple_message("ok")))
+        body = received_headers(60)
+        assert QUEUED.match(send_raw(raw, simple_message("body", body)))
+    sink.wait_for(2)
+    assert len(relay.events("received")) == 2
+
+
+# --- 10. clients that vanish mid-DATA ---------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+def test_client_vanishes_mid_data(relay_factory: RelayFactory, sink: Sink, how: str) -> None:
+    relay = start(relay_factory, sink)
+    line = b"v" * 998 + b"\r\n"
+    # a large message: streamed to its spool file while it arrives, then abandoned
+    raw = Raw(relay.port)
+    raw.ehlo()
+    assert raw.cmd("MAIL FROM:<a@sender.test>").startswith("250")
+    assert raw.cmd("RCPT TO:<b@example.net>").startswith("250")
+    assert raw.cmd("DATA").startswith("354")
+    raw.send(simple_message("huge", line * 1500))  # 1.5 MB of a 3 MB message
+    wait_until(lambda: spool_files(relay), 10, "the streaming spill to start")
+    raw.abort() if how == "reset" else raw.close()
+    wait_until(lambda: not spool_files(relay), 10, "the partial spool file to go")
+    # a small one
+    raw = Raw(relay.port)
+    raw.ehlo()
+    assert raw.cmd("MAIL FROM:<a@sender.test>").startswith("250")
+    assert raw.cmd("RCPT TO:<b@example.net>").startswith("250")
+    assert raw.cmd("DATA").startswith("354")
+    raw.send(simple_message("small", b"half a messa"))
+    time.sleep(0.1)
+    raw.abort() if how == "reset" else raw.close()
+    # and one that vanishes right after the 354, and one right after "\r\n." of the final dot
+    raw = Raw(relay.port)
+    raw.send("EHLO x\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+    raw.reply_lines(), raw.reply(), raw.reply(), raw.reply()
+    raw.send(b"Subject: x\r\n\r\nbody\r\n.")
+    time.sleep(0.1)
+    raw.abort() if how == "reset" else raw.close()
+    # the relay still works
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert QUEUED.match(send_raw(raw, simple_message("after")))
+    [got] = sink.wait_for(1)
+    assert b"Subject: after" in got.data
+    assert len(relay.events("received")) == 1
+    time.sleep(0.2)
+    assert len(sink.messages) == 1
+    assert spool_files(relay) == [] or len(spool_files(relay)) <= 1
+    assert_clean_log(relay)
+
+
+# --- 11. malformed commands ---------------------------------------------------------------------
+
+def test_malformed_commands(relay_factory: RelayFactory, sink: Sink) -> None:
+    relay = start(relay_factory, sink)
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        cases = [
+            "garbage here",
+            "\xff\xfe binary",
+            "MAIL FROM:<bad",
+            "MAIL FROM:bad@address with spaces",
+            "MAIL FROM:<a@sender.test> SIZE=abc",
+            "MAIL FROM:<a@sender.test> UNKNOWN=1",
+            "RCPT TO:<b@example.net>",        # before MAIL
+            "DATA",                            # before MAIL
+            "MAIL FROM:<a@sender.test>",       # (250, not checked)
+            "MAIL FROM:<a@sender.test>",       # nested MAIL
+            "RCPT TO:<>",
+            "RCPT TO:<bad",
+            "RCPT TO:<no-domain>",
+            "RCPT TO:<b@>",
+            "RCPT TO:<b@example.net> FOO=BAR",
+            "RCPT TO:<@route,@path:b@example.net> SIZE=1",
+            "DATA",                            # without RCPT
+            "DATA now",
+            "MAIL FROM:<" + "a" * 600 + "@sender.test>",   # command line over 512 octets
+            "RCPT TO:<" + "b" * 2000 + "@example.net>",
+            "NOOP " + "n" * 5000,
+            "X" * 70000,
+        ]
+        results = []
+        for line in cases:
+            raw.send(line.encode("latin-1") + b"\r\n")
+            results.append((line, raw.reply()))
+        assert raw.cmd("NOOP").startswith("250")
+    for line, reply in results:
+        assert "Traceback" not in reply and "Error: (" not in reply, (line, reply)
+        if line == "MAIL FROM:<a@sender.test>" and reply.startswith("250 "):
+            continue
+        assert reply[0] == "5", (line, reply)
+        for text in reply.split("\n"):
+            assert ENHANCED.match(text), (line, reply)
+    assert_clean_log(relay)
+
+
+def test_null_sender_is_relayed(relay_factory: RelayFactory, sink: Sink) -> None:
+    """Bounces from other systems come with MAIL FROM:<> and must pass as the null sender."""
+    relay = start(relay_factory, sink)
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd("MAIL FROM:<> SIZE=100").startswith("250 2.")
+        assert raw.cmd("RCPT TO:<b@example.net>").startswith("250")
+        assert raw.cmd("DATA").startswith("354")
+        raw.send(simple_message("bounce") + b".\r\n")
+        assert QUEUED.match(raw.reply())
+        assert raw.cmd("MAIL FROM:<>").startswith("250 2.")
+        assert raw.cmd("MAIL FROM:<>").startswith("503 5.5.1")  # nested
+    [got] = sink.wait_for(1)
+    assert got.mail_from == "<>"  # aiosmtpd's (the sink's) spelling of the null sender
+    [event] = relay.events("received")
+    assert event["sender"] == ""
+
+
+def test_data_without_mail_and_session_after(relay_factory: RelayFactory, sink: Sink) -> None:
+    relay = start(relay_factory, sink)
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd("DATA").startswith("503 5.5.1")
+        assert raw.cmd("MAIL FROM:<a@sender.test>").startswith("250")
+        assert raw.cmd("DATA").startswith("503 5.5.1")
+        assert raw.cmd("RSET").startswith("250 2.0.0")
+        assert QUEUED.match(send_raw(raw, simple_message()))
+    sink.wait_for(1)
+
+
+# --- 12. full disk ------------------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.fail(f"cannot mount a 256k tmpfs on {mount} (root needed): {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        for _ in range(50):
+            if subprocess.run(["umount", str(mount)], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+
+
+def test_full_disk(relay_factory: RelayFactory, tiny_disk: Path) -> None:
+    accepting = threading.Event()  # the sink defers everything until the disk is full
+    with Sink(rcpt_reply=lambda _: None if accepting.is_set() else "451 4.3.2 try later") as sink:
+        relay = start(relay_factory, sink, queue={"path": str(tiny_disk), "retry_schedule": ["1s"]})
+        accepted: list[str] = []
+        replies: list[str] = []
+        with Raw(relay.port) as raw:
+            raw.ehlo()
+            for i in range(200):
+                body = (b"%06d" % i + b"f" * 92 + b"\r\n") * 150  # 15 KB
+                reply = send_raw(raw, simple_message(f"full {i}", body))
+                replies.append(reply)
+                match = QUEUED.match(reply)
+                if match:
+                    accepted.append(match.group(1))
+                else:
+                    assert reply == WRITE_FAILED, replies
+                    if replies[-3:] == [WRITE_FAILED] * 3:
+                        break
+            assert WRITE_FAILED in replies, "the disk never filled"
+            assert accepted, replies
+            # no partial file is left behind by the refusals
+            on_disk = set(spool_files(relay))
+            assert on_disk <= set(accepted), on_disk - set(accepted)
+            accepting.set()
+            msgs = sink.wait_for(len(accepted), timeout=60)
+            assert sorted(m.data.split(b" id ", 1)[1].split(b"\r\n", 1)[0].split(b";")[0].decode()
+                          for m in msgs) == sorted(accepted)
+            # the relay keeps working once delivery freed the space
+            wait_until(lambda: not spool_files(relay), 30, "the queue to drain")
+            assert QUEUED.match(send_raw(raw, simple_message("after the storm")))
+        sink.wait_for(len(accepted) + 1, timeout=30)
+        relay.stop()
+    assert "Traceback" not in relay.log
+
+
+# --- 13. group commit, end to end ---------------------------------------------------------------
+
+def test_concurrent_clients(relay_factory: RelayFactory, sink: Sink) -> None:
+    relay = start(relay_factory, sink)
+    clients, per_client = 16, 20
+    ids: list[str] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients)
+
+    def client(n: int) -> None:
+        try:
+            with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as smtp:
+                smtp.ehlo()
+                barrier.wait()
+                for i in range(per_client):
+                    smtp.mail("a@sender.test")
+                    assert smtp.rcpt(f"c{n}m{i}@example.net")[0] == 250
+                    code, text = smtp.data(simple_message(f"c{n} m{i}"))
+                    match = QUEUED.match(f"{code} {text.decode()}")
+                    assert match, (code, text)
+                    with lock:
+                        ids.append(match.group(1))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert len(ids) == len(set(ids)) == clients * per_client
+    msgs = sink.wait_for(clients * per_client, timeout=60)
+    rcpts = sorted(r for m in msgs for r in m.rcpt_tos)
+    assert rcpts == sorted(f"c{n}m{i}@example.net" for n in range(clients)
+                           for i in range(per_client))
+    assert_clean_log(relay)
