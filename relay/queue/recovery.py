@@ -1,6 +1,7 @@
 """Startup recovery: reconcile the spool (the truth) with the index after whatever happened.
 
-- a spool file that is incomplete was never acknowledged: it is removed;
+- a spool file that is incomplete and not in the index was never acknowledged: it is removed
+  (an incomplete one the index knows is quarantined like a damaged one);
 - a complete spool file the index does not know (the index commit was lost) is indexed again;
 - final states recorded in a spool file but lost by the index are re-applied (no re-sending);
 - a pending index row whose spool file is gone is closed and logged (it cannot be delivered);
@@ -65,11 +66,17 @@ def _check_file(spool: Spool, index: Index, queue_id: str, known: bool, max_life
                 now: float, report: RecoveryReport) -> None:
     try:
         entry = spool.read(queue_id)
+        size = spool.path(queue_id).stat().st_size
+        if size < entry.message_offset + entry.message_length:
+            raise SpoolCorrupt(f"{queue_id}: truncated ({size} bytes)")
     except SpoolCorrupt as exc:
-        if "incomplete" in str(exc) or "truncated" in str(exc) or "bad header" in str(exc):
-            spool.remove(queue_id)
+        unfinished = any(w in str(exc) for w in ("incomplete", "truncated", "bad header"))
+        if unfinished and not known:
+            spool.remove(queue_id)  # never acknowledged: the crash came before the commit
             report.removed_incomplete += 1
         else:
+            # A damaged file, or one the index holds (so it may have been acknowledged):
+            # keep it for an operator; the index row is then closed as spool_missing.
             _quarantine(spool, queue_id)
             report.corrupt += 1
             log.event("spool_corrupt", id=queue_id, error=str(exc))
