@@ -577,6 +577,9 @@ def run_round(kind: str, system: System | None, sink: Sink, smtp_source: str, n:
         cpu = {k: (snap_after[k] - snap_before[k]) * us
                for k in ("intake", "delivery", "total") if k in snap_after}
         r["cpu_us_per_msg"] = {k: round(v, 1) for k, v in cpu.items()}
+        # how busy each stage was over the round, in cores (1.0 = one core flat out; a single
+        # Python process cannot go beyond ~1.0)
+        r["cpu_cores"] = {k: round(v * n / 1e6 / e2e_s, 2) for k, v in cpu.items()}
         if "processes" in snap_after:
             r["processes_after"] = snap_after["processes"]
     idle = {}
@@ -622,6 +625,8 @@ def summarize(rounds: list[dict], sizes: list[tuple[str, int]]) -> dict:
                               "max": max(vals)}
             cpu_keys = sorted({k for r in rs for k in r.get("cpu_us_per_msg", {})})
             if cpu_keys:
+                entry["cpu_cores_median"] = {
+                    k: statistics.median(r["cpu_cores"].get(k, 0) for r in rs) for k in cpu_keys}
                 entry["cpu_us_per_msg_median"] = {
                     k: statistics.median(r["cpu_us_per_msg"].get(k, 0) for r in rs)
                     for k in cpu_keys}
@@ -704,20 +709,23 @@ def render_table(summary: dict, results: dict) -> str:
         lines.append(f"postfix: sum of VmHWM over its {prss['processes']} processes alive at the "
                      f"end: {prss['sum_kib'] / 1024:.1f} MiB (shared pages counted per process)")
     for label, s in summary.items():
-        e = s.get("relay")
+        e, p = s.get("relay"), s.get("postfix")
         if e and "cpu_us_per_msg_median" in e:
             c = e["cpu_us_per_msg_median"]
-            tot = c.get("intake", 0) + c.get("delivery", 0)
-            if tot:
-                lines.append(f"relay CPU split at {label}: intake {100 * c['intake'] / tot:.0f}% /"
-                             f" delivery {100 * c['delivery'] / tot:.0f}% of "
-                             f"{tot:,.0f} us/msg")
-        p = s.get("postfix")
-        if e and p and p.get("cpu_us_per_msg_median", {}).get("total"):
-            rt = e["cpu_us_per_msg_median"].get("total", 0)
-            lines.append(f"CPU per message at {label}: relay {rt:,.0f} us vs postfix "
-                         f"{p['cpu_us_per_msg_median']['total']:,.0f} us "
-                         f"({rt / p['cpu_us_per_msg_median']['total']:.2f}x)")
+            parts = c.get("intake", 0) + c.get("delivery", 0)
+            if parts:
+                line = (f"relay CPU at {label}: {c.get('total', 0):,.0f} us/msg; intake "
+                        f"{c['intake']:,.0f} ({100 * c['intake'] / parts:.0f}%) + delivery "
+                        f"{c['delivery']:,.0f} ({100 * c['delivery'] / parts:.0f}%)")
+                cores = e.get("cpu_cores_median", {})
+                if cores:
+                    line += (f"; busy cores: intake {cores.get('intake', 0):.2f}, delivery "
+                             f"{cores.get('delivery', 0):.2f}")
+                ptot = (p or {}).get("cpu_us_per_msg_median", {}).get("total")
+                if ptot:
+                    line += (f"; postfix {ptot:,.0f} us/msg; relay/postfix "
+                             f"{c.get('total', 0) / ptot:.2f}x")
+                lines.append(line)
     return "\n".join(lines).rstrip() + "\n"
 
 
