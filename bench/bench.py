@@ -804,6 +804,14 @@ def main() -> int:
 
     try:
         log(f"work dir {workdir}")
+        b0, _, t0_, _ = machine_cpu()
+        time.sleep(2)
+        b1, _, t1_, _ = machine_cpu()
+        idle_busy = 100 * (b1 - b0) / max(1, t1_ - t0_)
+        results["host_busy_pct_before_start"] = round(idle_busy, 1)
+        log(f"host CPU busy before start: {idle_busy:.0f}% of {os.cpu_count()} CPUs"
+            + ("  WARNING: something else is running; results will be noisy"
+               if idle_busy > 10 else ""))
         sink = Sink(workdir, tools["smtp-sink"])
         log(f"smtp-sink on 127.0.0.1:{sink.port}")
         systems: dict[str, System] = {}
@@ -895,6 +903,9 @@ def main() -> int:
         results["table"] = table
         print()
         g = results["git"]
+        if results.get("host_busy_pct_before_start", 0) > 10:
+            print(f"NOTE: the host was {results['host_busy_pct_before_start']:.0f}% busy before "
+                  f"the run started (neighbours); see the 'anything else' column below.")
         print(f"invoice-relay vs Postfix, {args.sessions} sessions, one message per connection, "
               f"medians over {args.rounds} rounds; checkout {g['commit'][:10] or '?'}"
               + (" (dirty)" if g["dirty_files"] else "") + ("  [INCOMPLETE]" if status else ""))
