@@ -98,15 +98,25 @@ class Attempter:
         if client.supports("STARTTLS") and self.tls_broken.get(hop.address, 0) < time.time():
             try:
                 await client.starttls(self.tls_context, server_hostname=_sni(hop.name))
-            except TlsFailed:
+            except ReplyError as exc:
+                if exc.stage == "starttls" and not client.usable:
+                    raise  # 421: the host is closing, try the next one
+                if exc.stage == "starttls":
+                    return Connection(client, hop)  # refused (454): go on in plain text
+                tls_failed = True  # EHLO refused inside TLS
+            except (TlsFailed, ConnectionLost):
+                # Includes failures that show after the handshake (a TLS 1.3 server that
+                # wants a client certificate alerts us at the EHLO that follows).
+                tls_failed = True
+            else:
+                tls_failed = False
+            if tls_failed:
                 # Remember the broken host, then talk plain text rather than defer forever.
                 self.tls_broken[hop.address] = time.time() + TLS_BROKEN_MEMORY
                 client.close()
                 client = await SmtpClient.connect(hop.address, hop.port, helo_name=helo,
                                                   source_address=address,
                                                   timeouts=self.timeouts())
-            except ReplyError:
-                pass  # STARTTLS refused: the session goes on in plain text
         return Connection(client, hop)
 
     async def deliver(self, job: Job, data: bytes, hops: Sequence[NextHop],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ MAX_IN_FLIGHT = 5000       # recipients held in memory at once; the rest wait in
 CLAIM_BATCH = 500
 IDLE_POLL = 1.0            # seconds between index polls when nothing wakes us
 CONNECTION_IDLE = 2.0      # keep an idle connection this long for more jobs
+MAX_HOPS = 50              # more Received headers than this: a mail loop (Postfix hopcount_limit)
+_RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 
 @dataclass
@@ -160,6 +163,12 @@ class DeliveryEngine:
             await self._finish(job, [Verdict(d, "temporary", f"451 4.3.0 spool read failed: {exc}",
                                              "4.3.0") for d in job.recipients])
             return conn
+        hops_seen = received_count(data)
+        if hops_seen > MAX_HOPS:
+            await self._finish(job, [Verdict(d, "permanent", f"554 5.4.6 Too many hops:"
+                                             f" {hops_seen} Received headers, mail loop?",
+                                             "5.4.6") for d in job.recipients])
+            return conn
         verdicts, conn = await self.attempter.deliver(job, data, hops, conn)
         await self._finish(job, verdicts)
         return conn
@@ -242,3 +251,10 @@ class DeliveryEngine:
             if pending:
                 await asyncio.wait(pending, timeout=5)
         await self.store.flush()
+
+
+def received_count(data: bytes) -> int:
+    """Received header fields in the message's header block."""
+    end = data.find(b"\r\n\r\n")
+    head = data if end < 0 else data[:end + 2]
+    return len(_RECEIVED.findall(head))
