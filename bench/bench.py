@@ -216,6 +216,7 @@ class Sink:
     def __init__(self, workdir: Path, smtp_sink: str):
         self.port = free_port()
         self.count = 0
+        self.sessions = 0  # sessions ended, from the same counter line
         self.cond = threading.Condition()
         self.crossings: list[tuple[int, float]] = []  # (target, monotonic time reached)
         self.targets: list[int] = []
@@ -235,6 +236,7 @@ class Sink:
         fd = self.proc.stdout.fileno()
         buf = b""
         pat = re.compile(rb"mesg=(\d+)")
+        sess_pat = re.compile(rb"sess=(\d+)")
         while True:
             chunk = os.read(fd, 65536)
             now = time.monotonic()
@@ -250,6 +252,9 @@ class Sink:
             if m is None:
                 continue
             value = int(m.group(1))
+            ms = sess_pat.search(done, start)
+            if ms:
+                self.sessions = int(ms.group(1))
             with self.cond:
                 if value > self.count:
                     self.count = value
@@ -280,6 +285,22 @@ class Sink:
 
     def cpu_ticks(self) -> int:
         return sum(cpu_ticks(p) for p in tree([self.proc.pid], [self.proc.pid]))
+
+    def open_connections(self) -> int:
+        """Established (or half-closed) TCP connections to the sink, from /proc/net/tcp."""
+        local = f"0100007F:{self.port:04X}"
+        n = 0
+        try:
+            with open("/proc/net/tcp") as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    # 01 ESTABLISHED, 08 CLOSE_WAIT (client closed, sink not yet)
+                    if parts[1] == local and parts[3] in ("01", "08"):
+                        n += 1
+        except OSError:
+            pass
+        return n
 
     def current(self) -> int:
         with self.cond:
@@ -522,6 +543,7 @@ def run_round(kind: str, system: System | None, sink: Sink, smtp_source: str, n:
               size: int, sessions: int, timeout: float, others: list[System]) -> dict:
     port = system.port if system else sink.port
     base = sink.current()
+    sess0, open0 = sink.sessions, sink.open_connections()
     target = base + n
     sink.arm(target)
     snap_before = system.cpu_snapshot() if system else None
@@ -560,11 +582,18 @@ def run_round(kind: str, system: System | None, sink: Sink, smtp_source: str, n:
     machine_s = (mbusy1 - mbusy0) / CLK_TCK
     irq_s = (mirq1 - mirq0) / CLK_TCK
     accepted_s, e2e_s = t_src - t0, reached - t0
+    sink.settle(quiet=0.3, limit=3)
+    # connections opened to the sink during the round = sessions ended + still open - open
+    # before (Postfix keeps delivery connections cached for a while after a burst)
+    sink_sessions = sink.sessions - sess0 + sink.open_connections() - open0
     r = {"kind": kind, "system": system.name if system else "direct", "n": n, "size": size,
          "sessions": sessions, "accept_seconds": round(accepted_s, 4),
          "e2e_seconds": round(e2e_s, 4), "accepted_per_s": n / accepted_s,
          "e2e_per_s": n / e2e_s,
          "machine_cpu_busy_pct": round(100 * (mbusy1 - mbusy0) / max(1, mtot1 - mtot0), 1),
+         # SMTP sessions that ended at the sink per message delivered: 1.0 = one connection per
+         # message; Postfix reuses connections when a backlog builds
+         "sink_sessions_per_msg": round(sink_sessions / n, 3),
          "machine_cpu_steal_pct": round(100 * (msteal1 - msteal0) / max(1, mtot1 - mtot0), 1),
          # smtp-source + smtp-sink; irq+softirq time (loopback TCP receive processing, not
          # charged to any process); and whatever else ran (neighbours, kernel threads such
@@ -630,6 +659,8 @@ def summarize(rounds: list[dict], sizes: list[tuple[str, int]]) -> dict:
                 entry["cpu_us_per_msg_median"] = {
                     k: statistics.median(r["cpu_us_per_msg"].get(k, 0) for r in rs)
                     for k in cpu_keys}
+            entry["sink_sessions_per_msg_median"] = statistics.median(
+                r["sink_sessions_per_msg"] for r in rs)
             entry["machine_cpu_busy_pct_median"] = statistics.median(
                 r["machine_cpu_busy_pct"] for r in rs)
             entry["other_cpu_cores_median"] = statistics.median(
@@ -689,6 +720,12 @@ def render_table(summary: dict, results: dict) -> str:
                 f"{r['median']:.2f}x ({', '.join(f'{x:.2f}' for x in r['per_round'])}), "
                 f"accepted {ra['median']:.2f}x")
         lines.append("")
+    conn = [f"{label} {system} {e['sink_sessions_per_msg_median']:.2f}"
+            for label, s in summary.items() for system, e in s.items()
+            if system in ("relay", "postfix")]
+    if conn:
+        lines.append("delivery connections per message (sink sessions / messages, median): "
+                     + ", ".join(conn))
     lines.append("CPU outside the system under test, medians: smtp-source+sink us/msg | "
                  "irq+softirq us/msg | anything else (neighbours, kernel threads) in cores")
     for label, s in summary.items():
