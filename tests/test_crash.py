@@ -24,6 +24,7 @@ from sink import Sink
 CLIENTS = 8
 MAX_DUPLICATES = 64     # at most the deliveries in flight at the kill
 MARKER = b"X-Crash-Marker: "
+PDF_LINE = b"JVBERi0xLjcK" + b"0123456789abcdef" * 3 + b"\r\n"  # 62 octets
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Load:
     """Client threads sending one-recipient messages as fast as the relay takes them."""
 
     port: int
+    big_every: int = 0      # every Nth message is large enough to be streamed to its file
     acked: dict[str, str] = field(default_factory=dict)   # marker -> queue id
     attempted: set[str] = field(default_factory=set)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -73,6 +75,8 @@ class Load:
                             f"Subject: invoice {marker}\r\n"
                             f"X-Crash-Marker: {marker}\r\n\r\n"
                             + f"invoice line for {marker}\r\n" * 40).encode()
+                    if self.big_every and seq % self.big_every == 0:  # 1.6 MiB
+                        body += PDF_LINE * 26000
                     with self.lock:
                         self.attempted.add(marker)
                     smtp.mail("app@invoices.test")
@@ -142,19 +146,35 @@ def wait_until(predicate, timeout: float, what: str) -> None:  # type: ignore[no
         time.sleep(0.05)
 
 
-def run_crash(tmp_path: Path, sink: Sink, kill_after: int) -> None:
+def quiet_sink(sink: Sink, quiet: float = 0.5, timeout: float = 15) -> None:
+    """Wait until the sink has no connection left and has taken nothing new for `quiet` s."""
+    deadline = time.monotonic() + timeout
+    count, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now_count = len(sink.messages)
+        if now_count != count or sink._connections:
+            count, since = now_count, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the sink did not settle after the kill")
+
+
+def run_crash(tmp_path: Path, sink: Sink, kill_after: int, *, big_every: int = 0,
+              expect_released: bool = False) -> None:
     relay = RelayProcess(tmp_path, routes={"example.net": [sink.address]})
     relay.start()
     pgid = relay.proc.pid  # type: ignore[union-attr]
-    load = Load(relay.port)
+    load = Load(relay.port, big_every=big_every)
     try:
         load.start()
         wait_until(lambda: load.count() >= kill_after, 30, f"{kill_after} acknowledged messages")
         relay.kill()
         assert_group_dead(pgid)
         load.join()
-        # Let the sink finish whatever it had already taken before the kill.
-        time.sleep(0.3)
+        # Let the sink finish whatever it had already taken before the kill: the last bytes
+        # of large messages may still sit in its socket buffers.
+        quiet_sink(sink)
         before = Counter(marker_of(m.data) for m in list(sink.messages))
         assert not load.errors, load.errors[:5]
         acked = dict(load.acked)
@@ -169,6 +189,8 @@ def run_crash(tmp_path: Path, sink: Sink, kill_after: int) -> None:
         relay.start()
         recovered = relay.events("recovered")
         assert recovered, relay.new_log()
+        if expect_released:  # recipients the killed delivery process had claimed
+            assert int(recovered[0].get("released", 0)) > 0, recovered
 
         wait_until(lambda: set(acked) <= {marker_of(m.data) for m in list(sink.messages)},
                    30, "every acknowledged message at the sink")
@@ -183,7 +205,7 @@ def run_crash(tmp_path: Path, sink: Sink, kill_after: int) -> None:
         assert not twice, f"delivered twice after the restart: {twice[:5]}"
         duplicates = sum(n - 1 for n in total.values() if n > 1)
         print(f"acked={len(acked)} before={sum(before.values())}"
-              f" total={sum(total.values())} duplicates={duplicates}")
+              f" total={sum(total.values())} duplicates={duplicates} {recovered[0]}")
         assert duplicates <= MAX_DUPLICATES, f"{duplicates} duplicates"
         # A duplicate is a message the sink had before the kill and got again after it.
         assert set(m for m, n in total.items() if n > 1) <= set(before)
@@ -210,4 +232,12 @@ def test_sigkill_under_load_loses_nothing(tmp_path: Path, sink: Sink, kill_after
 def test_sigkill_mid_delivery_to_slow_sink(tmp_path: Path, kill_after: int) -> None:
     # Each delivery takes 50 ms at the sink: kills land while many are in flight.
     with Sink(accept_delay=0.05) as slow:
-        run_crash(tmp_path, slow, kill_after)
+        run_crash(tmp_path, slow, kill_after, expect_released=True)
+
+
+@pytest.mark.parametrize("kill_after", [60, 120])
+def test_sigkill_while_large_messages_stream_to_the_spool(tmp_path: Path, sink: Sink,
+                                                          kill_after: int) -> None:
+    # Every 4th message is over the streaming threshold: kills land mid-stream too, leaving
+    # files with the incomplete sentinel that startup must remove, never deliver.
+    run_crash(tmp_path, sink, kill_after, big_every=4)
