@@ -95,24 +95,34 @@ class DeliveryStore:
         while self._pending:
             batch, self._pending = self._pending, []
             results = [r for group, _ in batch for r in group]
-            try:
-                dsns = await self._run(self._record, results) if results else 0
-            except Exception as exc:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
+            dsns = await self._record_until_done(results) if results else 0
             for _, fut in batch:
                 if not fut.done():
                     fut.set_result(None)
             if self.on_recorded is not None:
                 self.on_recorded(results, dsns)
 
+    async def _record_until_done(self, results: list[Result]) -> int:
+        """Record a batch, retrying (never dropping it) while the disk is full or failing.
+
+        Until it is recorded the recipients stay 'active': nobody re-sends them meanwhile,
+        and if the relay dies first they become due again at the next start."""
+        made: set[str] = set()  # messages whose DSN is already queued: never make two
+        delay = 0.5
+        while True:
+            try:
+                return await self._run(self._record, results, made)
+            except Exception as exc:  # sqlite3.OperationalError, OSError (ENOSPC, EIO)
+                log.event("record_failed", level=40, error=f"{type(exc).__name__}: {exc}",
+                          outcomes=len(results), retry_in=f"{delay:g}s")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
     # --- on the index thread ------------------------------------------------------------
 
-    def _record(self, results: list[Result]) -> int:
+    def _record(self, results: list[Result], made: set[str]) -> int:
         assert self._index is not None
-        dsns = self._queue_dsns(results)
+        dsns = self._queue_dsns(results, made)
         finished = set(self._index.record([r.outcome for r in results]))
         finals: dict[str, list[tuple[int, str]]] = defaultdict(list)
         for r in results:
@@ -125,28 +135,35 @@ class DeliveryStore:
             self._janitor.remove(finished)
         return dsns
 
-    def _queue_dsns(self, results: list[Result]) -> int:
+    def _queue_dsns(self, results: list[Result], made: set[str]) -> int:
         """One DSN per message and batch, listing every recipient that failed in it."""
         failed: dict[str, list[Result]] = defaultdict(list)
         for r in results:
-            if r.outcome.state in (BOUNCED, EXPIRED) and r.due.sender:
+            if r.outcome.state in (BOUNCED, EXPIRED) and r.due.sender and r.outcome.msg not in made:
                 failed[r.outcome.msg].append(r)
-        made: list[tuple[Envelope, int]] = []
-        for msg, items in failed.items():
-            envelope, data = self._dsn(msg, items)
-            fd = self.spool.create(envelope, [data], complete=True)
-            try:
-                os.fdatasync(fd)
-                self.syncs += 1
-            finally:
-                os.close(fd)
-            made.append((envelope, len(data)))
-        if made:
+        if not failed:
+            return 0
+        new: list[tuple[Envelope, int]] = []
+        try:
+            for msg, items in failed.items():
+                envelope, data = self._dsn(msg, items)
+                fd = self.spool.create(envelope, [data], complete=True)
+                new.append((envelope, len(data)))
+                try:
+                    os.fdatasync(fd)
+                    self.syncs += 1
+                finally:
+                    os.close(fd)
             self.spool.sync_dir()
             self.syncs += 1
             assert self._index is not None
-            self._index.insert(made, self.max_lifetime)
-        return len(made)
+            self._index.insert(new, self.max_lifetime)
+        except BaseException:
+            for envelope, _ in new:  # not queued after all: the retry makes them again
+                self.spool.remove(envelope.id)
+            raise
+        made.update(failed)
+        return len(new)
 
     def _dsn(self, msg: str, items: list[Result]) -> tuple[Envelope, bytes]:
         first = items[0].due
