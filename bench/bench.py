@@ -568,7 +568,14 @@ def run_round(kind: str, system: System | None, sink: Sink, smtp_source: str, n:
         if src.returncode != 0:
             raise BenchError(msg)
         log("warning: " + msg)
-    reached = sink.wait(target, t0 + timeout)
+    while True:
+        reached = sink.wait(target, min(t0 + timeout, time.monotonic() + 1.0))
+        if reached is not None or time.monotonic() >= t0 + timeout:
+            break
+        if system and not system.alive():
+            raise BenchError(f"{kind}: {system.name} exited (status {system.proc.returncode}) "
+                             f"while its queue was draining: the sink has "
+                             f"{sink.current() - base} of {n} messages")
     if reached is None:
         got = sink.current() - base
         raise BenchError(f"{kind}: timeout after {timeout:.0f}s: the sink received {got} of {n} "
