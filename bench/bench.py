@@ -580,6 +580,10 @@ def run_round(kind: str, system: System | None, sink: Sink, smtp_source: str, n:
         got = sink.current() - base
         raise BenchError(f"{kind}: timeout after {timeout:.0f}s: the sink received {got} of {n} "
                          f"messages (smtp-source finished in {t_src - t0:.2f}s)")
+    # let the system finish post-delivery work (spool cleanup, index updates) before reading
+    # the "after" counters, so that work is charged to this round
+    sink.settle(quiet=0.3, limit=3)
+    t_after = time.monotonic()
     mbusy1, msteal1, mtot1, mirq1 = machine_cpu()
     snap_after = system.cpu_snapshot() if system else None
     sink1 = sink.cpu_ticks()
@@ -589,7 +593,6 @@ def run_round(kind: str, system: System | None, sink: Sink, smtp_source: str, n:
     machine_s = (mbusy1 - mbusy0) / CLK_TCK
     irq_s = (mirq1 - mirq0) / CLK_TCK
     accepted_s, e2e_s = t_src - t0, reached - t0
-    sink.settle(quiet=0.3, limit=3)
     # connections opened to the sink during the round = sessions ended + still open - open
     # before (Postfix keeps delivery connections cached for a while after a burst)
     sink_sessions = sink.sessions - sess0 + sink.open_connections() - open0
@@ -607,7 +610,7 @@ def run_round(kind: str, system: System | None, sink: Sink, smtp_source: str, n:
          # as jbd2/kworker doing writeback)
          "loadgen_cpu_us_per_msg": round(loadgen_s * 1e6 / n, 1),
          "softirq_cpu_us_per_msg": round(irq_s * 1e6 / n, 1),
-         "other_cpu_cores": round((machine_s - irq_s - sut_s - loadgen_s) / (reached - t0), 2)}
+         "other_cpu_cores": round((machine_s - irq_s - sut_s - loadgen_s) / (t_after - t0), 2)}
     if system:
         us = 1e6 / CLK_TCK / n
         cpu = {k: (snap_after[k] - snap_before[k]) * us
@@ -615,7 +618,7 @@ def run_round(kind: str, system: System | None, sink: Sink, smtp_source: str, n:
         r["cpu_us_per_msg"] = {k: round(v, 1) for k, v in cpu.items()}
         # how busy each stage was over the round, in cores (1.0 = one core flat out; a single
         # Python process cannot go beyond ~1.0)
-        r["cpu_cores"] = {k: round(v * n / 1e6 / e2e_s, 2) for k, v in cpu.items()}
+        r["cpu_cores"] = {k: round(v * n / 1e6 / (t_after - t0), 2) for k, v in cpu.items()}
         if "processes" in snap_after:
             r["processes_after"] = snap_after["processes"]
     idle = {}
