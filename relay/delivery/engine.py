@@ -107,7 +107,9 @@ class DeliveryEngine:
             dest.jobs.append(job)
             if dest.idle > 0:
                 dest.more.set()
-            elif dest.workers < dest.max_connections:
+            # Idle workers take one job each; more jobs than that need more connections (a
+            # burst after a quiet spell would otherwise queue behind one idle connection).
+            if len(dest.jobs) > dest.idle and dest.workers < dest.max_connections:
                 self._start_worker(dest)
 
     def _start_worker(self, dest: Destination) -> None:
