@@ -200,6 +200,28 @@ def test_bad_config_exits_78_without_traceback(tmp_path: Path, text: str, expect
     assert not (tmp_path / "var").exists()  # nothing was started
 
 
+def test_bad_config_found_by_environment_or_missing_exits_78(tmp_path: Path) -> None:
+    (tmp_path / "env.toml").write_text("[server]\nlisten = [\"127.0.0.1:99999\"]\n")
+    env = {**os.environ, "INVOICE_RELAY_CONFIG": str(tmp_path / "env.toml")}
+    proc = subprocess.run([sys.executable, "-m", "relay", "serve"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 78, proc.stderr
+    assert f"{tmp_path / 'env.toml'}: server.listen" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    missing = tmp_path / "missing.toml"
+    proc = subprocess.run([sys.executable, "-m", "relay", "serve", "--config", str(missing)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 78, proc.stderr
+    assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
+    # A queue folder that cannot be created is a configuration problem too.
+    (tmp_path / "file").write_text("")
+    (tmp_path / "q.toml").write_text('[queue]\npath = "file/var"\n')
+    proc = subprocess.run([sys.executable, "-m", "relay", "--config", "q.toml", "serve"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 78, proc.stderr
+    assert "file/var" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_no_config_runs_on_defaults(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "INVOICE_RELAY_CONFIG"}
     log_path = tmp_path.parent / f"{tmp_path.name}-defaults.log"
