@@ -15,6 +15,7 @@ import ctypes
 import fcntl
 import os
 import signal
+import sqlite3
 import ssl
 import sys
 from pathlib import Path
@@ -46,7 +47,18 @@ def serve(cli_config: str | None) -> int:
         print(f"{root}: cannot use the queue folder: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     db_path = root / "index.sqlite"
-    report = recover(root, db_path, max_lifetime=config.queue.max_lifetime)
+    try:
+        report = recover(root, db_path, max_lifetime=config.queue.max_lifetime)
+    except sqlite3.DatabaseError as exc:
+        # Damage does not heal by restarting: say what to do, and stop a restart loop (78).
+        transient = isinstance(exc, sqlite3.OperationalError)
+        hint = "" if transient else "; stop the relay and run `invoice-relay queue rebuild`"
+        log.event("index_unusable", level=40, path=db_path, error=str(exc))
+        print(f"{db_path}: the queue index is unusable: {exc}{hint}", file=sys.stderr)
+        return 1 if transient else EXIT_CONFIG
+    except OSError as exc:
+        print(f"{root}: startup recovery failed: {exc}", file=sys.stderr)
+        return 1
     log.event("recovered", **{k: v for k, v in vars(report).items() if v})
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_write, False)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import smtplib
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -338,4 +340,34 @@ def test_clean_restart_keeps_queued_mail(tmp_path: Path, relay_factory, sink: Si
     assert not (relay.queue_dir / "clean-shutdown").exists()  # until the next clean stop
     settle(relay, sink, 3)
     assert [s for s, _ in subjects(sink)] == ["queued-0", "queued-1", "queued-2"]
+    assert relay.stop() == 0
+
+
+# --- a damaged index ------------------------------------------------------------------------
+
+def test_damaged_index_stops_with_a_hint_then_rebuild_delivers(
+        tmp_path: Path, relay_factory, sink: Sink) -> None:
+    q = Queue(tmp_path / "var")
+    env = q.plant("survivor", ("a@example.net", "b@example.net"))
+    q.spool.mark_final(env.id, [(0, "delivered")], sync=True)
+    for name in ("index.sqlite-wal", "index.sqlite-shm"):
+        (q.root / name).unlink(missing_ok=True)
+    (q.root / "index.sqlite").write_bytes(b"this is not a database" * 100)
+
+    relay = relay_factory(routes={"example.net": [sink.address]})
+    relay.start(wait=False)
+    assert relay.proc.wait(15) == 78  # a restart loop would not help
+    log = relay.new_log()
+    assert "queue index is unusable" in log and "queue rebuild" in log, log
+    assert "Traceback" not in log
+    assert q.spool_ids() == {env.id}  # nothing was touched
+
+    rebuilt = subprocess.run(
+        [sys.executable, "-m", "relay", "--config", str(relay.config), "queue", "rebuild"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    relay.start()
+    settle(relay, sink, 1)
+    assert subjects(sink) == [("survivor", ("b@example.net",))]
+    assert q.states(env.id) == ["delivered", "delivered"]
     assert relay.stop() == 0
