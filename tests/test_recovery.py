@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from sink import Sink
 
 from relay.queue.envelope import Envelope, new_queue_id
@@ -141,10 +142,13 @@ def test_truncated_file_the_index_knows_is_quarantined(tmp_path: Path, relay_fac
     assert relay.stop() == 0
 
 
+@pytest.mark.parametrize("clean", [False, True])
 def test_finished_message_file_left_behind_is_removed(tmp_path: Path, relay_factory,
-                                                      sink: Sink) -> None:
-    # Killed between the index commit of the last outcome and the unlink.
+                                                      sink: Sink, clean: bool) -> None:
+    # Killed (or stopped) between the index commit of the last outcome and the unlink.
     q = Queue(tmp_path / "var")
+    if clean:
+        (q.root / "clean-shutdown").touch()
     q.plant("finished")
     q.sql("UPDATE recipients SET state = 'delivered', attempts = 1")
     q.sql("UPDATE messages SET done = ?", time.time())

@@ -48,6 +48,8 @@ def recover(root: Path, db_path: Path, *, max_lifetime: float, full: bool | None
         for queue_id in list(spool.ids()):
             known = index.known_message(queue_id)
             if known and not full:
+                if index.is_done(queue_id):  # its removal was still pending at the stop
+                    spool.remove(queue_id)
                 continue
             _check_file(spool, index, queue_id, known, max_lifetime, now, report)
         on_disk = set(spool.ids())
