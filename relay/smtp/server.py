@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import ipaddress
 import os
 import re
@@ -17,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from typing import Any
+from typing import Any, TypeVar
 
 from aiosmtpd.smtp import SMTP, AuthResult, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
@@ -36,6 +37,7 @@ SPILL_BYTES = 1 << 20      # larger messages are streamed to their spool file wh
 READ_CHUNK = 1 << 18
 HEAD_BYTES = 64 * 1024     # enough of the message to find its header block
 
+_T = TypeVar("_T")
 _RECEIVED = re.compile(rb"(?im)^received:")
 _MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*(?:\r\n[ \t]+)?(<[^>\r\n]{1,900}>)")
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-:\[\]_]")
@@ -255,15 +257,23 @@ class RelaySMTP(FastAddressParsing, SMTP):
         reader = DataReader(self.ctx.max_message_size)
         received = self._received_header(queue_id, now).encode()
         stream = _Stream(self.ctx, queue_id)
+        write_error: OSError | None = None
         try:
             while not reader.done:
                 chunk = await self._reader.read(READ_CHUNK)
                 if not chunk:
                     return None  # EOF mid-DATA: nothing was acknowledged, nothing is kept
                 reader.feed(chunk)
-                if reader.error is None and not reader.done and \
+                if write_error is not None:
+                    reader.take_parts()  # refused already: read on to the final dot, keep nothing
+                elif reader.error is None and not reader.done and \
                         reader.size - stream.flushed > SPILL_BYTES:
-                    await stream.spill(self._envelope(queue_id, now, reader), received, reader)
+                    try:
+                        await stream.spill(self._envelope(queue_id, now, reader), received,
+                                           reader)
+                    except OSError as exc:  # disk full: answer 451 after the final dot
+                        write_error = exc
+                        await stream.discard()
             if reader.leftover:
                 # Pipelined commands after the final dot go back to aiosmtpd's line reader.
                 self._reader._buffer[:0] = reader.leftover  # type: ignore[attr-defined]
@@ -271,8 +281,12 @@ class RelaySMTP(FastAddressParsing, SMTP):
                 log.event("rejected", id=queue_id, client=session.peer[0],
                           reply=reader.error.value)
                 return reader.error.value
+            if write_error is not None:
+                raise QueueWriteError(f"{type(write_error).__name__}: {write_error}")
             head = stream.head or b"".join(reader.parts)[:HEAD_BYTES]
-            if len(_RECEIVED.findall(_header_block(head))) > MAX_RECEIVED:
+            # Counted with our own Received header, as Postfix's hopcount_limit and our delivery
+            # side do: what delivery would bounce as a loop is refused here instead.
+            if len(_RECEIVED.findall(_header_block(head))) + 1 > MAX_RECEIVED:
                 log.event("rejected", id=queue_id, client=session.peer[0],
                           reply=replies.LOOP_DETECTED)
                 return replies.LOOP_DETECTED
@@ -338,16 +352,19 @@ class _Stream:
 
     async def spill(self, envelope: Envelope, received: bytes, reader: DataReader) -> None:
         parts = reader.take_parts()
+        spool = self.ctx.committer.spool
         if self.fd is None:
             self.envelope = envelope
             self.head = b"".join(parts)[:HEAD_BYTES]
             self.env_len = len(envelope.to_json()) + 1
             parts = [received, *parts]
-            spool = self.ctx.committer.spool
-            self.fd = await asyncio.to_thread(spool.create, envelope, parts, complete=False)
+            self.fd, cancelled = await _run_to_end(
+                functools.partial(spool.create, envelope, parts, complete=False))
         else:
-            await asyncio.to_thread(self.ctx.committer.spool.append, self.fd, parts)
+            _, cancelled = await _run_to_end(functools.partial(spool.append, self.fd, parts))
         self.flushed = reader.size
+        if cancelled:
+            raise asyncio.CancelledError
 
     def take_fd(self) -> int | None:
         fd, self.fd = self.fd, None
@@ -359,6 +376,23 @@ class _Stream:
             fd, self.fd = self.fd, None
             os.close(fd)
             await asyncio.to_thread(self.ctx.committer.spool.remove, self.queue_id)
+
+
+async def _run_to_end(fn: Callable[[], _T]) -> tuple[_T, bool]:
+    """Run blocking `fn` in a thread and return (its result, whether we were cancelled).
+
+    A vanished client cancels the session task, but not the thread: waiting for it anyway
+    keeps its result (a new file's fd) from being lost, and keeps anyone from closing an fd
+    the thread is still writing to (the number could be reused by another message's file)."""
+    future = asyncio.get_running_loop().run_in_executor(None, fn)
+    cancelled = False
+    while True:
+        try:
+            return await asyncio.shield(future), cancelled
+        except asyncio.CancelledError:
+            if future.cancelled():
+                raise
+            cancelled = True
 
 
 def _header_block(head: bytes) -> bytes:
