@@ -582,6 +582,10 @@ def test_drop_after_final_dot_is_unknown_and_retried(relay_factory: RelayFactory
         final = db.execute("SELECT state FROM recipients WHERE msg = ?", (queue_id,)).fetchall()
     assert states == [("unknown",), ("delivered",)]
     assert final == [("delivered",)]
+    # Unknown outcomes are counted: the delivery process reports them when it stops.
+    assert relay.stop() == 0
+    [stopped] = [e for e in relay.events("stopped") if e.get("process") == "delivery"]
+    assert stopped["unknown"] == "1" and stopped["delivered"] == "1"
 
 
 # ---------------------------------------------------------------------------- 9. STARTTLS
