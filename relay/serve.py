@@ -26,6 +26,7 @@ from relay import log
 from relay.config import Config, load_or_exit
 from relay.queue.committer import Committer
 from relay.queue.recovery import mark_clean_shutdown, recover
+from relay.queue.space import FreeSpaceGuard, Reserve, floor_bytes
 from relay.queue.spool import Spool
 
 DRAIN_GRACE = 30.0
@@ -60,6 +61,10 @@ def serve(cli_config: str | None) -> int:
         print(f"{root}: startup recovery failed: {exc}", file=sys.stderr)
         return 1
     log.event("recovered", **{k: v for k, v in vars(report).items() if v})
+    # Before intake takes any mail: the room delivery needs to record outcomes on a full disk.
+    if not Reserve(root).ensure():
+        log.event("reserve_missing", level=30, path=root,
+                  note="not enough free space for the emergency reserve")
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_write, False)
     parent = os.getpid()
@@ -157,7 +162,8 @@ async def _intake_main(config: Config, wake_fd: int, child: int) -> int:
     users = Users(load_users(config.server.users_file)) if config.server.users_file else None
     ctx = IntakeContext(hostname=config.server.hostname, trusted=config.server.trusted_networks,
                         max_message_size=config.server.max_message_size, committer=committer,
-                        users=users, tls_context=_tls_context(config))
+                        users=users, tls_context=_tls_context(config),
+                        space=FreeSpaceGuard(root, floor_bytes(root, config.queue.min_free_space)))
     intake = Intake(ctx, config.server.listen, config.server.listen_tls)
     try:
         await intake.start()

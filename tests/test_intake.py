@@ -757,7 +757,7 @@ def test_data_without_mail_and_session_after(relay_factory: RelayFactory, sink: 
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     mount = tmp_path / "tiny"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
                           capture_output=True, text=True)
     if done.returncode != 0:
         pytest.fail(f"cannot mount a 256k tmpfs on {mount} (root needed): {done.stderr.strip()}")
@@ -813,7 +813,7 @@ def deferring_sink(accepting: threading.Event) -> Sink:
 def test_full_disk_refuses_with_451(relay_factory: RelayFactory, tiny_disk: Path) -> None:
     accepting = threading.Event()
     with deferring_sink(accepting) as sink:
-        relay = start(relay_factory, sink, queue={"path": str(tiny_disk)})
+        relay = start(relay_factory, sink, queue={"path": str(tiny_disk), "min_free_space": "0"})
         try:
             raw, accepted = fill_disk(relay, tiny_disk)
             raw.close()
@@ -828,15 +828,10 @@ def test_full_disk_refuses_with_451(relay_factory: RelayFactory, tiny_disk: Path
             relay.kill()
 
 
-@pytest.mark.xfail(reason="deadlock on a full disk: delivery cannot record any outcome "
-                          "(SQLite: 'database or disk is full', record_failed retried forever), "
-                          "so nothing is delivered and no spool file is freed; needs a "
-                          "free-space reserve (min_free_space) so the queue can drain",
-                   strict=False)
 def test_full_disk_drains_and_recovers(relay_factory: RelayFactory, tiny_disk: Path) -> None:
     accepting = threading.Event()
     with deferring_sink(accepting) as sink:
-        relay = start(relay_factory, sink, queue={"path": str(tiny_disk)})
+        relay = start(relay_factory, sink, queue={"path": str(tiny_disk), "min_free_space": "0"})
         try:
             raw, accepted = fill_disk(relay, tiny_disk)
             accepting.set()
@@ -851,6 +846,39 @@ def test_full_disk_drains_and_recovers(relay_factory: RelayFactory, tiny_disk: P
         finally:
             relay.kill()
     assert "Traceback" not in relay.log
+
+
+def test_min_free_space_floor_refuses_new_mail_with_452(relay_factory: RelayFactory,
+                                                         tiny_disk: Path) -> None:
+    accepting = threading.Event()
+    with deferring_sink(accepting) as sink:
+        relay = start(relay_factory, sink,
+                      queue={"path": str(tiny_disk), "min_free_space": "50%"})
+        try:
+            raw = Raw(relay.port)
+            raw.ehlo()
+            replies = []
+            for i in range(80):
+                assert raw.cmd("MAIL FROM:<a@sender.test>").startswith("250 ")
+                assert raw.cmd("RCPT TO:<b@example.net>").startswith("250 ")
+                reply = raw.cmd("DATA")
+                if reply.startswith("354"):
+                    raw.send(simple_message(f"floor {i}", (b"z" * 98 + b"\r\n") * 150) + b".\r\n")
+                    reply = raw.reply()
+                replies.append(reply)
+                if not QUEUED.match(reply):
+                    assert raw.cmd("RSET").startswith("250 2.0.0")
+                    break
+            assert QUEUED.match(replies[0])
+            # below the floor: refused before any data is sent, the disk never fills up
+            assert replies[-1] == "452 4.3.1 Insufficient system storage", replies
+            assert all(QUEUED.match(r) for r in replies[:-1])
+            assert raw.cmd("NOOP").startswith("250 2.0.0")
+            raw.close()
+            accepting.set()
+            sink.wait_for(len(replies) - 1, timeout=30)
+        finally:
+            relay.kill()
 
 
 def received_id(data: bytes) -> str:

@@ -24,6 +24,7 @@ from relay import log
 from relay.delivery.dsn import FailedRecipient, build_dsn, original_headers
 from relay.queue.envelope import BOUNCED, EXPIRED, FINAL_STATES, Envelope, new_queue_id
 from relay.queue.index import DueRecipient, Index, Outcome
+from relay.queue.space import Reserve, is_disk_full
 from relay.queue.spool import Spool
 
 T = TypeVar("T")
@@ -46,6 +47,8 @@ class DeliveryStore:
         self.max_lifetime = max_lifetime
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index")
         self._janitor = Janitor(self.spool)
+        self.reserve = Reserve(root)
+        self._reserve_tried = 0.0
         self._index: Index | None = None
         self._pending: list[tuple[list[Result], asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -111,12 +114,25 @@ class DeliveryStore:
         delay = 0.5
         while True:
             try:
-                return await self._run(self._record, results, made)
+                dsns = await self._run(self._record, results, made)
             except Exception as exc:  # sqlite3.OperationalError, OSError (ENOSPC, EIO)
+                if is_disk_full(exc) and self.reserve.release():
+                    # Recording frees spool files; without room to record, nothing would.
+                    log.event("reserve_released", level=30, error=str(exc))
+                    continue
                 log.event("record_failed", level=40, error=f"{type(exc).__name__}: {exc}",
                           outcomes=len(results), retry_in=f"{delay:g}s")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
+                continue
+            await self._restore_reserve()
+            return dsns
+
+    async def _restore_reserve(self) -> None:
+        now = time.monotonic()
+        if self.reserve.released and now - self._reserve_tried > 5.0:
+            self._reserve_tried = now
+            await asyncio.to_thread(self.reserve.ensure)
 
     # --- on the index thread ------------------------------------------------------------
 

@@ -12,6 +12,7 @@ QUEUED = "250 2.0.0 Ok: queued as {}"
 RELAY_DENIED = "554 5.7.1 <{}>: Relay access denied"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 QUEUE_WRITE_FAILED = "451 4.3.0 Queue write failed, try again later"
+INSUFFICIENT_STORAGE = "452 4.3.1 Insufficient system storage"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down"
 LOOP_DETECTED = "554 5.4.6 Too many Received headers: mail forwarding loop"
 

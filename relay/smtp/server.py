@@ -27,6 +27,7 @@ from relay import log
 from relay.addresses import HostPort, domain_of
 from relay.queue.committer import Committer, QueueWriteError
 from relay.queue.envelope import Envelope, new_queue_id
+from relay.queue.space import FreeSpaceGuard
 from relay.smtp import replies
 from relay.smtp.data import DataReader
 from relay.smtp.fastinit import FastAddressParsing
@@ -63,6 +64,7 @@ class IntakeContext:
     draining: bool = False
     sessions: set[RelaySMTP] = field(default_factory=set)
     spool_create: Callable[..., int] | None = None   # set by Intake: Spool.create
+    space: FreeSpaceGuard | None = None   # refuse new mail below [queue] min_free_space
 
     def is_trusted(self, peer: str) -> bool:
         try:
@@ -238,6 +240,11 @@ class RelaySMTP(FastAddressParsing, SMTP):
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
             return
+        if self.ctx.space is not None and not self.ctx.space.ok():
+            log.event("rejected", client=self.session.peer[0] if self.session else None,
+                      reply=replies.INSUFFICIENT_STORAGE)
+            await self.push(replies.INSUFFICIENT_STORAGE)
+            return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         self.in_data = True
         try:
@@ -264,6 +271,7 @@ class RelaySMTP(FastAddressParsing, SMTP):
                 if not chunk:
                     return None  # EOF mid-DATA: nothing was acknowledged, nothing is kept
                 reader.feed(chunk)
+                self._reset_timeout()  # the idle timeout counts silence, not the whole DATA
                 if write_error is not None:
                     reader.take_parts()  # refused already: read on to the final dot, keep nothing
                 elif reader.error is None and not reader.done and \

@@ -1,0 +1,95 @@
+"""Disk space: the intake's free-space floor and the delivery's emergency reserve.
+
+Intake stops taking mail (452 4.3.1) while free space on the queue's filesystem is below
+`[queue] min_free_space`, so that delivery can always record outcomes and free spool files.
+If the disk fills anyway (another program, a floor of "0"), delivery frees a reserve file it
+keeps in the queue folder, so that its index writes can still succeed and the queue drains
+instead of deadlocking.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+RESERVE_NAME = "reserve"
+RESERVE_MAX = 8 << 20
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def total_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_blocks * st.f_frsize
+
+
+class FreeSpaceGuard:
+    """Is there room for new mail? One statvfs per check: a couple of microseconds."""
+
+    def __init__(self, path: Path, floor: int) -> None:
+        self.path = path
+        self.floor = floor
+
+    def ok(self) -> bool:
+        if self.floor <= 0:
+            return True
+        try:
+            return free_bytes(self.path) >= self.floor
+        except OSError:
+            return True  # cannot tell: let the write itself fail with 451
+
+
+def floor_bytes(path: Path, min_free_space: object) -> int:
+    """`min_free_space` as bytes: an int, or a Percent of the filesystem's size."""
+    value = getattr(min_free_space, "value", None)
+    if value is not None:
+        return int(total_bytes(path) * float(value) / 100)
+    return int(min_free_space)  # type: ignore[call-overload]
+
+
+class Reserve:
+    """A file of zeros kept in the queue folder, deleted when the disk is full."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / RESERVE_NAME
+        self.size = min(RESERVE_MAX, total_bytes(root) // 20)
+        self.released = False
+
+    def ensure(self) -> bool:
+        """Create the reserve if it is missing and there is clearly room for it."""
+        if self.path.exists() and self.path.stat().st_size >= self.size:
+            self.released = False
+            return True
+        if free_bytes(self.path.parent) < 3 * self.size:
+            return False
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(b"\0" * self.size)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return False
+        self.released = False
+        return True
+
+    def release(self) -> bool:
+        """Free the reserve; True if there was one to free."""
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            return False
+        self.released = True
+        return True
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return getattr(exc, "errno", None) == 28 or "disk is full" in text or "no space" in text
