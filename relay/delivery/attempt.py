@@ -124,8 +124,13 @@ class Attempter:
         """Deliver `job` over the first hop that answers; reuse `conn` when it fits."""
         ordered = list(hops)
         if conn is not None and conn.hop in ordered:
-            ordered.remove(conn.hop)
-            ordered.insert(0, conn.hop)
+            if conn.hop.kind == "fallback" and ordered[0].kind != "fallback":
+                # Not sticky on a fallback relay: each job tries the real next hops first.
+                _close(conn)
+                conn = None
+            else:
+                ordered.remove(conn.hop)
+                ordered.insert(0, conn.hop)
         last: tuple[str, str, NextHop | None] = ("451 4.4.1 No next hop answered", "4.4.1", None)
         lacked_utf8 = False
         for hop in ordered:

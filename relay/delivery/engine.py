@@ -23,6 +23,7 @@ from relay.delivery.nexthop import DnsFailure, NextHop, NextHopResolver
 from relay.delivery.store import DeliveryStore, Result
 from relay.queue.envelope import BOUNCED, DELIVERED, EXPIRED, UNKNOWN
 from relay.queue.index import DueRecipient, Outcome
+from relay.queue.spool import SpoolCorrupt
 
 MAX_IN_FLIGHT = 5000       # recipients held in memory at once; the rest wait in the index
 CLAIM_BATCH = 500
@@ -81,7 +82,12 @@ class DeliveryEngine:
             self.wake.clear()
             room = MAX_IN_FLIGHT - len(self.in_flight)
             if room > 0:
-                due = await self.store.claim(time.time(), min(room, CLAIM_BATCH))
+                try:
+                    due = await self.store.claim(time.time(), min(room, CLAIM_BATCH))
+                except Exception as exc:  # e.g. the disk is full: try again later, never die
+                    log.event("claim_failed", level=40, error=f"{type(exc).__name__}: {exc}")
+                    due = []
+                    await asyncio.sleep(IDLE_POLL)
                 self.dispatch(due)
                 if len(due) == min(room, CLAIM_BATCH):
                     continue  # more may be due right now
@@ -139,15 +145,26 @@ class DeliveryEngine:
                 self.destinations.pop(dest.key, None)
 
     async def _wait_for_job(self, dest: Destination) -> bool:
+        """Keep the connection open up to CONNECTION_IDLE for another job of this destination.
+
+        Every idle worker wakes when a job arrives but only one takes it; the others wait on
+        for the rest of their idle time instead of closing a reusable connection."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CONNECTION_IDLE
         dest.idle += 1
-        dest.more.clear()
         try:
-            await asyncio.wait_for(dest.more.wait(), CONNECTION_IDLE)
-        except TimeoutError:
-            pass
+            while not dest.jobs and not self.stopping:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                dest.more.clear()
+                try:
+                    await asyncio.wait_for(dest.more.wait(), remaining)
+                except TimeoutError:
+                    break
         finally:
             dest.idle -= 1
-        return bool(dest.jobs)
+        return bool(dest.jobs) and not self.stopping
 
     async def _run_job(self, dest: Destination, job: Job, conn: Connection | None
                        ) -> Connection | None:
@@ -161,7 +178,8 @@ class DeliveryEngine:
             return conn
         try:
             data = await self.store.read_message(job.msg)
-        except OSError as exc:
+        except (OSError, SpoolCorrupt) as exc:
+            log.event("spool_read_failed", level=40, id=job.msg, error=str(exc))
             await self._finish(job, [Verdict(d, "temporary", f"451 4.3.0 spool read failed: {exc}",
                                              "4.3.0") for d in job.recipients])
             return conn
@@ -214,7 +232,9 @@ class DeliveryEngine:
                               host=hop.name if hop else None,
                               address=f"{hop.address}:{hop.port}" if hop else None, tls=v.tls)
             results.append(Result(due, outcome, status))
-        await self.store.submit(results)
+        # Not awaited: the connection goes on with its next job while the outcome is recorded
+        # in the next batch. The recipients stay in flight (claimed) until it is.
+        self.store.submit(results)
 
     def _recorded(self, results: list[Result], dsns: int) -> None:
         for r in results:

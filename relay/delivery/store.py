@@ -61,8 +61,11 @@ class DeliveryStore:
     async def start(self) -> None:
         self._index = await self._run(Index, self.db_path)
 
-    async def close(self) -> None:
-        await self.flush()
+    async def close(self, grace: float = 10.0) -> None:
+        try:
+            await asyncio.wait_for(self.flush(), grace)
+        except TimeoutError:  # e.g. a full disk: those recipients are retried after restart
+            log.event("record_abandoned", level=40, note="outcomes not recorded at shutdown")
         if self._index is not None:
             await self._run(self._index.close)
         self._thread.shutdown()
@@ -139,14 +142,18 @@ class DeliveryStore:
     def _record(self, results: list[Result], made: set[str]) -> int:
         assert self._index is not None
         dsns = self._queue_dsns(results, made)
-        finished = set(self._index.record([r.outcome for r in results]))
+        # Final states go to the spool first (fsynced): the index commit (synchronous=NORMAL)
+        # may be lost in a power cut, the spool record is not, so nobody is sent twice.
         finals: dict[str, list[tuple[int, str]]] = defaultdict(list)
         for r in results:
-            if r.outcome.state in FINAL_STATES and r.outcome.msg not in finished:
+            if r.outcome.state in FINAL_STATES:
                 finals[r.outcome.msg].append((r.outcome.idx, r.outcome.state))
+        pending = self._index.messages_with_pending({m for m in finals})
         for msg, states in finals.items():
-            self.spool.mark_final(msg, states, sync=True)
-            self.syncs += 1
+            if msg in pending and len(pending[msg]) > len(states):
+                self.spool.mark_final(msg, states, sync=True)
+                self.syncs += 1
+        finished = self._index.record([r.outcome for r in results])
         if finished:
             self._janitor.remove(finished)
         return dsns

@@ -167,6 +167,16 @@ class Index:
                 found[row[0]] = row[1:]
         return found
 
+    def messages_with_pending(self, msgs: set[str]) -> dict[str, list[int]]:
+        """For each message, the indexes of its recipients not yet in a final state."""
+        finals = ",".join(f"'{s}'" for s in FINAL_STATES)
+        found: dict[str, list[int]] = {}
+        for msg in msgs:
+            rows = self.conn.execute(
+                f"SELECT idx FROM recipients WHERE msg = ? AND state NOT IN ({finals})", (msg,))
+            found[msg] = [row[0] for row in rows]
+        return found
+
     def next_due(self) -> float | None:
         row = self.conn.execute(
             f"SELECT MIN(next_attempt) FROM recipients WHERE state IN {PENDING_SQL}").fetchone()
@@ -240,6 +250,9 @@ class Index:
                 "UPDATE recipients SET state = ?, updated = ? WHERE msg = ? AND idx = ?"
                 f" AND state NOT IN ({finals_sql})",
                 [(state, now, msg, idx) for idx, state in finals.items()])
+            if self._all_final(msg):
+                self.conn.execute("UPDATE messages SET done = COALESCE(done, ?) WHERE id = ?",
+                                  (now, msg))
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self.conn)

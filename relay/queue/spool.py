@@ -104,10 +104,10 @@ class Spool:
         with open(self.path(queue_id), "rb") as f:
             env_len, msg_len = _parse_header(f.read(HEADER_LEN), queue_id)
             env_raw = f.read(env_len)
+            if os.fstat(f.fileno()).st_size < HEADER_LEN + env_len + msg_len:
+                raise SpoolCorrupt(f"{queue_id}: truncated")
             f.seek(HEADER_LEN + env_len + msg_len)
             tail = f.read()
-            if f.tell() < HEADER_LEN + env_len + msg_len:
-                raise SpoolCorrupt(f"{queue_id}: truncated")
         fake = _header(env_len, 0) + env_raw
         entry = _parse(fake + tail, queue_id, include_message=False)[0]
         return SpoolEntry(entry.envelope, HEADER_LEN + env_len, msg_len, entry.finals)
