@@ -9,6 +9,7 @@ so tests can wait for and assert on events.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -133,10 +134,8 @@ class RelayProcess:
     def kill(self) -> None:
         """SIGKILL the whole process group, as a crash or the OOM killer would."""
         assert self.proc is not None
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait(10)
 
     def stop(self, timeout: float = 40) -> int:
@@ -157,7 +156,5 @@ class RelayProcess:
             self.kill()
         # no stray processes of the group may survive
         if self.proc is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
