@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-import secrets
+import random
 import time
 from dataclasses import asdict, dataclass
 
@@ -47,8 +48,12 @@ class Envelope:
         return cls(**data)
 
 
+_counter = itertools.count(random.SystemRandom().getrandbits(20))
+
+
 def new_queue_id() -> str:
-    """Sortable by time (microseconds) and unique across our processes (pid + random)."""
+    """Sortable by time (microseconds); unique across our processes (pid) and within one
+    (a counter that starts at a random point, so a restart in the same microsecond differs)."""
     micros = time.time_ns() // 1000
-    tail = (os.getpid() & 0xFFF) << 20 | secrets.randbits(20)
+    tail = (os.getpid() & 0xFFF) << 20 | (next(_counter) & 0xFFFFF)
     return f"{micros:014X}{tail:08X}"

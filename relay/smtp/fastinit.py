@@ -10,6 +10,7 @@ class). Imported for its effect by relay.smtp.server.
 from __future__ import annotations
 
 import inspect as _inspect
+import logging as _logging
 from collections.abc import Callable
 from functools import lru_cache
 from types import ModuleType
@@ -20,7 +21,14 @@ import aiosmtpd.smtp as _aiosmtpd_smtp
 
 @lru_cache(maxsize=64)
 def _class_dir(cls: type) -> tuple[str, ...]:
-    return tuple(dir(cls))
+    # aiosmtpd only looks for "handle_"/"smtp_" methods: the rest would just be skipped.
+    return tuple(n for n in dir(cls) if n.startswith(("handle_", "smtp_")))
+
+
+@lru_cache(maxsize=64)
+def command_names(cls: type) -> tuple[str, ...]:
+    """The SMTP verbs a protocol class implements (its `smtp_X` methods)."""
+    return tuple(n[5:] for n in _class_dir(cls) if n.startswith("smtp_"))
 
 
 @lru_cache(maxsize=64)
@@ -29,13 +37,22 @@ def _auth_names(cls: type) -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=64)
-def _signature(func: Callable[..., Any]) -> _inspect.Signature:
-    return _inspect.signature(func)
+def _method_signature(func: Callable[..., Any]) -> _inspect.Signature:
+    """The signature of `func` as a bound method (without its first parameter)."""
+    bound = _inspect.signature(func)
+    return bound.replace(parameters=list(bound.parameters.values())[1:])
 
 
 def _dir(obj: Any = None) -> list[str]:
-    # aiosmtpd only looks for "handle_"/"smtp_" methods, which live on the class.
     return list(_class_dir(type(obj)))
+
+
+def _sanitized_log(func: Callable[..., None], msg: Any, *args: Any, **kwargs: Any) -> None:
+    # aiosmtpd sanitises the arguments of every command's debug/info line before the logger
+    # decides to drop it; we keep mail.log at ERROR, so skip the work up front.
+    logger = getattr(func, "__self__", None)
+    if logger is None or logger.isEnabledFor(_logging.INFO):
+        _original_sanitized_log(func, msg, *args, **kwargs)
 
 
 class _CachedInspect(ModuleType):
@@ -55,16 +72,40 @@ class _CachedInspect(ModuleType):
         func = getattr(obj, "__func__", None)
         if func is None or kwargs:
             return _inspect.signature(obj, **kwargs)
-        bound = _signature(func)
-        params = list(bound.parameters.values())[1:]  # drop `self`, as for a bound method
-        return bound.replace(parameters=params)
+        return _method_signature(func)
 
 
+_original_sanitized_log = _aiosmtpd_smtp.sanitized_log
 _aiosmtpd_smtp.inspect = _CachedInspect("inspect")  # type: ignore[attr-defined]
 _aiosmtpd_smtp.dir = _dir  # type: ignore[attr-defined]
+_aiosmtpd_smtp.sanitized_log = _sanitized_log
 
 
 _PLAIN_ADDRESS_BAD = frozenset('"\\ ()<>,;:[]\t')
+
+
+class CheapIdleTimer:
+    """Mixin for SMTP: the idle timeout without a new timer handle per command.
+
+    aiosmtpd cancels and re-arms a loop timer on every command (and we reset it per DATA
+    chunk); here a reset only stamps the time, and one timer re-arms itself when it fires."""
+
+    loop: Any
+    _timeout_duration: float
+    _timeout_handle: Any
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        self._idle_deadline = self.loop.time() + (duration or self._timeout_duration)
+        if not getattr(self, "_idle_armed", False):
+            self._idle_armed = True
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_check)
+
+    def _idle_check(self) -> None:
+        # The handle stays set either way: aiosmtpd's connection_lost() cancels it.
+        if self.loop.time() >= self._idle_deadline:
+            self._timeout_cb()  # type: ignore[attr-defined]
+        else:
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_check)
 
 
 class FastAddressParsing:

@@ -30,7 +30,7 @@ from relay.queue.envelope import Envelope, new_queue_id
 from relay.queue.space import FreeSpaceGuard
 from relay.smtp import replies
 from relay.smtp.data import DataReader
-from relay.smtp.fastinit import FastAddressParsing
+from relay.smtp.fastinit import CheapIdleTimer, FastAddressParsing, command_names
 
 MAX_RECIPIENTS = 1000
 MAX_RECEIVED = 50
@@ -65,8 +65,17 @@ class IntakeContext:
     sessions: set[RelaySMTP] = field(default_factory=set)
     spool_create: Callable[..., int] | None = None   # set by Intake: Spool.create
     space: FreeSpaceGuard | None = None   # refuse new mail below [queue] min_free_space
+    _trust_cache: dict[str, bool] = field(default_factory=dict)
 
     def is_trusted(self, peer: str) -> bool:
+        known = self._trust_cache.get(peer)
+        if known is None:
+            if len(self._trust_cache) > 10_000:
+                self._trust_cache.clear()
+            known = self._trust_cache[peer] = self._check_trusted(peer)
+        return known
+
+    def _check_trusted(self, peer: str) -> bool:
         try:
             address = ipaddress.ip_address(peer.split("%")[0])
         except ValueError:
@@ -109,7 +118,26 @@ def _never(*_: Any) -> AuthResult:
     return AuthResult(success=False, handled=False)
 
 
-class RelaySMTP(FastAddressParsing, SMTP):
+class _GuardedCommands:
+    """aiosmtpd's command table, built lazily: each lookup returns the command wrapped so that
+    a draining relay answers 421 (a table of wrappers per connection costs more than a
+    message's worth of parsing)."""
+
+    __slots__ = ("_smtp",)
+
+    def __init__(self, smtp: RelaySMTP) -> None:
+        self._smtp = smtp
+
+    def get(self, name: str, default: Any = None) -> Any:
+        if name not in command_names(type(self._smtp)):
+            return default
+        return self._smtp._guard(name, getattr(self._smtp, "smtp_" + name))
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(name, self.get(name)) for name in command_names(type(self._smtp))]
+
+
+class RelaySMTP(CheapIdleTimer, FastAddressParsing, SMTP):
     """One inbound session."""
 
     # aiosmtpd's defaults are "User Name\0" and "Password\0"; clients expect the usual texts.
@@ -130,14 +158,14 @@ class RelaySMTP(FastAddressParsing, SMTP):
             auth_require_tls=not implicit_tls,
             authenticator=_never,
             timeout=300,
+            loop=asyncio.get_running_loop(),
         )
         self.ctx = ctx
         self.implicit_tls = implicit_tls
         self.in_data = False
         self._command = ""
         # Wrap every command so a draining relay answers 421 at the session's next command.
-        self._smtp_methods = {name: self._guard(name, method)
-                              for name, method in self._smtp_methods.items()}
+        self._smtp_methods = _GuardedCommands(self)
 
     def _guard(self, name: str, method: Callable[[str | None], Any]) -> Callable[..., Any]:
         async def guarded(arg: str | None) -> None:
@@ -343,7 +371,7 @@ class RelaySMTP(FastAddressParsing, SMTP):
         rcpt = f"\r\n\tfor <{smtp_env.rcpt_tos[0]}>" if len(smtp_env.rcpt_tos) == 1 else ""
         return (f"Received: from {helo} ([{session.peer[0]}])\r\n\tby {self.ctx.hostname}"
                 f" (invoice-relay) with {proto} id {queue_id}{rcpt};\r\n"
-                f"\t{formatdate(now, localtime=True)}\r\n")
+                f"\t{_date_header(now)}\r\n")
 
 
 class _Stream:
@@ -401,6 +429,18 @@ async def _run_to_end(fn: Callable[[], _T]) -> tuple[_T, bool]:
             if future.cancelled():
                 raise
             cancelled = True
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _date_header(now: float) -> str:
+    """RFC 5322 date of `now`, formatted once per second (it costs more than the DATA scan)."""
+    global _date_cache
+    second = int(now)
+    if _date_cache[0] != second:
+        _date_cache = (second, formatdate(second, localtime=True))
+    return _date_cache[1]
 
 
 def _header_block(head: bytes) -> bytes:
