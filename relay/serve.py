@@ -62,7 +62,8 @@ def serve(cli_config: str | None) -> int:
         return 1
     log.event("recovered", **{k: v for k, v in vars(report).items() if v})
     # Before intake takes any mail: the room delivery needs to record outcomes on a full disk.
-    if not Reserve(root).ensure():
+    reserve = Reserve(root)
+    if not reserve.ensure():
         log.event("reserve_missing", level=30, path=root,
                   note="not enough free space for the emergency reserve")
     wake_read, wake_write = os.pipe()
@@ -81,7 +82,8 @@ def serve(cli_config: str | None) -> int:
             os._exit(code)
     os.close(wake_read)
     try:
-        code = uvloop.run(_intake_main(config, wake_write, child))
+        code = uvloop.run(_intake_main(config, wake_write, child,
+                                       reserve.path if reserve.path.exists() else None))
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGTERM)
@@ -144,7 +146,8 @@ def _install_signals(stop: asyncio.Event, role: str) -> None:
 
 # --- intake (main process) -------------------------------------------------------------------
 
-async def _intake_main(config: Config, wake_fd: int, child: int) -> int:
+async def _intake_main(config: Config, wake_fd: int, child: int,
+                       reserve: Path | None = None) -> int:
     from relay.smtp.auth import Users, load_users
     from relay.smtp.server import Intake, IntakeContext
 
@@ -163,7 +166,8 @@ async def _intake_main(config: Config, wake_fd: int, child: int) -> int:
     ctx = IntakeContext(hostname=config.server.hostname, trusted=config.server.trusted_networks,
                         max_message_size=config.server.max_message_size, committer=committer,
                         users=users, tls_context=_tls_context(config),
-                        space=FreeSpaceGuard(root, floor_bytes(root, config.queue.min_free_space)))
+                        space=FreeSpaceGuard(root, floor_bytes(root, config.queue.min_free_space),
+                                             reserve))
     intake = Intake(ctx, config.server.listen, config.server.listen_tls)
     try:
         await intake.start()

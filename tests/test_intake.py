@@ -7,8 +7,10 @@ submitted message after our one Received header), and that nothing partial is ev
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import ipaddress
 import os
 import re
 import smtplib
@@ -28,8 +30,11 @@ from certs import make_certs
 from relayproc import RelayProcess, free_port
 from sink import Sink
 
+from relay.addresses import HostPort
+from relay.queue.committer import Committer
 from relay.queue.spool import Spool
 from relay.smtp.auth import hash_password
+from relay.smtp.server import Intake, IntakeContext
 
 RelayFactory = Callable[..., RelayProcess]
 
@@ -120,6 +125,18 @@ def send_raw(raw: Raw, message: bytes, rcpt: str = "b@example.net",
     assert raw.cmd(f"MAIL FROM:<{sender}>").startswith("250 "), "MAIL refused"
     assert raw.cmd(f"RCPT TO:<{rcpt}>").startswith("250 ")
     assert raw.cmd("DATA").startswith("354")
+    raw.send(message + b".\r\n")
+    return raw.reply()
+
+
+def send_raw_or_452(raw: Raw, message: bytes) -> str:
+    """Like send_raw, but a 452 at DATA (storage) is returned after resetting the session."""
+    assert raw.cmd("MAIL FROM:<a@sender.test>").startswith("250 ")
+    assert raw.cmd("RCPT TO:<b@example.net>").startswith("250 ")
+    reply = raw.cmd("DATA")
+    if not reply.startswith("354"):
+        assert raw.cmd("RSET").startswith("250 ")
+        return reply
     raw.send(message + b".\r\n")
     return raw.reply()
 
@@ -757,7 +774,7 @@ def test_data_without_mail_and_session_after(relay_factory: RelayFactory, sink: 
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     mount = tmp_path / "tiny"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
                           capture_output=True, text=True)
     if done.returncode != 0:
         pytest.fail(f"cannot mount a 256k tmpfs on {mount} (root needed): {done.stderr.strip()}")
@@ -772,37 +789,98 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
-def fill_disk(relay: RelayProcess, root: Path) -> tuple[Raw, list[str]]:
-    """Send 15 KB messages until the queue's disk is full; return the session and the ids."""
-    raw = Raw(relay.port)
+STORAGE = "452 4.3.1 Insufficient system storage"
+
+
+def fill_disk(relay_port: int, root: Path) -> tuple[Raw, list[str], list[str]]:
+    """Send 15 KB messages until the queue's disk is full; return session, ids, refusals.
+
+    A refusal is `451 4.3.0` after the final dot (a write or fsync failed), or `452 4.3.1`
+    at DATA once delivery had to spend its emergency reserve (intake then waits for room)."""
+    raw = Raw(relay_port)
     raw.ehlo()
     accepted: list[str] = []
-    replies: list[str] = []
+    refused: list[str] = []
     for i in range(200):
         body = (b"%06d" % i + b"f" * 92 + b"\r\n") * 150
-        reply = send_raw(raw, simple_message(f"full {i}", body))
-        replies.append(reply)
+        reply = send_raw_or_452(raw, simple_message(f"full {i}", body))
         match = QUEUED.match(reply)
         if match:
             accepted.append(match.group(1))
-        else:
-            assert reply == WRITE_FAILED, replies
-            if replies[-3:] == [WRITE_FAILED] * 3:
-                break
-    assert WRITE_FAILED in replies, "the disk never filled"
-    assert accepted, replies
+            continue
+        assert reply in (WRITE_FAILED, STORAGE), reply
+        refused.append(reply)
+        if len(refused) >= 3:
+            break
+    assert refused, "the disk never filled"
+    assert accepted
     # refusals leave no partial file behind, and the session stays usable
-    on_disk = set(spool_files(relay, root))
-    assert on_disk == set(accepted), (on_disk, accepted)
+    assert set(spool_files_at(root)) == set(accepted)
     assert raw.cmd("RSET").startswith("250 2.0.0")
     assert raw.cmd("NOOP").startswith("250 2.0.0")
-    # a large message, streamed to its spool file while it arrives: the same 451, after the
-    # final dot (the rest of its data is never taken for commands)
-    big = simple_message("big", (b"MAIL FROM:<x@y.test>" + b"g" * 978 + b"\r\n") * 2500)
-    assert send_raw(raw, big) == WRITE_FAILED
-    assert raw.cmd("NOOP").startswith("250 2.0.0")
-    assert set(spool_files(relay, root)) == set(accepted)
-    return raw, accepted
+    return raw, accepted, refused
+
+
+def spool_files_at(root: Path) -> list[str]:
+    spool = root / "spool"
+    return sorted(p.name for p in spool.iterdir()) if spool.exists() else []
+
+
+class InProcessIntake:
+    """Intake alone (no delivery process) on its own loop in a thread: nothing else writes to
+    the disk, so a full disk is met exactly where the test wants it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = 0
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._start())
+        self.ready.set()
+        self.loop.run_forever()
+
+    async def _start(self) -> None:
+        self.committer = Committer(Spool(self.root), self.root / "index.sqlite",
+                                   max_lifetime=3600)
+        self.committer.start()
+        ctx = IntakeContext(hostname="relay.test", trusted=[ipaddress.ip_network("127.0.0.0/8")],
+                            max_message_size=10 << 20, committer=self.committer)
+        self.intake = Intake(ctx, [HostPort("127.0.0.1", 0)], [])
+        await self.intake.start()
+        self.port = self.intake.bound()[0][1]
+
+    def __enter__(self) -> InProcessIntake:
+        self.thread.start()
+        assert self.ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.intake.drain(1), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.committer.stop()
+
+
+def test_full_disk_refuses_with_451_and_keeps_nothing_partial(tiny_disk: Path) -> None:
+    with InProcessIntake(tiny_disk) as intake:
+        raw, accepted, refused = fill_disk(intake.port, tiny_disk)
+        assert refused == [WRITE_FAILED] * 3
+        # a large message, streamed to its spool file while it arrives: the same 451, after
+        # the final dot (the rest of its data is never taken for commands)
+        big = simple_message("big", (b"MAIL FROM:<x@y.test>" + b"g" * 978 + b"\r\n") * 2500)
+        assert send_raw(raw, big) == WRITE_FAILED
+        assert raw.cmd("NOOP").startswith("250 2.0.0")
+        assert set(spool_files_at(tiny_disk)) == set(accepted)
+        raw.close()
+        # every acknowledged message is complete in its spool file
+        spool = Spool(tiny_disk)
+        for queue_id in accepted:
+            data = spool.read_message(queue_id)
+            assert data.startswith(b"Received: ") and data.endswith(b"f" * 92 + b"\r\n")
 
 
 def deferring_sink(accepting: threading.Event) -> Sink:
@@ -810,36 +888,23 @@ def deferring_sink(accepting: threading.Event) -> Sink:
     return Sink(rcpt_reply=lambda _: None if accepting.is_set() else "451 4.3.2 try later")
 
 
-def test_full_disk_refuses_with_451(relay_factory: RelayFactory, tiny_disk: Path) -> None:
-    accepting = threading.Event()
-    with deferring_sink(accepting) as sink:
-        relay = start(relay_factory, sink, queue={"path": str(tiny_disk), "min_free_space": "0"})
-        try:
-            raw, accepted = fill_disk(relay, tiny_disk)
-            raw.close()
-            # every acknowledged message is complete in its spool file
-            spool = Spool(tiny_disk)
-            for queue_id in accepted:
-                data = spool.read_message(queue_id)
-                assert data.startswith(b"Received: ") and data.endswith(b"f" * 92 + b"\r\n")
-            events = relay.events("received")
-            assert sorted(e["id"] for e in events) == sorted(accepted)
-        finally:
-            relay.kill()
-
-
 def test_full_disk_drains_and_recovers(relay_factory: RelayFactory, tiny_disk: Path) -> None:
     accepting = threading.Event()
     with deferring_sink(accepting) as sink:
         relay = start(relay_factory, sink, queue={"path": str(tiny_disk), "min_free_space": "0"})
         try:
-            raw, accepted = fill_disk(relay, tiny_disk)
+            raw, accepted, _ = fill_disk(relay.port, tiny_disk)
             accepting.set()
             wait_until(lambda: {received_id(m.data) for m in sink.messages} >= set(accepted),
                        30, "every acknowledged message at the sink")
             # the relay keeps working once delivery freed the space (we delete nothing)
             wait_until(lambda: not spool_files(relay, tiny_disk), 30, "the queue to drain")
-            assert QUEUED.match(send_raw(raw, simple_message("after the storm")))
+            # new mail waits (452 4.3.1) until delivery has its reserve back, then flows again
+            deadline = time.monotonic() + 15
+            while not QUEUED.match(reply := send_raw_or_452(raw, simple_message("after"))):
+                assert reply == "452 4.3.1 Insufficient system storage", reply
+                assert time.monotonic() < deadline, "intake never took mail again"
+                time.sleep(0.2)
             raw.close()
             sink.wait_for(len(accepted) + 1, timeout=30)
             assert relay.stop() == 0

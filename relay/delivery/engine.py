@@ -85,12 +85,15 @@ class DeliveryEngine:
                 try:
                     due = await self.store.claim(time.time(), min(room, CLAIM_BATCH))
                 except Exception as exc:  # e.g. the disk is full: try again later, never die
-                    log.event("claim_failed", level=40, error=f"{type(exc).__name__}: {exc}")
                     due = []
-                    await asyncio.sleep(IDLE_POLL)
+                    if not self.store.spend_reserve(exc):
+                        log.event("claim_failed", level=40,
+                                  error=f"{type(exc).__name__}: {exc}")
+                        await asyncio.sleep(IDLE_POLL)
                 self.dispatch(due)
                 if len(due) == min(room, CLAIM_BATCH):
                     continue  # more may be due right now
+            await self.store.maintain()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), IDLE_POLL)
 

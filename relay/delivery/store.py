@@ -9,6 +9,7 @@ removed, partial final states appended), with one folder fsync per batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import threading
@@ -119,23 +120,38 @@ class DeliveryStore:
             try:
                 dsns = await self._run(self._record, results, made)
             except Exception as exc:  # sqlite3.OperationalError, OSError (ENOSPC, EIO)
-                if is_disk_full(exc) and self.reserve.release():
-                    # Recording frees spool files; without room to record, nothing would.
-                    log.event("reserve_released", level=30, error=str(exc))
+                if self.spend_reserve(exc):
                     continue
                 log.event("record_failed", level=40, error=f"{type(exc).__name__}: {exc}",
                           outcomes=len(results), retry_in=f"{delay:g}s")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
                 continue
-            await self._restore_reserve()
             return dsns
 
-    async def _restore_reserve(self) -> None:
+    def spend_reserve(self, exc: BaseException) -> bool:
+        """On a full disk, free the reserve so that the index can be written: recording
+        outcomes is what frees spool files, and without room for it nothing would."""
+        if is_disk_full(exc) and self.reserve.release():
+            log.event("reserve_released", level=30, error=str(exc))
+            return True
+        return False
+
+    async def maintain(self) -> None:
+        """Re-create the emergency reserve once the queue has drained enough (intake waits
+        for it before taking new mail again)."""
         now = time.monotonic()
-        if self.reserve.released and now - self._reserve_tried > 5.0:
+        if self.reserve.released and now - self._reserve_tried > 1.0:
             self._reserve_tried = now
-            await asyncio.to_thread(self.reserve.ensure)
+            # The WAL file only shrinks when asked to; on a full disk it holds the room we need.
+            with contextlib.suppress(Exception):
+                await self._run(self._checkpoint)
+            if await asyncio.to_thread(self.reserve.ensure):
+                log.event("reserve_restored")
+
+    def _checkpoint(self) -> None:
+        assert self._index is not None
+        self._index.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # --- on the index thread ------------------------------------------------------------
 

@@ -102,6 +102,7 @@ def open_db(path: Path) -> sqlite3.Connection:
     db.enable_wal()
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute("PRAGMA journal_size_limit=1048576")  # keep the WAL file small after checkpoints
     conn.executescript(SCHEMA)
     return conn
 

@@ -28,13 +28,20 @@ def total_bytes(path: Path) -> int:
 
 
 class FreeSpaceGuard:
-    """Is there room for new mail? One statvfs per check: a couple of microseconds."""
+    """Is there room for new mail? One statvfs (and one stat) per check: microseconds.
 
-    def __init__(self, path: Path, floor: int) -> None:
+    Below the floor, or while delivery has had to spend its reserve (the reserve file it
+    created at startup is gone), new mail waits: otherwise intake would take the freed room
+    and delivery could again not record anything."""
+
+    def __init__(self, path: Path, floor: int, reserve: Path | None = None) -> None:
         self.path = path
         self.floor = floor
+        self.reserve = reserve
 
     def ok(self) -> bool:
+        if self.reserve is not None and not self.reserve.exists():
+            return False
         if self.floor <= 0:
             return True
         try:
@@ -64,7 +71,7 @@ class Reserve:
         if self.path.exists() and self.path.stat().st_size >= self.size:
             self.released = False
             return True
-        if free_bytes(self.path.parent) < 3 * self.size:
+        if free_bytes(self.path.parent) < self.size + self.size // 2:
             return False
         tmp = self.path.with_suffix(".tmp")
         try:
