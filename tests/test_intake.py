@@ -546,6 +546,8 @@ def test_recipient_limit(relay_factory: RelayFactory, sink: Sink) -> None:
         time.sleep(0.05)
     rcpts = [r for m in sink.messages for r in m.rcpt_tos]
     assert sorted(rcpts) == sorted(f"r{i}@example.net" for i in range(1000)), len(msgs)
+    # delivered in transactions of at most 50 recipients (every server takes 100)
+    assert max(len(m.rcpt_tos) for m in sink.messages) == 50
 
 
 # --- 7. and 8. bad DATA, smuggling ------------------------------------------------------------

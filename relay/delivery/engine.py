@@ -29,6 +29,7 @@ MAX_IN_FLIGHT = 5000       # recipients held in memory at once; the rest wait in
 CLAIM_BATCH = 500
 IDLE_POLL = 1.0            # seconds between index polls when nothing wakes us
 CONNECTION_IDLE = 2.0      # keep an idle connection this long for more jobs
+RCPTS_PER_TRANSACTION = 50
 MAX_HOPS = 50              # more Received headers than this: a mail loop (Postfix hopcount_limit)
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
@@ -98,17 +99,22 @@ class DeliveryEngine:
                 await asyncio.wait_for(self.wake.wait(), IDLE_POLL)
 
     def dispatch(self, due: list[DueRecipient]) -> None:
-        jobs: dict[tuple[str, str], Job] = {}
+        jobs: dict[tuple[str, str, int], Job] = {}
+        sizes: dict[tuple[str, str], int] = {}
         for d in due:
-            key = (d.msg, d.domain)
             if (d.msg, d.idx) in self.in_flight:
                 continue
             self.in_flight.add((d.msg, d.idx))
+            # At most RCPTS_PER_TRANSACTION recipients per transaction, as Postfix does: every
+            # server must take 100, and a pipelined batch of replies stays small.
+            count = sizes.get((d.msg, d.domain), 0)
+            sizes[(d.msg, d.domain)] = count + 1
+            key = (d.msg, d.domain, count // RCPTS_PER_TRANSACTION)
             if key in jobs:
                 jobs[key].recipients.append(d)
             else:
                 jobs[key] = Job(d.msg, [d])
-        for (_, domain), job in jobs.items():
+        for (_, domain, _), job in jobs.items():
             dest = self.destinations.get(domain)
             if dest is None:
                 dest = Destination(domain, self.config.destination_for(domain))
