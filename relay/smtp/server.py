@@ -63,7 +63,6 @@ class IntakeContext:
     tls_context: ssl.SSLContext | None = None
     draining: bool = False
     sessions: set[RelaySMTP] = field(default_factory=set)
-    spool_create: Callable[..., int] | None = None   # set by Intake: Spool.create
     space: FreeSpaceGuard | None = None   # refuse new mail below [queue] min_free_space
     _trust_cache: dict[str, bool] = field(default_factory=dict)
 
