@@ -1,9 +1,10 @@
 """Group commit: makes accepted messages durable in batches on one dedicated thread.
 
-A batch is every message that finished DATA while the previous batch was being synced, up to
-`max_batch`; an idle relay commits a lone message at once (no timer). Per batch: each new spool
-file is written and fdatasynced (in parallel, so the filesystem merges the journal commits), the
-spool folder is fsynced once for all the new names, and the index rows go in one transaction.
+Each new spool file is written and fdatasynced as soon as its DATA ends, on a pool of threads
+(in parallel, so the filesystem merges the journal commits). A batch is every message whose file
+became durable while the previous batch was being committed, up to `max_batch`; an idle relay
+commits a lone message at once (no timer). Per batch the spool folder is fsynced once for all
+the new names and the index rows go in one transaction.
 Only then are the waiting SMTP sessions told to answer 250. Any failure refuses the whole batch:
 a failed fsync is never retried (the kernel may have dropped the dirty pages), the files are
 removed, and every session answers 451.
@@ -16,7 +17,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class PendingMessage:
     future: asyncio.Future[None]
     fd: int | None = None             # set when a large message was already streamed to its file
     env_len: int = 0
+    error: BaseException | None = None  # writing or syncing its file failed
 
 
 @dataclass
@@ -63,7 +65,7 @@ class Committer:
         self._sync = sync
         self._on_committed = on_committed
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool-sync")
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-sync")
         self._thread = threading.Thread(target=self._run, name="committer", daemon=True)
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -76,18 +78,28 @@ class Committer:
             raise self._error
 
     def stop(self) -> None:
+        self._pool.shutdown()  # files being written still reach the committer's queue
         self._queue.put(_STOP)
         self._thread.join()
-        self._pool.shutdown()
 
     async def commit(self, envelope: Envelope, parts: Sequence[bytes], size: int, *,
                      fd: int | None = None, env_len: int = 0) -> None:
         """Return once the message is durable; raise QueueWriteError if it could not be."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._queue.put(PendingMessage(envelope, parts, size, future, fd, env_len))
+        # The file is written and synced at once, in parallel with the batch being committed;
+        # the committer thread then only syncs the folder and the index for what is ready.
+        self._pool.submit(self._write_then_queue,
+                          PendingMessage(envelope, parts, size, future, fd, env_len))
         # Shielded: a client vanishing now must not cancel the commit of a batch half-way.
         await asyncio.shield(future)
+
+    def _write_then_queue(self, pending: PendingMessage) -> None:
+        try:
+            self._write_one(pending)
+        except Exception as exc:
+            pending.error = exc
+        self._queue.put(pending)
 
     # --- the committer thread -------------------------------------------------------------
 
@@ -119,9 +131,15 @@ class Committer:
 
     def _commit(self, index: Index, batch: list[PendingMessage]) -> None:
         try:
-            self._write_files(batch)
-            self._sync_dir()
-            index.insert([(p.envelope, p.size) for p in batch], self.max_lifetime)
+            failed = next((p.error for p in batch if p.error is not None), None)
+            if failed is not None:
+                raise failed  # one bad file refuses its whole batch: the disk is not to be trusted
+            # The folder sync and the index rows are both needed before the 250 and do not
+            # depend on each other: sync on a pool thread while the rows are inserted, and
+            # commit the rows only once the sync succeeded (else they are rolled back).
+            dir_synced = self._pool.submit(self._sync_dir)
+            index.insert([(p.envelope, p.size) for p in batch], self.max_lifetime,
+                         before_commit=dir_synced.result)
         except Exception as exc:
             self.stats.failed_batches += 1
             for pending in batch:
@@ -134,15 +152,6 @@ class Committer:
         _resolve_all(batch, None)
         if self._on_committed is not None:
             self._on_committed([p.envelope for p in batch])
-
-    def _write_files(self, batch: list[PendingMessage]) -> None:
-        if len(batch) == 1:
-            self._write_one(batch[0])
-            return
-        futures = [self._pool.submit(self._write_one, p) for p in batch]
-        wait(futures)
-        for f in futures:
-            f.result()  # re-raises the first failure: the batch is refused
 
     def _write_one(self, pending: PendingMessage) -> None:
         if pending.fd is None:

@@ -8,7 +8,7 @@ synchronous=NORMAL: the index can be rebuilt from the spool, which is fsynced be
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +102,6 @@ def open_db(path: Path) -> sqlite3.Connection:
     db.enable_wal()
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=30000")
-    conn.execute("PRAGMA journal_size_limit=1048576")  # keep the WAL file small after checkpoints
     conn.executescript(SCHEMA)
     return conn
 
@@ -116,8 +115,10 @@ class Index:
 
     # --- intake ---------------------------------------------------------------------------
 
-    def insert(self, messages: Sequence[tuple[Envelope, int]], max_lifetime: float) -> None:
-        """Insert accepted messages and their recipients in one transaction."""
+    def insert(self, messages: Sequence[tuple[Envelope, int]], max_lifetime: float, *,
+               before_commit: Callable[[], object] | None = None) -> None:
+        """Insert accepted messages and their recipients in one transaction; `before_commit`
+        runs inside it, last, and rolls everything back if it raises."""
         msg_rows = []
         rcpt_rows = []
         for env, size in messages:
@@ -134,6 +135,8 @@ class Index:
             self.conn.executemany(
                 "INSERT OR IGNORE INTO recipients (msg, idx, rcpt, domain, state, next_attempt,"
                 " updated) VALUES (?,?,?,?,?,?,?)", rcpt_rows)
+            if before_commit is not None:
+                before_commit()
 
     # --- delivery -------------------------------------------------------------------------
 
