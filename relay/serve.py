@@ -1,10 +1,12 @@
 """`invoice-relay serve`: recover the queue, then run intake and delivery on both cores.
 
-Process model: the main process recovers the queue, forks the delivery process, then runs SMTP
-intake itself. Intake wakes delivery through a pipe after every committed batch. The delivery
-process dies with its parent (PR_SET_PDEATHSIG), so a killed relay never leaves a stray worker
-delivering on its own. If either side dies unexpectedly, the whole relay exits non-zero and the
-service manager restarts it; startup recovery then makes the queue consistent again.
+Process model: the main process recovers the queue, binds the listeners, forks the delivery
+process and a second intake process (on a machine with two cores or more), then runs SMTP intake
+itself; both intake processes accept from the same sockets. Intake wakes delivery through a pipe
+after every committed batch. The children die with their parent (PR_SET_PDEATHSIG), so a killed
+relay never leaves a stray worker delivering on its own. If any process dies unexpectedly, the
+whole relay exits non-zero and the service manager restarts it; startup recovery then makes the
+queue consistent again.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ import ctypes
 import fcntl
 import os
 import signal
+import socket
 import sqlite3
 import ssl
 import sys
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 import uvloop
 
@@ -30,6 +35,7 @@ from relay.queue.space import FreeSpaceGuard, Reserve, floor_bytes
 from relay.queue.spool import Spool
 
 DRAIN_GRACE = 30.0
+INTAKE_PROCESSES = max(1, min(2, os.cpu_count() or 1))
 EXIT_CONFIG = 78
 PR_SET_PDEATHSIG = 1
 # Held back until each process has its handlers: the default action of all three is to die.
@@ -66,32 +72,57 @@ def serve(cli_config: str | None) -> int:
     if not reserve.ensure():
         log.event("reserve_missing", level=30, path=root,
                   note="not enough free space for the emergency reserve")
+    from relay.smtp.server import bind_listeners
+
+    try:
+        listeners = bind_listeners(config.server.listen, config.server.listen_tls)
+    except OSError as exc:
+        log.event("listen_failed", level=40, error=str(exc))
+        print(f"{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    reserve_path = reserve.path if reserve.path.exists() else None
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_write, False)
     parent = os.getpid()
-    child = os.fork()
-    if child == 0:
-        os.close(wake_write)
-        _die_with_parent()
-        code = 1
-        try:
-            if os.getppid() != parent:  # the parent died before prctl took effect
-                os._exit(1)
-            code = uvloop.run(_delivery_main(config, wake_read, parent))
-        finally:
-            os._exit(code)
+    delivery = _fork(lambda: _delivery_main(config, wake_read, parent), parent,
+                     close=[wake_write, *(sock.fileno() for sock, _ in listeners)])
     os.close(wake_read)
+    # More intake processes accept from the same listening sockets, so that SMTP intake, the
+    # busiest stage, is spread over the cores; delivery runs beside them.
+    helpers = [_fork(lambda: _intake_main(config, wake_write, listeners, reserve_path), parent)
+               for _ in range(INTAKE_PROCESSES - 1)]
+    children = [delivery, *helpers]
     try:
-        code = uvloop.run(_intake_main(config, wake_write, child,
-                                       reserve.path if reserve.path.exists() else None))
+        code = uvloop.run(_intake_main(config, wake_write, listeners, reserve_path,
+                                       children=children))
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child, signal.SIGTERM)
-        _wait_child(child, DRAIN_GRACE + 10)
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in children:
+            _wait_child(pid, DRAIN_GRACE + 10)
         lock.close()
     if code == 0:
         mark_clean_shutdown(root)
     return code
+
+
+def _fork(main: Callable[[], Coroutine[Any, Any, int]], parent: int,
+          close: Sequence[int] = ()) -> int:
+    """Run `main` on uvloop in a child process that dies with its parent."""
+    pid = os.fork()
+    if pid:
+        return pid
+    for fd in close:
+        os.close(fd)
+    _die_with_parent()
+    code = 1
+    try:
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+        code = uvloop.run(main())
+    finally:
+        os._exit(code)
 
 
 def _lock_queue(root: Path):  # type: ignore[no-untyped-def]
@@ -146,8 +177,12 @@ def _install_signals(stop: asyncio.Event, role: str) -> None:
 
 # --- intake (main process) -------------------------------------------------------------------
 
-async def _intake_main(config: Config, wake_fd: int, child: int,
-                       reserve: Path | None = None) -> int:
+async def _intake_main(config: Config, wake_fd: int,
+                       listeners: Sequence[tuple[socket.socket, bool]],
+                       reserve: Path | None = None, children: Sequence[int] = ()) -> int:
+    """SMTP intake. In the main process (`children` given) it also watches the other
+    processes: if one dies unexpectedly, the relay stops so that the service manager restarts
+    it and startup recovery runs."""
     from relay.smtp.auth import Users, load_users
     from relay.smtp.server import Intake, IntakeContext
 
@@ -169,28 +204,25 @@ async def _intake_main(config: Config, wake_fd: int, child: int,
                         space=FreeSpaceGuard(root, floor_bytes(root, config.queue.min_free_space),
                                              reserve))
     intake = Intake(ctx, config.server.listen, config.server.listen_tls)
-    try:
-        await intake.start()
-    except OSError as exc:
-        log.event("listen_failed", error=str(exc))
-        committer.stop()
-        return EXIT_CONFIG
+    await intake.start(listeners)
     log.event("listening", addresses=" ".join(f"{h}:{p}" for h, p in intake.bound()),
               hostname=config.server.hostname, pid=os.getpid())
-    child_died = asyncio.get_running_loop().create_task(_watch_child(child))
-    stopper = asyncio.get_running_loop().create_task(stop.wait())
-    await asyncio.wait({child_died, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    loop = asyncio.get_running_loop()
+    watchers = {loop.create_task(_watch_child(pid)) for pid in children}
+    stopper = loop.create_task(stop.wait())
+    done, _ = await asyncio.wait({*watchers, stopper}, return_when=asyncio.FIRST_COMPLETED)
     code = 0
-    if child_died.done():
-        log.event("delivery_died", level=40, note="stopping so the service manager restarts us")
+    if stopper not in done:
+        log.event("child_died", level=40, note="stopping so the service manager restarts us")
         code = 1
     log.event("draining", process="intake")
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(child, signal.SIGTERM)  # delivery drains at the same time
+    for pid in children:  # the others drain at the same time
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
     await intake.drain(DRAIN_GRACE)
     await asyncio.to_thread(committer.stop)
-    stopper.cancel()
-    child_died.cancel()
+    for task in (*watchers, stopper):
+        task.cancel()
     log.event("stopped", process="intake")
     return code
 

@@ -13,6 +13,7 @@ import functools
 import ipaddress
 import os
 import re
+import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -454,6 +455,24 @@ def _b64(text: str) -> bytes | None:
         return None
 
 
+def bind_listeners(listen: Sequence[HostPort], listen_tls: Sequence[HostPort]
+                   ) -> list[tuple[socket.socket, bool]]:
+    """Bind every listener: (socket, implicit TLS?) pairs, ready to be shared by processes."""
+    bound: list[tuple[socket.socket, bool]] = []
+    try:
+        for hps, implicit_tls in ((listen, False), (listen_tls, True)):
+            for hp in hps:
+                family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
+                sock = socket.create_server((hp.host, hp.port), family=family, backlog=1024)
+                sock.setblocking(False)
+                bound.append((sock, implicit_tls))
+    except OSError as exc:
+        for sock, _ in bound:
+            sock.close()
+        raise OSError(f"cannot listen on {hp}: {exc.strerror or exc}") from exc
+    return bound
+
+
 class Intake:
     """The listeners of this process and their orderly shutdown."""
 
@@ -464,16 +483,16 @@ class Intake:
         self.listen_tls = listen_tls
         self.servers: list[asyncio.base_events.Server] = []
 
-    async def start(self) -> None:
+    async def start(self, sockets: Sequence[tuple[socket.socket, bool]] | None = None) -> None:
+        """Listen on `listen`/`listen_tls`, or serve already bound `(socket, implicit_tls)`
+        pairs (several intake processes accept from the same sockets)."""
+        if sockets is None:
+            sockets = bind_listeners(self.listen, self.listen_tls)
         loop = asyncio.get_running_loop()
-        for hp in self.listen:
+        for sock, implicit_tls in sockets:
             self.servers.append(await loop.create_server(
-                lambda: RelaySMTP(self.ctx, implicit_tls=False), hp.host, hp.port,
-                reuse_address=True))
-        for hp in self.listen_tls:
-            self.servers.append(await loop.create_server(
-                lambda: RelaySMTP(self.ctx, implicit_tls=True), hp.host, hp.port,
-                ssl=self.ctx.tls_context, reuse_address=True))
+                functools.partial(RelaySMTP, self.ctx, implicit_tls=implicit_tls), sock=sock,
+                ssl=self.ctx.tls_context if implicit_tls else None))
 
     def bound(self) -> list[tuple[str, int]]:
         return [sock.getsockname()[:2] for srv in self.servers for sock in srv.sockets]
