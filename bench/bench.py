@@ -493,10 +493,12 @@ routes = ["127.0.0.1:{sink_port}"]
     def cpu_snapshot(self) -> dict:
         procs = self.procs()
         main = next((p for p in procs if p["pid"] == self.proc.pid), None)
-        intake = cpu_ticks(main, with_children=False) if main else 0
-        # delivery = every other process (children, their descendants), plus anything the
-        # main process has already reaped
-        delivery = sum(cpu_ticks(p) for p in procs if p["pid"] != self.proc.pid)
+        # Processes name themselves relay-intake / relay-delivery (comm); the main process
+        # is an intake process. Anything else (a reaped child's time) counts as delivery.
+        intake = sum(cpu_ticks(p, with_children=False) for p in procs
+                     if p["pid"] == self.proc.pid or p["comm"] == "relay-intake")
+        delivery = sum(cpu_ticks(p) for p in procs
+                       if p["pid"] != self.proc.pid and p["comm"] != "relay-intake")
         if main:
             delivery += main["cutime"] + main["cstime"]
         return {"intake": intake, "delivery": delivery, "total": intake + delivery,

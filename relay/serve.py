@@ -38,6 +38,7 @@ DRAIN_GRACE = 30.0
 INTAKE_PROCESSES = max(1, min(2, os.cpu_count() or 1))
 EXIT_CONFIG = 78
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 # Held back until each process has its handlers: the default action of all three is to die.
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
@@ -84,13 +85,14 @@ def serve(cli_config: str | None) -> int:
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_write, False)
     parent = os.getpid()
-    delivery = _fork(lambda: _delivery_main(config, wake_read, parent), parent,
+    delivery = _fork(lambda: _delivery_main(config, wake_read, parent), parent, "relay-delivery",
                      close=[wake_write, *(sock.fileno() for sock, _ in listeners)])
     os.close(wake_read)
     # More intake processes accept from the same listening sockets, so that SMTP intake, the
     # busiest stage, is spread over the cores; delivery runs beside them.
-    helpers = [_fork(lambda: _intake_main(config, wake_write, listeners, reserve_path), parent)
-               for _ in range(INTAKE_PROCESSES - 1)]
+    helpers = [_fork(lambda: _intake_main(config, wake_write, listeners, reserve_path), parent,
+                     "relay-intake") for _ in range(INTAKE_PROCESSES - 1)]
+    _name_process("relay-intake")
     children = [delivery, *helpers]
     try:
         code = uvloop.run(_intake_main(config, wake_write, listeners, reserve_path,
@@ -107,7 +109,7 @@ def serve(cli_config: str | None) -> int:
     return code
 
 
-def _fork(main: Callable[[], Coroutine[Any, Any, int]], parent: int,
+def _fork(main: Callable[[], Coroutine[Any, Any, int]], parent: int, name: str,
           close: Sequence[int] = ()) -> int:
     """Run `main` on uvloop in a child process that dies with its parent."""
     pid = os.fork()
@@ -116,6 +118,7 @@ def _fork(main: Callable[[], Coroutine[Any, Any, int]], parent: int,
     for fd in close:
         os.close(fd)
     _die_with_parent()
+    _name_process(name)
     code = 1
     try:
         if os.getppid() != parent:  # the parent died before prctl took effect
@@ -138,6 +141,12 @@ def _lock_queue(root: Path):  # type: ignore[no-untyped-def]
 def _die_with_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _name_process(name: str) -> None:
+    """Name the process for ps/top (`comm`, 15 bytes): relay-intake or relay-delivery."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_NAME, name.encode()[:15])
 
 
 def _wait_child(pid: int, timeout: float) -> None:
