@@ -21,6 +21,7 @@ import socket
 import sqlite3
 import ssl
 import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -150,8 +151,6 @@ def _name_process(name: str) -> None:
 
 
 def _wait_child(pid: int, timeout: float) -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -238,7 +237,7 @@ async def _intake_main(config: Config, wake_fd: int,
 
 async def _watch_child(pid: int) -> None:
     while True:
-        done, _ = await asyncio.to_thread(_poll_child, pid)
+        done, _ = _poll_child(pid)  # WNOHANG: never blocks
         if done:
             return
         await asyncio.sleep(0.5)

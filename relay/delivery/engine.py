@@ -182,24 +182,24 @@ class DeliveryEngine:
         except DnsFailure as exc:
             kind = "temporary" if exc.temporary else "permanent"
             code = "451" if exc.temporary else "550"
-            await self._finish(job, [Verdict(d, kind, f"{code} {exc.status} {exc.text}",
+            self._finish(job, [Verdict(d, kind, f"{code} {exc.status} {exc.text}",
                                              exc.status) for d in job.recipients])
             return conn
         try:
             data = await self.store.read_message(job.msg)
         except (OSError, SpoolCorrupt) as exc:
             log.event("spool_read_failed", level=40, id=job.msg, error=str(exc))
-            await self._finish(job, [Verdict(d, "temporary", f"451 4.3.0 spool read failed: {exc}",
+            self._finish(job, [Verdict(d, "temporary", f"451 4.3.0 spool read failed: {exc}",
                                              "4.3.0") for d in job.recipients])
             return conn
         hops_seen = received_count(data)
         if hops_seen > MAX_HOPS:
-            await self._finish(job, [Verdict(d, "permanent", f"554 5.4.6 Too many hops:"
+            self._finish(job, [Verdict(d, "permanent", f"554 5.4.6 Too many hops:"
                                              f" {hops_seen} Received headers, mail loop?",
                                              "5.4.6") for d in job.recipients])
             return conn
         verdicts, conn = await self.attempter.deliver(job, data, hops, conn)
-        await self._finish(job, verdicts)
+        self._finish(job, verdicts)
         return conn
 
     async def _hops(self, dest: Destination) -> list[NextHop]:
@@ -216,7 +216,7 @@ class DeliveryEngine:
 
     # --- outcomes -----------------------------------------------------------------------
 
-    async def _finish(self, job: Job, verdicts: list[Verdict]) -> None:
+    def _finish(self, job: Job, verdicts: list[Verdict]) -> None:
         now = time.time()
         schedule = self.config.queue.retry_schedule
         # One jitter draw per job: its deferred recipients come due together and are retried in

@@ -158,18 +158,21 @@ class DeliveryStore:
     def _record(self, results: list[Result], made: set[str]) -> int:
         assert self._index is not None
         dsns = self._queue_dsns(results, made)
-        # Final states go to the spool first (fsynced): the index commit (synchronous=NORMAL)
-        # may be lost in a power cut, the spool record is not, so nobody is sent twice.
         finals: dict[str, list[tuple[int, str]]] = defaultdict(list)
         for r in results:
             if r.outcome.state in FINAL_STATES:
                 finals[r.outcome.msg].append((r.outcome.idx, r.outcome.state))
-        pending = self._index.messages_with_pending({m for m in finals})
-        for msg, states in finals.items():
-            if msg in pending and len(pending[msg]) > len(states):
-                self.spool.mark_final(msg, states, sync=True)
+
+        def spool_partial_finals(finished: list[str]) -> None:
+            # Written and fsynced before the index commits (synchronous=NORMAL, which a power
+            # cut may undo): a message still pending keeps its final recipients in its file,
+            # so nobody is sent twice. Finished messages lose their file instead.
+            for msg in finals.keys() - set(finished):
+                self.spool.mark_final(msg, finals[msg], sync=True)
                 self.syncs += 1
-        finished = self._index.record([r.outcome for r in results])
+
+        finished = self._index.record([r.outcome for r in results],
+                                      before_commit=spool_partial_finals)
         if finished:
             self._janitor.remove(finished)
         return dsns

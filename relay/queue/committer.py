@@ -16,6 +16,7 @@ import asyncio
 import os
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ class CommitStats:
     file_syncs: int = 0
     dir_syncs: int = 0
     failed_batches: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
+    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=1000))  # latest
 
 
 _STOP = object()

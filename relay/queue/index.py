@@ -171,23 +171,17 @@ class Index:
                 found[row[0]] = row[1:]
         return found
 
-    def messages_with_pending(self, msgs: set[str]) -> dict[str, list[int]]:
-        """For each message, the indexes of its recipients not yet in a final state."""
-        finals = ",".join(f"'{s}'" for s in FINAL_STATES)
-        found: dict[str, list[int]] = {}
-        for msg in msgs:
-            rows = self.conn.execute(
-                f"SELECT idx FROM recipients WHERE msg = ? AND state NOT IN ({finals})", (msg,))
-            found[msg] = [row[0] for row in rows]
-        return found
-
     def next_due(self) -> float | None:
         row = self.conn.execute(
             f"SELECT MIN(next_attempt) FROM recipients WHERE state IN {PENDING_SQL}").fetchone()
         return row[0]
 
-    def record(self, outcomes: Sequence[Outcome]) -> list[str]:
-        """Store outcomes and attempts; return the ids of messages that became fully final."""
+    def record(self, outcomes: Sequence[Outcome], *,
+               before_commit: Callable[[list[str]], object] | None = None) -> list[str]:
+        """Store outcomes and attempts; return the ids of messages that became fully final.
+
+        `before_commit(finished)` runs inside the transaction, last; if it raises, nothing
+        is recorded."""
         touched = {o.msg for o in outcomes}
         with self._transaction():
             self.conn.executemany(
@@ -205,6 +199,8 @@ class Index:
             now = max(o.time for o in outcomes)
             self.conn.executemany("UPDATE messages SET done = ? WHERE id = ?",
                                   [(now, m) for m in finished])
+            if before_commit is not None:
+                before_commit(finished)
         return finished
 
     def _all_final(self, msg: str) -> bool:

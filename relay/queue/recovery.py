@@ -45,15 +45,18 @@ def recover(root: Path, db_path: Path, *, max_lifetime: float, full: bool | None
     now = time.time()
     try:
         report.released = index.release_active(now)
+        pending = index.message_ids_pending()
         for queue_id in list(spool.ids()):
-            known = index.known_message(queue_id)
+            if queue_id in pending and not full:
+                continue  # after a clean stop the index is right about pending messages
+            known = queue_id in pending or index.known_message(queue_id)
             if known and not full:
                 if index.is_done(queue_id):  # its removal was still pending at the stop
                     spool.remove(queue_id)
                 continue
             _check_file(spool, index, queue_id, known, max_lifetime, now, report)
         on_disk = set(spool.ids())
-        for queue_id in index.message_ids_pending() - on_disk:
+        for queue_id in pending - on_disk:
             index.mark_missing(queue_id, now)
             report.missing += 1
             log.event("spool_missing", id=queue_id, note="pending recipients closed as expired")
@@ -67,13 +70,9 @@ def recover(root: Path, db_path: Path, *, max_lifetime: float, full: bool | None
 def _check_file(spool: Spool, index: Index, queue_id: str, known: bool, max_lifetime: float,
                 now: float, report: RecoveryReport) -> None:
     try:
-        entry = spool.read(queue_id)
-        size = spool.path(queue_id).stat().st_size
-        if size < entry.message_offset + entry.message_length:
-            raise SpoolCorrupt(f"{queue_id}: truncated ({size} bytes)")
+        entry = spool.read(queue_id)  # checks the size against the header too
     except SpoolCorrupt as exc:
-        unfinished = any(w in str(exc) for w in ("incomplete", "truncated", "bad header"))
-        if unfinished and not known:
+        if exc.unfinished and not known:
             spool.remove(queue_id)  # never acknowledged: the crash came before the commit
             report.removed_incomplete += 1
         else:

@@ -27,7 +27,12 @@ def _header(envelope_len: int, message_len: int) -> bytes:
 
 
 class SpoolCorrupt(Exception):
-    """A spool file that cannot be read back (incomplete or damaged)."""
+    """A spool file that cannot be read back: `unfinished` (cut short, header never completed:
+    it was never acknowledged unless the index knows it) or damaged."""
+
+    def __init__(self, message: str, *, unfinished: bool = True) -> None:
+        super().__init__(message)
+        self.unfinished = unfinished
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +168,7 @@ def _parse(raw: bytes, queue_id: str, *, include_message: bool) -> tuple[SpoolEn
     try:
         envelope = Envelope.from_json(raw[HEADER_LEN:msg_start])
     except (ValueError, TypeError, KeyError) as exc:
-        raise SpoolCorrupt(f"{queue_id}: bad envelope ({exc})") from None
+        raise SpoolCorrupt(f"{queue_id}: bad envelope ({exc})", unfinished=False) from None
     finals: dict[int, str] = {}
     for line in raw[msg_end:].split(b"\n"):
         parts = line.split()
