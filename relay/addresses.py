@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from enum import Enum
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,3 +62,42 @@ def parse_hostport(text: str, default_port: int) -> HostPort:
 def domain_of(address: str) -> str:
     """The domain of a mail address, lower-cased (empty for the null sender)."""
     return address.rpartition("@")[2].lower().rstrip(".")
+
+
+# RFC 5321 4.5.3.1: local part 64 octets, domain 255, a path 256 including its angle brackets.
+MAX_LOCAL_PART = 64
+MAX_DOMAIN = 255
+MAX_PATH = 256
+
+
+class AddressProblem(Enum):
+    """Why a mail address cannot be queued or sent (intake maps each to a fixed SMTP reply)."""
+
+    CONTROL = "control character"
+    INVALID_UTF8 = "invalid UTF-8"
+    NEEDS_SMTPUTF8 = "non-ASCII without SMTPUTF8"
+    TOO_LONG = "too long"
+    SYNTAX = "bad syntax"
+
+
+def address_problem(address: str, *, smtputf8: bool = True) -> AddressProblem | None:
+    """What is wrong with `address` (no angle brackets; "" is the null sender), or None.
+
+    Intake receives arguments decoded with surrogateescape, so a byte that is not UTF-8 shows
+    up as a lone surrogate. Delivery runs the same check on every address it is about to send,
+    so a spool file written before these checks existed cannot inject commands either."""
+    if not address:
+        return None
+    if any(ch < " " or "\x7f" <= ch <= "\x9f" for ch in address):
+        return AddressProblem.CONTROL
+    if any("\ud800" <= ch <= "\udfff" for ch in address):
+        return AddressProblem.INVALID_UTF8
+    if not smtputf8 and not address.isascii():
+        return AddressProblem.NEEDS_SMTPUTF8
+    local, at, domain = address.rpartition("@")
+    if len(address.encode()) + 2 > MAX_PATH or len(local.encode()) > MAX_LOCAL_PART \
+            or len(domain.encode()) > MAX_DOMAIN:
+        return AddressProblem.TOO_LONG
+    if not at or not local or not domain.rstrip("."):
+        return AddressProblem.SYNTAX
+    return None
