@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -57,6 +58,19 @@ def parse_hostport(text: str, default_port: int) -> HostPort:
     if not host:
         raise ValueError(f"{text!r}: empty host")
     return HostPort(host.lower().rstrip("."), port)
+
+
+def in_networks(address: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]
+                ) -> bool:
+    """True when the IP address in `address` (IPv4-mapped IPv6 counts as IPv4) is in one of
+    `networks`; False for anything that is not an IP address."""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
 
 
 def domain_of(address: str) -> str:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from relay.addresses import HostPort, parse_hostport
+from relay.addresses import HostPort, in_networks, parse_hostport
 from relay.smtp.auth import load_users
 
 T = TypeVar("T")
@@ -80,6 +80,9 @@ class Rate:
     def __str__(self) -> str:
         unit = {1.0: "s", 60.0: "min", 3600.0: "h"}.get(self.period, f"{self.period:g}s")
         return f"{self.count}/{unit}"
+
+
+DEFAULT_AUTH_FAILURE_LIMIT = Rate(30, 3600.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +236,11 @@ def parse_rate(value: object) -> Rate:
     return Rate(count, _RATE_PERIODS[match[2]])
 
 
+def _rate_or_off(value: object) -> Rate | None:
+    """A rate, or "0" for off."""
+    return None if value in ("0", 0) else parse_rate(value)
+
+
 _LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
@@ -371,12 +379,16 @@ class ServerConfig:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     max_connections: int = 1000
     max_connections_per_client: int = 50
+    # Postfix's smtpd_soft_error_limit / smtpd_hard_error_limit / smtpd_error_sleep_time.
+    error_soft_limit: int = 10
+    error_hard_limit: int = 20
+    error_delay: float = 1.0
+    auth_failure_limit: Rate | None = DEFAULT_AUTH_FAILURE_LIMIT  # None: off ("0")
+    idle_timeout: float = 300.0  # our addition (Postfix's smtpd_timeout): then 421 4.4.2
 
     def is_trusted(self, address: IPAddress) -> bool:
         """True when a client at `address` may relay without AUTH."""
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.trusted_networks)
+        return in_networks(str(address), self.trusted_networks)
 
 
 @dataclass(frozen=True)
@@ -721,8 +733,17 @@ def _server(t: _Table, base: Path) -> ServerConfig:
         max_message_size=t.value("max_message_size", _positive_bytes, DEFAULT_MAX_MESSAGE_SIZE),
         max_connections=t.value("max_connections", _positive_int, 1000),
         max_connections_per_client=t.value("max_connections_per_client", _positive_int, 50),
+        error_soft_limit=t.value("error_soft_limit", _positive_int, 10),
+        error_hard_limit=t.value("error_hard_limit", _positive_int, 20),
+        error_delay=t.value("error_delay", parse_duration, 1.0),
+        auth_failure_limit=t.value("auth_failure_limit", _rate_or_off,
+                                   DEFAULT_AUTH_FAILURE_LIMIT),
+        idle_timeout=t.value("idle_timeout", _positive_duration, 300.0),
     )
     t.finish()
+    if server.error_soft_limit > server.error_hard_limit:
+        t.report.add(t.key("error_soft_limit"),
+                     f"must not exceed error_hard_limit ({server.error_hard_limit})")
     if not server.listen and not server.listen_tls:
         t.report.add(t.key("listen"), "no listener: listen and listen_tls are both empty")
     _check_tls(t, server)

@@ -34,6 +34,7 @@ from relay.queue.committer import Committer
 from relay.queue.recovery import mark_clean_shutdown, recover
 from relay.queue.space import FreeSpaceGuard, Reserve, floor_bytes
 from relay.queue.spool import Spool
+from relay.smtp.authlimit import AuthFailureLimiter
 
 DRAIN_GRACE = 30.0
 INTAKE_PROCESSES = max(1, min(2, os.cpu_count() or 1))
@@ -83,6 +84,9 @@ def serve(cli_config: str | None) -> int:
         print(f"{exc}", file=sys.stderr)
         return EXIT_CONFIG
     reserve_path = reserve.path if reserve.path.exists() else None
+    limit = config.server.auth_failure_limit
+    # Created before the fork: every intake process shares the same buckets.
+    auth_limiter = AuthFailureLimiter(limit.count, limit.period) if limit else None
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_write, False)
     parent = os.getpid()
@@ -91,13 +95,14 @@ def serve(cli_config: str | None) -> int:
     os.close(wake_read)
     # More intake processes accept from the same listening sockets, so that SMTP intake, the
     # busiest stage, is spread over the cores; delivery runs beside them.
-    helpers = [_fork(lambda: _intake_main(config, wake_write, listeners, reserve_path), parent,
+    helpers = [_fork(lambda: _intake_main(config, wake_write, listeners, reserve_path,
+                                          auth_limiter), parent,
                      "relay-intake") for _ in range(INTAKE_PROCESSES - 1)]
     _name_process("relay-intake")
     children = [delivery, *helpers]
     try:
         code = uvloop.run(_intake_main(config, wake_write, listeners, reserve_path,
-                                       children=children))
+                                       auth_limiter, children=children))
     finally:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
@@ -176,6 +181,7 @@ def _tls_context(config: Config) -> ssl.SSLContext | None:
 
 def _install_signals(stop: asyncio.Event, role: str) -> None:
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(log.loop_exception)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: log.event(
@@ -187,7 +193,8 @@ def _install_signals(stop: asyncio.Event, role: str) -> None:
 
 async def _intake_main(config: Config, wake_fd: int,
                        listeners: Sequence[tuple[socket.socket, bool]],
-                       reserve: Path | None = None, children: Sequence[int] = ()) -> int:
+                       reserve: Path | None = None, auth_limiter: AuthFailureLimiter | None = None,
+                       children: Sequence[int] = ()) -> int:
     """SMTP intake. In the main process (`children` given) it also watches the other
     processes: if one dies unexpectedly, the relay stops so that the service manager restarts
     it and startup recovery runs."""
@@ -206,11 +213,16 @@ async def _intake_main(config: Config, wake_fd: int,
                           max_lifetime=config.queue.max_lifetime, on_committed=wake)
     committer.start()
     users = Users(load_users(config.server.users_file)) if config.server.users_file else None
-    ctx = IntakeContext(hostname=config.server.hostname, trusted=config.server.trusted_networks,
-                        max_message_size=config.server.max_message_size, committer=committer,
+    server = config.server
+    ctx = IntakeContext(hostname=server.hostname, trusted=server.trusted_networks,
+                        max_message_size=server.max_message_size, committer=committer,
                         users=users, tls_context=_tls_context(config),
                         space=FreeSpaceGuard(root, floor_bytes(root, config.queue.min_free_space),
-                                             reserve))
+                                             reserve),
+                        error_soft_limit=server.error_soft_limit,
+                        error_hard_limit=server.error_hard_limit,
+                        error_delay=server.error_delay, idle_timeout=server.idle_timeout,
+                        auth_limiter=auth_limiter)
     intake = Intake(ctx, config.server.listen, config.server.listen_tls)
     await intake.start(listeners)
     log.event("listening", addresses=" ".join(f"{h}:{p}" for h, p in intake.bound()),

@@ -37,6 +37,7 @@ class PendingMessage:
     parts: Sequence[bytes]            # message bytes not yet written
     size: int                         # total message length
     future: asyncio.Future[None]
+    env: bytes = b""                  # the envelope as written into the file
     fd: int | None = None             # set when a large message was already streamed to its file
     env_len: int = 0
     error: BaseException | None = None  # writing or syncing its file failed
@@ -85,13 +86,17 @@ class Committer:
 
     async def commit(self, envelope: Envelope, parts: Sequence[bytes], size: int, *,
                      fd: int | None = None, env_len: int = 0) -> None:
-        """Return once the message is durable; raise QueueWriteError if it could not be."""
+        """Return once the message is durable; raise QueueWriteError if it could not be.
+
+        The envelope is serialised here, before the message joins a batch: a message that
+        cannot be written for its own reasons fails alone, never its batch."""
+        env = envelope.to_json() if fd is None else b""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         # The file is written and synced at once, in parallel with the batch being committed;
         # the committer thread then only syncs the folder and the index for what is ready.
         self._pool.submit(self._write_then_queue,
-                          PendingMessage(envelope, parts, size, future, fd, env_len))
+                          PendingMessage(envelope, parts, size, future, env, fd, env_len))
         # Shielded: a client vanishing now must not cancel the commit of a batch half-way.
         await asyncio.shield(future)
 
@@ -156,7 +161,8 @@ class Committer:
 
     def _write_one(self, pending: PendingMessage) -> None:
         if pending.fd is None:
-            fd = self.spool.create(pending.envelope, pending.parts, complete=True)
+            fd = self.spool.create(pending.envelope, pending.parts, complete=True,
+                                   env=pending.env)
         else:
             fd = pending.fd
             self.spool.append(fd, pending.parts)

@@ -7,7 +7,7 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 # Recipient states. Pending ones are picked up by delivery; final ones never change again.
 QUEUED = "queued"        # accepted, never tried
@@ -37,7 +37,9 @@ class Envelope:
     message_id: str | None = None
 
     def to_json(self) -> bytes:
-        data = asdict(self)
+        """The envelope as UTF-8 JSON; UnicodeEncodeError for text that is not valid Unicode
+        (intake refuses such addresses and names before a message gets here)."""
+        data = {name: getattr(self, name) for name in _FIELDS}
         data["recipients"] = list(self.recipients)
         return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
@@ -48,6 +50,7 @@ class Envelope:
         return cls(**data)
 
 
+_FIELDS = tuple(f.name for f in fields(Envelope))
 _counter = itertools.count(random.SystemRandom().getrandbits(20))
 
 

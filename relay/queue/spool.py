@@ -55,12 +55,14 @@ class Spool:
 
     # --- writing -------------------------------------------------------------------------
 
-    def create(self, envelope: Envelope, parts: Sequence[bytes], *, complete: bool) -> int:
+    def create(self, envelope: Envelope, parts: Sequence[bytes], *, complete: bool,
+               env: bytes | None = None) -> int:
         """Create the file with the envelope and the first message parts; return its fd.
 
-        With complete=False the header carries the sentinel length until `finish` is called
-        (used when a large message is streamed in several writes)."""
-        env = envelope.to_json() + b"\n"
+        `env` is `envelope.to_json()` when the caller made it already. With complete=False the
+        header carries the sentinel length until `finish` is called (used when a large message
+        is streamed in several writes)."""
+        env = (envelope.to_json() if env is None else env) + b"\n"
         length = sum(map(len, parts)) if complete else INCOMPLETE
         fd = os.open(self.path(envelope.id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:

@@ -9,11 +9,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import getpass
 import hashlib
 import hmac
 import os
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,15 +137,30 @@ def load_users(path: Path) -> dict[str, str]:
     return users
 
 
+class AuthBusy(Exception):
+    """Too many password checks are waiting: answer 454 rather than queue without bound."""
+
+
 class Users:
-    """The accounts allowed to AUTH, checked off the event loop."""
+    """The accounts allowed to AUTH, checked off the event loop on a small, bounded pool.
 
-    def __init__(self, users: dict[str, str]) -> None:
+    scrypt costs tens of milliseconds and 32 MiB per check: one low-priority thread per
+    process does them, with at most `max_waiting` queued, so a guessing flood can neither grow
+    memory nor take the CPU from sessions that are sending mail. A login that succeeded is
+    remembered for CACHE_SECONDS under a keyed fast hash of the password, so applications that
+    authenticate on every connection cost one scrypt per few minutes, not one per message."""
+
+    CACHE_SECONDS = 300.0
+    CACHE_ENTRIES = 10_000
+
+    def __init__(self, users: dict[str, str], *, max_waiting: int = 16) -> None:
         self._users = dict(users)
-
-    @classmethod
-    def from_file(cls, path: Path) -> Users:
-        return cls(load_users(path))
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auth-hash",
+                                        initializer=_lower_priority)
+        self._waiting = 0
+        self._max_waiting = max_waiting
+        self._cache_key = os.urandom(32)  # per process: the cache means nothing outside it
+        self._recent: dict[tuple[str, bytes], float] = {}
 
     def __len__(self) -> int:
         return len(self._users)
@@ -150,12 +169,34 @@ class Users:
         return username in self._users
 
     async def check(self, username: str, password: str) -> bool:
-        """True when the user exists and the password matches (scrypt runs in a thread)."""
+        """True when the user exists and the password matches; AuthBusy when overloaded."""
         phc = self._users.get(username)
-        if phc is None:
-            await asyncio.to_thread(verify_password, password, _DUMMY_HASH)
-            return False
-        return await asyncio.to_thread(verify_password, password, phc)
+        remembered = (username, hashlib.blake2b(password.encode("utf-8", "surrogateescape"),
+                                                key=self._cache_key).digest())
+        now = time.monotonic()
+        if phc is not None and self._recent.get(remembered, 0.0) > now:
+            return True
+        if self._waiting >= self._max_waiting:
+            raise AuthBusy
+        self._waiting += 1
+        try:
+            # An unknown user costs the same scrypt time as a wrong password (no enumeration).
+            ok = await asyncio.get_running_loop().run_in_executor(
+                self._pool, verify_password, password, phc or _DUMMY_HASH)
+        finally:
+            self._waiting -= 1
+        if ok and phc is not None:
+            if len(self._recent) >= self.CACHE_ENTRIES:
+                self._recent.clear()
+            self._recent[remembered] = now + self.CACHE_SECONDS
+            return True
+        return False
+
+
+def _lower_priority() -> None:
+    """Run password hashing at a low CPU priority (Linux: nice applies per thread)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 def _read_password() -> str | None:

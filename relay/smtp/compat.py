@@ -1,10 +1,16 @@
-"""Make aiosmtpd's per-connection setup cheap.
+"""Everything that depends on aiosmtpd's internals, in one place (pinned to aiosmtpd 1.4.x).
 
-aiosmtpd builds its command and AUTH tables in `SMTP.__init__` with `inspect.getmembers` and
-`dir()` on every new connection: about 0.3 ms of CPU each, a large share of a 4 KiB message
-when every client opens a new connection. The tables depend only on the classes, so we give
-the aiosmtpd module cached versions of those two functions (same results, computed once per
-class). Imported for its effect by relay.smtp.server.
+The session subclasses aiosmtpd's SMTP protocol for its connection, STARTTLS and EHLO handling,
+but runs its own command loop, MAIL/RCPT/DATA/AUTH and idle timer. What that needs from
+aiosmtpd beyond its documented API is listed in INTERNALS and reached only through
+`AiosmtpdSession` below; tests/test_compat.py checks every name against the installed aiosmtpd,
+so an upgrade that moves one fails loudly instead of misbehaving.
+
+Per-connection setup is made cheap too: aiosmtpd builds its command and AUTH tables in
+`SMTP.__init__` with `inspect.getmembers` and `dir()` on every new connection, about 0.3 ms
+of CPU each, a large share of a 4 KiB message when every client opens a new connection. The
+tables depend only on the classes, so the aiosmtpd module gets cached versions of those two
+functions (same results, computed once per class) when this module is imported.
 """
 
 from __future__ import annotations
@@ -16,7 +22,29 @@ from functools import lru_cache
 from types import ModuleType
 from typing import Any
 
+import aiosmtpd
 import aiosmtpd.smtp as _aiosmtpd_smtp
+from aiosmtpd.smtp import SMTP, TLSSetupException
+
+TESTED_VERSIONS = ("1.4.6",)
+
+# (object, attribute) pairs of aiosmtpd internals this module relies on.
+INTERNALS: tuple[tuple[object, str], ...] = (
+    (_aiosmtpd_smtp, "inspect"),           # patched: cached getmembers/signature
+    (_aiosmtpd_smtp, "dir"),               # patched (module global lookup of the builtin)
+    (_aiosmtpd_smtp, "sanitized_log"),     # patched: skipped when mail.log drops INFO
+    (SMTP, "_handle_client"),              # replaced: our command loop
+    (SMTP, "_timeout_cb"),                 # replaced: 421 before closing
+    (SMTP, "_reset_timeout"),              # replaced: CheapIdleTimer
+    (SMTP, "_getaddr"),                    # extended: FastAddressParsing
+    (SMTP, "_set_rset_state"),
+    (SMTP, "_set_post_data_state"),
+    (SMTP, "smtp_STARTTLS"),               # wrapped: the handshake machinery is aiosmtpd's
+    (SMTP, "line_length_limit"),
+)
+# Instance attributes set by SMTP.__init__ / connection_made that we read or write.
+INSTANCE_INTERNALS = ("_reader", "_writer", "_tls_protocol", "_timeout_duration",
+                      "_timeout_handle", "_handler_coroutine")
 
 
 @lru_cache(maxsize=64)
@@ -118,14 +146,64 @@ class FastAddressParsing:
     local_part_limit: int
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """(address, rest of the argument); "<>" for the null path, None when malformed."""
         text = arg.lstrip() if arg else arg
+        if text and text.startswith("<>"):
+            return "<>", text[2:]  # the null reverse-path (bounces)
         if text and text[0] == "<":
             end = text.find(">")
-            inner = text[1:end] if end > 0 else None
+            if end < 0:
+                return None, None  # aiosmtpd would take "<bad" as the address "bad"
+            inner = text[1:end]
             if inner is not None and not _PLAIN_ADDRESS_BAD.intersection(inner):
                 local, at, domain = inner.rpartition("@")
-                if inner == "" or (at and local and domain and "@" not in local):
+                if at and local and domain and "@" not in local:
                     if self.local_part_limit and len(local) > self.local_part_limit:
                         return None, None
                     return inner, text[end + 1:]
         return super()._getaddr(arg)  # type: ignore[misc]
+
+
+class AiosmtpdSession(CheapIdleTimer, FastAddressParsing, SMTP):
+    """aiosmtpd's protocol with its internals behind named methods."""
+
+    @property
+    def tls_active(self) -> bool:
+        return self._tls_protocol is not None
+
+    async def read_line(self) -> bytes:
+        """One line up to LF; asyncio.LimitOverrunError past line_length_limit."""
+        return await self._reader.readuntil(b"\n")
+
+    async def read_chunk(self, size: int) -> bytes:
+        return await self._reader.read(size)
+
+    async def discard(self, size: int) -> None:
+        await self._reader.read(size)
+
+    def unread(self, data: bytes) -> None:
+        """Give bytes back to the line reader (pipelined commands read with a DATA chunk)."""
+        self._reader._buffer[:0] = data  # type: ignore[attr-defined]
+
+    def write(self, data: bytes) -> None:
+        self._writer.write(data)
+
+    async def drain(self) -> None:
+        await self._writer.drain()
+
+    async def start_tls(self) -> None:
+        """aiosmtpd's STARTTLS (after our checks): 220, handshake, reset state.
+
+        Raises TlsHandshakeFailed when the handshake fails."""
+        try:
+            await SMTP.smtp_STARTTLS(self, "")  # type: ignore[arg-type]
+        except TLSSetupException as exc:
+            raise TlsHandshakeFailed(str(exc.__cause__ or exc)) from None
+
+
+class TlsHandshakeFailed(Exception):
+    """The client's TLS handshake after STARTTLS failed."""
+
+
+def version_tested() -> bool:
+    return aiosmtpd.__version__ in TESTED_VERSIONS
