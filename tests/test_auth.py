@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from relay.smtp.auth import Users, hash_password, load_users, verify_password
+from relay.smtp.auth import AuthBusy, Users, hash_password, load_users, verify_password
 
 PASSWORD = "correct horse battery staple"
 
@@ -99,3 +100,25 @@ def test_hash_password_command_refuses_empty() -> None:
     assert result.returncode == 2
     assert result.stdout == ""
     assert "empty password" in result.stderr
+
+
+async def test_password_checks_are_bounded(phc: str) -> None:
+    """A flood of checks queues at most `max_waiting`; the rest are told to come back."""
+    slow = hash_password(PASSWORD, ln=14)
+    users = Users({"erp": slow}, max_waiting=3)
+    results = await asyncio.gather(*(users.check("erp", f"guess{i}") for i in range(8)),
+                                   return_exceptions=True)
+    busy = [r for r in results if isinstance(r, AuthBusy)]
+    assert len(busy) == 5 and results[:3] == [False, False, False]
+
+
+async def test_a_successful_login_is_remembered_briefly(phc: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    users = Users({"erp": phc})
+    assert await users.check("erp", PASSWORD)
+    calls: list[str] = []
+    monkeypatch.setattr("relay.smtp.auth.verify_password",
+                        lambda password, hashed: calls.append(password) or False)
+    assert await users.check("erp", PASSWORD)          # from memory: no scrypt
+    assert not await users.check("erp", "wrong")       # failures are never remembered
+    assert calls == ["wrong"]

@@ -5,6 +5,7 @@ error floods, password guessing, broken TLS. Each test that attacks from loopbac
 
 from __future__ import annotations
 
+import asyncio
 import re
 import smtplib
 import socket
@@ -17,10 +18,14 @@ from pathlib import Path
 
 import pytest
 from certs import make_certs
+from inprocess import InProcessIntake
 from rawsmtp import QUEUED, Raw, b64, plain, send_raw, simple_message
 from relayproc import RelayProcess, free_port
 from sink import Sink
 
+from relay.queue.committer import Committer
+from relay.queue.envelope import Envelope, new_queue_id
+from relay.queue.spool import Spool
 from relay.smtp.auth import hash_password
 
 RelayFactory = Callable[..., RelayProcess]
@@ -347,3 +352,66 @@ def test_listen_backlog_is_kept(relay_factory: RelayFactory, sink: Sink) -> None
                          text=True, check=True).stdout.split()
     assert out[0] == "LISTEN" and out[2] == "1024", out  # Send-Q of a listener: its backlog
 
+
+
+# --- one message's problem never fails another's --------------------------------------------
+
+class BrokenCommitter(Committer):
+    """A commit that fails with a bug of ours, not with an I/O error."""
+
+    async def commit(self, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug in the queue code")
+
+
+def test_internal_failure_after_354_keeps_the_session_in_data(tmp_path: Path) -> None:
+    with InProcessIntake(tmp_path, committer=BrokenCommitter) as intake, \
+            Raw(intake.port) as raw:
+        raw.ehlo()
+        body = (b"Subject: x\r\n\r\nRSET\r\nMAIL FROM:<evil@sender.test>\r\n"
+                b"RCPT TO:<victim@example.net>\r\nDATA\r\n")
+        assert send_raw(raw, body) == "451 4.3.0 Internal error, try again later"
+        assert raw.cmd("NOOP").startswith("250")  # nothing of the body was taken as commands
+    assert not list((tmp_path / "spool").iterdir())
+
+
+async def test_one_bad_envelope_never_fails_its_batch(tmp_path: Path) -> None:
+    committer = Committer(Spool(tmp_path), tmp_path / "index.sqlite", max_lifetime=3600)
+    committer.start()
+    try:
+        def envelope(n: int, helo: str = "client.test") -> Envelope:
+            return Envelope(id=new_queue_id(), sender="a@sender.test",
+                            recipients=("b@example.net",), received=time.time(), helo=helo)
+
+        good = [envelope(n) for n in range(20)]
+        bad = envelope(99, helo="b\udcffd")  # not UTF-8: cannot be written as JSON text
+        results = await asyncio.gather(
+            *(committer.commit(e, [b"Subject: x\r\n\r\nbody\r\n"], 25) for e in good[:10]),
+            committer.commit(bad, [b"x\r\n"], 3),
+            *(committer.commit(e, [b"Subject: x\r\n\r\nbody\r\n"], 25) for e in good[10:]),
+            return_exceptions=True)
+    finally:
+        committer.stop()
+    assert isinstance(results[10], UnicodeEncodeError)
+    assert [r for i, r in enumerate(results) if i != 10] == [None] * 20
+    assert committer.stats.failed_batches == 0
+    assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == sorted(e.id for e in good)
+
+
+def test_fail2ban_filter_finds_every_failed_auth(
+        auth_relay: tuple[RelayProcess, ssl.SSLContext, int]) -> None:
+    """The filter shipped in systemd/fail2ban, run by fail2ban's own fail2ban-regex on the
+    relay's real log: each failed AUTH is one hit on the client address, and a user name
+    crafted to look like another address bans nobody else."""
+    relay, context, tls_port = auth_relay
+    forged = "x event=auth_failed client=198.51.100.77"
+    with tls_raw(tls_port, context) as raw:
+        for user in ("alice", "bob", forged):
+            assert raw.cmd(f"AUTH PLAIN {plain(user, 'wrong')}").startswith("535")
+        assert raw.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}").startswith("235")
+    relay.wait_for_log("event=auth_ok")
+    filter_file = Path(__file__).parents[1] / "systemd" / "fail2ban" / "invoice-relay.conf"
+    out = subprocess.run(["fail2ban-regex", "-v", str(relay.log_path), str(filter_file)],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    hits = re.findall(r"^\|\s+(\S+)\s+\w{3} \w{3}", out, re.MULTILINE)
+    assert hits == ["127.0.0.1"] * 3, out
+    assert "198.51.100.77" not in "".join(hits)

@@ -7,8 +7,6 @@ submitted message after our one Received header), and that nothing partial is ev
 
 from __future__ import annotations
 
-import asyncio
-import ipaddress
 import os
 import re
 import smtplib
@@ -23,15 +21,13 @@ from pathlib import Path
 
 import pytest
 from certs import make_certs
+from inprocess import InProcessIntake
 from rawsmtp import ENHANCED, QUEUED, Raw, b64, plain, send_raw, simple_message
 from relayproc import RelayProcess, free_port
 from sink import Sink
 
-from relay.addresses import HostPort
-from relay.queue.committer import Committer
 from relay.queue.spool import Spool
 from relay.smtp.auth import hash_password
-from relay.smtp.server import Intake, IntakeContext
 
 RelayFactory = Callable[..., RelayProcess]
 
@@ -739,45 +735,6 @@ def fill_disk(relay_port: int, root: Path) -> tuple[Raw, list[str], list[str]]:
 def spool_files_at(root: Path) -> list[str]:
     spool = root / "spool"
     return sorted(p.name for p in spool.iterdir()) if spool.exists() else []
-
-
-class InProcessIntake:
-    """Intake alone (no delivery process) on its own loop in a thread: nothing else writes to
-    the disk, so a full disk is met exactly where the test wants it."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = 0
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._start())
-        self.ready.set()
-        self.loop.run_forever()
-
-    async def _start(self) -> None:
-        self.committer = Committer(Spool(self.root), self.root / "index.sqlite",
-                                   max_lifetime=3600)
-        self.committer.start()
-        ctx = IntakeContext(hostname="relay.test", trusted=[ipaddress.ip_network("127.0.0.0/8")],
-                            max_message_size=10 << 20, committer=self.committer)
-        self.intake = Intake(ctx, [HostPort("127.0.0.1", 0)], [])
-        await self.intake.start()
-        self.port = self.intake.bound()[0][1]
-
-    def __enter__(self) -> InProcessIntake:
-        self.thread.start()
-        assert self.ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.intake.drain(1), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.committer.stop()
 
 
 def test_full_disk_refuses_with_451_and_keeps_nothing_partial(tiny_disk: Path) -> None:

@@ -37,7 +37,7 @@ class PendingMessage:
     parts: Sequence[bytes]            # message bytes not yet written
     size: int                         # total message length
     future: asyncio.Future[None]
-    env: bytes = b""                  # the envelope as written into the file
+    env: bytes | None = None          # the envelope as written into the file
     fd: int | None = None             # set when a large message was already streamed to its file
     env_len: int = 0
     error: BaseException | None = None  # writing or syncing its file failed
@@ -90,7 +90,7 @@ class Committer:
 
         The envelope is serialised here, before the message joins a batch: a message that
         cannot be written for its own reasons fails alone, never its batch."""
-        env = envelope.to_json() if fd is None else b""
+        env = envelope.to_json() if fd is None else None
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         # The file is written and synced at once, in parallel with the batch being committed;
