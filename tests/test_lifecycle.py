@@ -183,7 +183,7 @@ def test_sighup_to_the_group_during_startup_stops_nothing(relay_factory, sink: S
     relay.wait_for_log("event=sighup process=delivery", timeout=10)
     time.sleep(0.3)
     assert relay.proc.poll() is None
-    assert "delivery_died" not in relay.new_log()
+    assert "event=child_died" not in relay.new_log()
     send(relay.port, "after-early-hup")
     sink.wait_for(1)
     assert relay.stop() == 0
