@@ -6,6 +6,7 @@ Never pass passwords or keys here; replies from remote servers are logged verbat
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 
@@ -22,12 +23,24 @@ def setup(level: int = logging.INFO) -> None:
     logging.getLogger("mail.log").setLevel(logging.ERROR)
 
 
+# Escaped inside quoted values: a control character from a remote reply or an unusable address
+# (a bare CR) must neither end the line nor be silently dropped from it.
+_SPECIAL = re.compile(r'[\x00-\x1f\x7f"\\]')
+_ESCAPES = {chr(c): f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {
+    "\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    return _ESCAPES[match.group()]
+
+
 def _quote(value: object) -> str:
     text = str(value)
     if text and all(c.isalnum() or c in "-._@:/+[]<>=" for c in text):
         return text
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "")
-    return f'"{escaped}"'
+    if _SPECIAL.search(text):
+        text = _SPECIAL.sub(_escape, text)
+    return f'"{text}"'
 
 
 def event(name: str, level: int = logging.INFO, **fields: object) -> None:
