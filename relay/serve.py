@@ -301,6 +301,8 @@ async def _delivery_main(config: Config, wake_fd: int, parent: int) -> int:
     with contextlib.suppress(asyncio.CancelledError):
         await runner
     await store.close()
-    log.event("stopped", process="delivery", delivered=engine.counters.delivered,
-              unknown=engine.counters.unknown)
+    done = engine.counters  # outcomes of this process's life, and what the stop gave back
+    log.event("stopped", process="delivery", delivered=done.delivered, deferred=done.deferred,
+              bounced=done.bounced, expired=done.expired, unknown=done.unknown,
+              released=done.released)
     return 0

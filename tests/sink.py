@@ -106,6 +106,8 @@ class _Handler:
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> Any:
+        if self.sink.hang == "rcpt":
+            await self.sink._hang()
         if self.sink.rcpt_reply is not None:
             reply = self.sink.rcpt_reply(address)
             if reply is not None:
@@ -119,6 +121,8 @@ class _Handler:
             server.transport.abort()
             # connection_lost() cancels this coroutine: no reply is ever sent.
             await asyncio.get_running_loop().create_future()
+        if sink.hang == "dot":
+            await sink._hang()
         if sink.accept_delay:
             await asyncio.sleep(sink.accept_delay)
         content = envelope.original_content or b""
@@ -147,8 +151,10 @@ class Sink:
     (None accepts); any "421 ..." reply also closes the connection after it is sent;
     `drop_after_dot` (bool, or called with a counter of final dots 1, 2, 3 ...) aborts the
     connection after the final dot without replying and counts it in `dropped`;
-    `accept_delay` waits that many seconds before replying to the final dot.
-    Accepted messages land in `messages` as `Received`.
+    `accept_delay` waits that many seconds before replying to the final dot; `hang` ("rcpt" or
+    "dot", settable while running) never answers that RCPT or the final dot, until the connection
+    goes (`drop_connections()`), and counts the sessions stuck so in `hung`.
+    Accepted messages land in `messages` as `Received`; `dots` counts final dots that arrived.
     """
 
     def __init__(
@@ -166,6 +172,7 @@ class Sink:
         data_reply: Callable[[bytes], str | None] | None = None,
         drop_after_dot: Callable[[int], bool] | bool = False,
         accept_delay: float = 0,
+        hang: str | None = None,
         hostname: str = "sink.test",
         data_size_limit: int = DATA_SIZE_LIMIT,
     ) -> None:
@@ -181,6 +188,8 @@ class Sink:
         self.data_reply = data_reply
         self.drop_after_dot = drop_after_dot
         self.accept_delay = accept_delay
+        self.hang = hang
+        self.hung = 0
         self.hostname = hostname
         self.data_size_limit = data_size_limit
         self.messages: list[Received] = []
@@ -281,7 +290,28 @@ class Sink:
                  tb: TracebackType | None) -> None:
         self.stop()
 
+    def drop_connections(self) -> None:
+        """Abort every open connection without a reply (callable from any thread)."""
+        loop = self._loop
+        assert loop is not None
+
+        def abort_all() -> None:
+            for protocol in list(self._connections):
+                protocol.abort()
+
+        loop.call_soon_threadsafe(abort_all)
+
     # ------------------------------------------------------------- results
+
+    @property
+    def dots(self) -> int:
+        with self._lock:
+            return self._counter
+
+    async def _hang(self) -> None:
+        with self._lock:
+            self.hung += 1
+        await asyncio.get_running_loop().create_future()  # connection_lost() cancels us
 
     def _should_drop(self) -> bool:
         with self._lock:

@@ -15,6 +15,7 @@ from certs import Certs, client_context, make_certs, server_context
 from sink import Sink
 
 from relay.delivery.client import (
+    Abandoned,
     ConnectFailed,
     ConnectionLost,
     LocalAddressError,
@@ -426,3 +427,95 @@ def test_starttls_and_send_under_uvloop(certs: Certs) -> None:
             loop.close()
         [received] = sink.wait_for(1)
         assert received.tls and received.data == MESSAGE * 100
+
+
+# ------------------------------------------------------------------- abandon (graceful stop)
+
+
+async def test_abandon_before_data_ends_with_rset_at_the_next_reply() -> None:
+    """Unpipelined, waiting for a RCPT reply: the transaction stops there with RSET, the
+    connection stays usable, DATA is never sent."""
+    seen: list[bytes] = []
+    rcpt_arrived = asyncio.Event()
+    answer_rcpt = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _greet(reader, writer, "8BITMIME")
+        seen.append(await reader.readuntil(b"\r\n"))  # MAIL
+        writer.write(b"250 2.1.0 ok\r\n")
+        seen.append(await reader.readuntil(b"\r\n"))  # first RCPT
+        rcpt_arrived.set()
+        await answer_rcpt.wait()
+        writer.write(b"250 2.1.5 ok\r\n")
+        seen.append(await reader.readuntil(b"\r\n"))  # RSET, not the second RCPT
+        writer.write(b"250 2.0.0 reset\r\n")
+        seen.append(await reader.readuntil(b"\r\n"))
+        writer.write(b"221 bye\r\n")
+
+    async with raw_server(script) as port:
+        client = await connect(port)
+        sending = asyncio.create_task(client.send("a@s.test", ["x@y.test", "z@y.test"], MESSAGE))
+        await rcpt_arrived.wait()
+        assert client.abandon() is False  # the dot is not out
+        answer_rcpt.set()
+        with pytest.raises(Abandoned):
+            await sending
+        assert client.usable
+        with pytest.raises(Abandoned):  # no new transaction on an abandoned connection
+            await client.send("a@s.test", ["x@y.test"], MESSAGE)
+        await client.quit()
+    assert seen == [b"MAIL FROM:<a@s.test>\r\n", b"RCPT TO:<x@y.test>\r\n", b"RSET\r\n",
+                    b"QUIT\r\n"]
+
+
+async def test_abandon_while_the_body_is_still_buffered_never_sends_the_dot() -> None:
+    """A receiver that stops reading mid-body: the rest of the body, dot included, is still in
+    our buffer; abandoning closes the connection and discards it."""
+    received = bytearray()
+    stalled = asyncio.Event()
+    resume = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _greet(reader, writer, "PIPELINING")
+        await reader.readuntil(b"DATA\r\n")
+        writer.write(b"250 ok\r\n250 ok\r\n354 go ahead\r\n")
+        stalled.set()
+        await resume.wait()  # read nothing until the client gave up
+        with contextlib.suppress(ConnectionError):
+            while chunk := await reader.read(1 << 20):
+                received.extend(chunk)
+
+    body = b"Subject: big\r\n\r\n" + b"x" * 998 + b"\r\n"
+    body *= 40_000  # 40 MB: more than the loopback socket buffers hold
+    async with raw_server(script) as port:
+        client = await connect(port)
+        sending = asyncio.create_task(client.send("a@s.test", ["x@y.test"], body))
+        await stalled.wait()
+        deadline = time.monotonic() + 5
+        while not client._writer.transport.get_write_buffer_size():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert not client.final_dot_sent
+        assert client.abandon() is False
+        with pytest.raises(Abandoned):
+            await sending
+        resume.set()
+        await asyncio.sleep(0.1)
+    assert not client.usable
+    assert len(received) < len(body) and not received.endswith(b"\r\n.\r\n")
+
+
+async def test_abandon_after_the_dot_keeps_waiting_for_the_reply() -> None:
+    with Sink(hang="dot") as sink:
+        client = await connect(sink.port)
+        sending = asyncio.create_task(client.send("s@s.test", ["a@y.test"], MESSAGE))
+        deadline = time.monotonic() + 5
+        while not sink.hung:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert client.final_dot_sent
+        assert client.abandon() is True  # the server may be delivering: wait for its word
+        assert client.usable and not sending.done()
+        client.close()  # what a stop does once its grace is over
+        tx = await sending
+        assert tx.outcome_unknown and tx.data is None

@@ -3,6 +3,7 @@ per queue folder, and a delivery process that dies with its parent."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import smtplib
@@ -11,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,18 @@ def refused(port: int) -> bool:
             return banner == b"" or banner.startswith(b"421")
     except OSError:
         return True
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def index_rows(relay: RelayProcess, query: str) -> list[tuple]:
+    with contextlib.closing(sqlite3.connect(relay.queue_dir / "index.sqlite", timeout=10)) as db:
+        return db.execute(query).fetchall()
 
 
 # the delivery process plus the intake processes beyond the main one
@@ -130,7 +144,7 @@ def test_sigterm_lets_a_delivery_in_progress_finish(relay_factory) -> None:
     with Sink(accept_delay=2) as slow:
         relay = relay_factory(routes={"example.net": [slow.address]}).start()
         queue_id = send(relay.port, "in-progress")
-        time.sleep(0.5)  # delivery is now waiting for the sink's reply to the final dot
+        wait_until(lambda: slow.dots == 1)  # delivery now waits for the reply to its final dot
         assert not slow.messages
         relay.signal(signal.SIGTERM)
         assert relay.proc.wait(10) == 0
@@ -152,6 +166,82 @@ def test_sigint_stops_like_sigterm(relay_factory, sink: Sink) -> None:
     relay.signal(signal.SIGINT)
     assert relay.proc.wait(10) == 0
     assert "Traceback" not in relay.new_log()
+
+
+def send_to(port: int, marker: str, rcpts: list[str]) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+        smtp.sendmail("app@invoices.test", rcpts, message(marker))
+
+
+def stop_event(relay: RelayProcess) -> dict[str, str]:
+    [stopped] = [e for e in relay.events("stopped") if e.get("process") == "delivery"]
+    return stopped
+
+
+def test_sigterm_releases_transactions_cut_off_before_the_dot(relay_factory) -> None:
+    """The destination never answers RCPT. A stop gives those transactions up at once (it does
+    not wait out the grace), sends no dot, counts no attempt, and the mail goes after restart."""
+    with Sink(hang="rcpt") as stuck:
+        relay = relay_factory(routes={"example.net": [stuck.address]}).start()
+        for n in range(3):
+            send(relay.port, f"cut-{n}")
+        wait_until(lambda: stuck.hung == 3)
+        started = time.monotonic()
+        relay.signal(signal.SIGTERM)
+        assert relay.proc.wait(10) == 0
+        assert time.monotonic() - started < 8
+        assert stuck.dots == 0
+        log = relay.new_log()
+        assert "Traceback" not in log and "event=delivery_error" not in log
+        released = relay.events("released")
+        assert len(released) == 3 and {e["rcpt"] for e in released} == {"ap@example.net"}
+        assert all("not counted as an attempt" in e["note"] for e in released)
+        stopped = stop_event(relay)
+        assert (stopped["released"], stopped["unknown"], stopped["deferred"]) == ("3", "0", "0")
+        assert index_rows(relay, "SELECT state, attempts FROM recipients") == [("queued", 0)] * 3
+        assert index_rows(relay, "SELECT COUNT(*) FROM attempts") == [(0,)]
+
+        stuck.hang = None  # the destination is healthy again
+        relay.start()
+        relay.wait_for_log("event=delivered", count=3)
+        assert sorted(markers(stuck)) == ["cut-0", "cut-1", "cut-2"]
+        assert all(e["attempt"] == "1" for e in relay.events("delivered"))
+        assert relay.stop() == 0
+
+
+def test_sigterm_records_unknown_for_a_dot_without_reply(relay_factory) -> None:
+    """The destination took the final dot and says nothing. The stop waits for the reply (the
+    sink drops the connections once the drain has begun, so the test need not wait out the
+    30 s grace), records the recipients as unknown, counts them; the restart delivers each
+    again, and the log says why that may be a duplicate. The end of the grace itself is
+    tested in process (test_engine.py)."""
+    with Sink(hang="dot") as silent:
+        relay = relay_factory(routes={"example.net": [silent.address]}).start()
+        for n in range(2):
+            send_to(relay.port, f"silent-{n}", ["ap@example.net", "ar@example.net"])
+        wait_until(lambda: silent.hung == 2)
+        relay.signal(signal.SIGTERM)
+        relay.wait_for_log("event=draining process=delivery")
+        assert relay.proc.poll() is None  # waiting for the replies
+        silent.drop_connections()
+        assert relay.proc.wait(10) == 0
+        unknown = relay.events("unknown")
+        assert len(unknown) == 4
+        assert all("possible duplicate" in e["note"] for e in unknown)
+        stopped = stop_event(relay)
+        assert (stopped["unknown"], stopped["delivered"], stopped["released"]) == ("4", "0", "0")
+        assert index_rows(relay, "SELECT DISTINCT state FROM recipients") == [("unknown",)]
+        queue_ids = {e["id"] for e in unknown}
+
+        silent.hang = None
+        relay.start()
+        relay.wait_for_log("event=delivered", count=4)
+        assert sorted(markers(silent)) == ["silent-0", "silent-1"]
+        delivered = relay.events("delivered")
+        assert {e["id"] for e in delivered} == queue_ids
+        assert all(e["attempt"] == "2" for e in delivered)
+        assert "Traceback" not in relay.log
+        assert relay.stop() == 0
 
 
 # --- SIGHUP ----------------------------------------------------------------------------------
@@ -183,7 +273,7 @@ def test_sighup_to_the_group_during_startup_stops_nothing(relay_factory, sink: S
     relay.wait_for_log("event=sighup process=delivery", timeout=10)
     time.sleep(0.3)
     assert relay.proc.poll() is None
-    assert "delivery_died" not in relay.new_log()
+    assert "event=child_died" not in relay.new_log()
     send(relay.port, "after-early-hup")
     sink.wait_for(1)
     assert relay.stop() == 0

@@ -17,6 +17,9 @@ from relay import log
     ("b\udcf8b", '"b\\xf8b"'),                        # a byte that was not UTF-8
     ("nul\x00", '"nul\\x00"'),
     ("caf\u00e9", '"caf\u00e9"'),
+    ("250 2.0.0 Ok", '"250 2.0.0 Ok"'),
+    ("esc\x1b del\x7f", '"esc\\x1b del\\x7f"'),
+    ("back\\slash", '"back\\\\slash"'),
 ])
 def test_values_are_quoted_and_escaped(value: str, shown: str) -> None:
     assert log._quote(value) == shown
@@ -40,3 +43,13 @@ def test_loop_errors_become_one_line(capsys: pytest.CaptureFixture[str]) -> None
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert 'event=loop_error message="Fatal error on transport"' in err
+
+
+def test_an_event_is_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="invoice-relay")
+    log.event("bounced", id="Q1", rcpt="bo\rb@example.net", reply="553 5.1.3 x\r\ny", none=None)
+    [record] = caplog.records
+    line = record.getMessage()
+    assert "\r" not in line and "\n" not in line
+    assert line.endswith(' event=bounced id=Q1 rcpt="bo\\rb@example.net"'
+                         ' reply="553 5.1.3 x\\r\\ny"')

@@ -327,6 +327,55 @@ def test_damaged_envelope_is_quarantined_not_deleted(tmp_path: Path, relay_facto
     assert relay.stop() == 0
 
 
+# --- (g) unusable addresses in files an older intake wrote -----------------------------------
+
+def test_unusable_addresses_in_old_spool_files_bounce_alone(tmp_path: Path, relay_factory,
+                                                            sink: Sink) -> None:
+    """Older intake let a bare CR or LF into an address. Such a recipient bounces alone (5.1.3,
+    with a DSN); a message whose sender is unusable bounces whole (5.1.7) without a DSN; an
+    envelope the index cannot even hold is quarantined. Nothing crashes, nothing stays active."""
+    q = Queue(tmp_path / "var")
+    mixed = q.plant("mixed", ("ok1@example.net", "bo\rb@example.net", "li\nne@example.net",
+                              "ok2@example.net"))
+    # Only on disk (its index commit was lost): recovery indexes it again.
+    bad_sender, data = q.message("bad-sender", ("x@example.net", "y@example.net"),
+                                 sender="ap\rp@example.net")
+    q.write(bad_sender, data)
+    # A lone surrogate in the JSON (same length as the placeholder it replaces).
+    unstorable, data = q.message("unstorable", ("XXXXXX@example.net",))
+    path = q.write(unstorable, data)
+    path.write_bytes(path.read_bytes().replace(b"XXXXXX@", b"\\udc80@", 1))
+
+    relay = start(relay_factory, sink)
+    received = sink.wait_for(2)
+    [dsn] = [m for m in received if m.mail_from in ("", "<>")]
+    [mail] = [m for m in received if m.mail_from not in ("", "<>")]
+    relay.wait_for_log(r"event=delivered", count=3)  # two recipients and the DSN
+    relay.wait_for_log(rf"event=dsn_skipped id={bad_sender.id} ")
+    assert mail.rcpt_tos == ["ok1@example.net", "ok2@example.net"]
+    assert dsn.rcpt_tos == ["app@example.net"]
+    assert b"Final-Recipient: utf-8; bo\\x{0D}b@example.net\r\n" in dsn.data
+    assert b"Final-Recipient: utf-8; li\\x{0A}ne@example.net\r\n" in dsn.data
+    assert b"\r" not in dsn.data.replace(b"\r\n", b"")
+    assert b"\n" not in dsn.data.replace(b"\r\n", b"")
+
+    assert q.states(mixed.id) == ["delivered", "bounced", "bounced", "delivered"]
+    assert q.states(bad_sender.id) == ["bounced", "bounced"]
+    assert q.sql("SELECT COUNT(*) FROM recipients WHERE state = 'active'") == [(0,)]
+    assert q.sql("SELECT COUNT(*) FROM messages") == [(3,)]  # one DSN, none to ap\rp@
+    bounced = {e["rcpt"]: e["status"] for e in relay.events("bounced")}
+    assert bounced == {"bo\\rb@example.net": "5.1.3", "li\\nne@example.net": "5.1.3",
+                       "x@example.net": "5.1.7", "y@example.net": "5.1.7"}
+    assert (q.root / "corrupt" / unstorable.id).exists()
+    [event] = relay.events("recovered")
+    assert event["reindexed"] == "1" and event["corrupt"] == "1"
+    log = relay.new_log()
+    assert "Traceback" not in log and "Task exception" not in log
+    assert "event=delivery_error" not in log
+    assert relay.stop() == 0
+    assert q.sql("SELECT COUNT(*) FROM recipients WHERE state = 'active'") == [(0,)]
+
+
 # --- after a clean stop ---------------------------------------------------------------------
 
 def test_clean_restart_keeps_queued_mail(tmp_path: Path, relay_factory, sink: Sink) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from relay.config import Config, SourceAddress
 from relay.delivery.client import (
+    Abandoned,
     ConnectionLost,
     LocalAddressError,
     Reply,
@@ -29,6 +30,8 @@ from relay.delivery.nexthop import NextHop
 from relay.queue.index import DueRecipient
 
 TLS_BROKEN_MEMORY = 3600.0  # after a failed handshake, talk plain text to that host for an hour
+_UNKNOWN_LOST = "connection lost after the final dot: outcome unknown"
+_UNKNOWN_STOPPING = "relay stopped before the reply to the final dot: outcome unknown"
 
 
 @dataclass(slots=True)
@@ -37,6 +40,9 @@ class Job:
 
     msg: str
     recipients: list[DueRecipient]
+    # The connection its transaction runs on, while it runs: a graceful stop asks it whether
+    # the final dot is out (SmtpClient.abandon).
+    client: SmtpClient | None = None
 
     @property
     def first(self) -> DueRecipient:
@@ -48,7 +54,7 @@ class Verdict:
     """What happened to one recipient in this attempt."""
 
     due: DueRecipient
-    kind: str                 # delivered | temporary | permanent | unknown
+    kind: str                 # delivered | temporary | permanent | unknown | released
     reply: str
     status: str               # enhanced status code
     hop: NextHop | None = None
@@ -73,6 +79,9 @@ class Attempter:
     tls_context: ssl.SSLContext = field(default_factory=lambda: _no_verify_context())
     tls_broken: dict[str, float] = field(default_factory=dict)
     rng: random.Random = field(default_factory=random.Random)
+    # Set by a graceful stop: no new hop is tried, and a transaction cut off before its final
+    # dot is released (given back unattempted) rather than counted as a failed attempt.
+    draining: bool = False
 
     def timeouts(self) -> Timeouts:
         return Timeouts(connect=self.config.delivery.connect_timeout)
@@ -133,43 +142,59 @@ class Attempter:
                 ordered.insert(0, conn.hop)
         last: tuple[str, str, NextHop | None] = ("451 4.4.1 No next hop answered", "4.4.1", None)
         lacked_utf8 = False
-        for hop in ordered:
-            if self.is_own_listener(hop):
-                _close(conn)
-                return self._all(job, "permanent", f"554 5.4.6 Mail for {job.first.domain} loops"
-                                 f" back to myself ({hop.address}:{hop.port})", "5.4.6", hop), None
-            if conn is None or conn.hop != hop or not conn.client.usable:
-                _close(conn)
-                conn = None
+        try:
+            for hop in ordered:
+                if self.draining:
+                    return self._released(job, hop), _close(conn)
+                if self.is_own_listener(hop):
+                    _close(conn)
+                    return self._all(job, "permanent", f"554 5.4.6 Mail for {job.first.domain}"
+                                     f" loops back to myself ({hop.address}:{hop.port})", "5.4.6",
+                                     hop), None
+                if conn is None or conn.hop != hop or not conn.client.usable:
+                    _close(conn)
+                    conn = None
+                    try:
+                        conn = await self.connect(hop)
+                    except LocalAddressError as exc:
+                        last = (f"451 4.4.0 Local source address problem: {exc}", "4.4.0", hop)
+                        continue
+                    except SmtpClientError as exc:
+                        last = (_describe(exc, hop), _status(exc, "4.4.1"), hop)
+                        continue
+                if job.first.smtputf8 and not conn.client.supports("SMTPUTF8"):
+                    lacked_utf8 = True
+                    _close(conn)
+                    conn = None
+                    continue
+                job.client = conn.client
                 try:
-                    conn = await self.connect(hop)
-                except LocalAddressError as exc:
-                    last = (f"451 4.4.0 Local source address problem: {exc}", "4.4.0", hop)
+                    tx = await conn.client.send(job.first.sender,
+                                                [r.rcpt for r in job.recipients], data,
+                                                mail_params=self._params(job, conn.client))
+                except ConnectionLost as exc:
+                    if self.draining or isinstance(exc, Abandoned):
+                        # Cut off by a graceful stop before the final dot: nothing was
+                        # delivered and this was no real attempt.
+                        return self._released(job, hop), conn if conn.client.usable \
+                            else _close(conn)
+                    last = (_describe(exc, hop), "4.4.2", hop)
+                    _close(conn)
+                    conn = None
                     continue
-                except SmtpClientError as exc:
-                    last = (_describe(exc, hop), _status(exc, "4.4.1"), hop)
+                finally:
+                    job.client = None
+                if not tx.mail.is_ok and not tx.mail.is_permanent:
+                    last = (tx.mail.text, _status_of(tx.mail, "4.0.0"), hop)
+                    _close(conn)
+                    conn = None
                     continue
-            if job.first.smtputf8 and not conn.client.supports("SMTPUTF8"):
-                lacked_utf8 = True
-                _close(conn)
-                conn = None
-                continue
-            try:
-                tx = await conn.client.send(job.first.sender, [r.rcpt for r in job.recipients],
-                                            data, mail_params=self._params(job, conn.client))
-            except ConnectionLost as exc:
-                last = (_describe(exc, hop), "4.4.2", hop)
-                _close(conn)
-                conn = None
-                continue
-            if not tx.mail.is_ok and not tx.mail.is_permanent:
-                last = (tx.mail.text, _status_of(tx.mail, "4.0.0"), hop)
-                _close(conn)
-                conn = None
-                continue
-            verdicts = self._judge(job, tx, conn)
-            conn.sent += 1
-            return verdicts, conn if conn.client.usable else _close(conn)
+                verdicts = self._judge(job, tx, conn)
+                conn.sent += 1
+                return verdicts, conn if conn.client.usable else _close(conn)
+        except BaseException:
+            _close(conn)  # an error or a cancel mid-attempt: the session state is unknown
+            raise
         _close(conn)
         if lacked_utf8 and last[2] is None:
             return self._all(job, "permanent", "554 5.6.7 No next hop supports SMTPUTF8, which"
@@ -199,8 +224,8 @@ class Attempter:
                                         _status_of(reply, "5.0.0" if kind == "permanent"
                                                    else "4.0.0"), hop, tls))
             elif tx.outcome_unknown:
-                verdicts.append(Verdict(due, "unknown", "connection lost after the final dot:"
-                                        " outcome unknown", "4.4.2", hop, tls))
+                verdicts.append(Verdict(due, "unknown", _UNKNOWN_STOPPING if self.draining
+                                        else _UNKNOWN_LOST, "4.4.2", hop, tls))
             elif tx.data is None:
                 verdicts.append(Verdict(due, "temporary", "451 4.4.2 no reply to DATA", "4.4.2",
                                         hop, tls))
@@ -217,6 +242,11 @@ class Attempter:
     def _all(job: Job, kind: str, reply: str, status: str, hop: NextHop | None,
              tls: str | None = None) -> list[Verdict]:
         return [Verdict(due, kind, reply, status, hop, tls) for due in job.recipients]
+
+    @classmethod
+    def _released(cls, job: Job, hop: NextHop | None) -> list[Verdict]:
+        return cls._all(job, "released", "relay stopping: transaction given up before the final"
+                        " dot", "4.3.2", hop)
 
 
 def _close(conn: Connection | None) -> None:

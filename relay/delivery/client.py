@@ -104,6 +104,19 @@ class TlsFailed(SmtpClientError):
     """The STARTTLS handshake failed; the connection has been closed."""
 
 
+class Abandoned(ConnectionLost):
+    """The transaction was given up before its final dot (see `SmtpClient.abandon`): nothing
+    was delivered. The connection is still usable when it ended with RSET."""
+
+
+# Where the current transaction stands, for a graceful stop (see `SmtpClient.abandon`).
+IDLE = "idle"            # no transaction
+ENVELOPE = "envelope"    # MAIL and RCPT sent one by one, DATA not yet
+DATA = "data"            # DATA sent (pipelined with MAIL/RCPT, or after them), body not yet
+BODY = "body"            # body and final dot written, not all handed to the kernel yet
+DOT = "dot"              # the final dot left this host: the outcome is the server's now
+
+
 @dataclass(slots=True)
 class Transaction:
     mail: Reply
@@ -274,6 +287,8 @@ class SmtpClient:
         self._closed = False
         self._saw_421 = False
         self._busy = False
+        self._phase = IDLE
+        self._abandoned = False
         self.extensions = {}
         self.tls_version = None
         peer = writer.get_extra_info("peername")
@@ -371,13 +386,36 @@ class SmtpClient:
             and not self._reader.at_eof()
         )
 
+    @property
+    def final_dot_sent(self) -> bool:
+        """Whether the current transaction's final dot has been handed to the kernel."""
+        if self._phase == BODY and not self._writer.transport.get_write_buffer_size():
+            self._phase = DOT  # drain() has not returned yet, but nothing is left to send
+        return self._phase == DOT
+
+    def abandon(self) -> bool:
+        """Give up the current transaction for a graceful stop, unless its final dot is out.
+
+        Returns True when the dot has left this host: the server may be delivering, so the
+        caller waits for its reply. Otherwise the dot is never sent: before DATA the transaction
+        ends with RSET at its next reply (`send` raises Abandoned); later the connection is
+        closed at once, discarding whatever of the body was still buffered."""
+        if self.final_dot_sent:
+            return True
+        self._abandoned = True
+        if self._phase != ENVELOPE:
+            self.close()
+        return False
+
     async def send(self, sender: str, recipients: Sequence[str], data: bytes, *,
                    mail_params: Sequence[str] = ()) -> Transaction:
         """One mail transaction. `data`: CRLF line endings, not dot-stuffed, no final dot."""
-        _check_no_crlf(sender, *recipients, *mail_params)
+        _check_no_crlf(sender, *recipients, *mail_params)  # the last line of defence
         rcpts = list(dict.fromkeys(recipients))  # a duplicate RCPT could deliver twice
         if not rcpts:
             raise ValueError("no recipients")
+        if self._abandoned:
+            raise Abandoned("connection given up for a graceful stop", stage="mail")
         if not self.usable:
             raise ConnectionLost("connection is not usable", stage="mail")
         if self._busy:
@@ -392,11 +430,20 @@ class SmtpClient:
         except _ServiceClosing as exc:
             progress.record_421(exc.reply)
             self.close()
+        except Abandoned:
+            raise  # ended with RSET (still usable) or already closed
+        except ConnectionLost as exc:
+            self.close()
+            if self._abandoned:  # abandon() closed it: say why (a drop after the dot is no error)
+                raise Abandoned("transaction given up before the final dot",
+                                stage=exc.stage) from exc
+            raise
         except BaseException:
             self.close()  # cancelled or lost mid-transaction: the session state is unknown
             raise
         finally:
             self._busy = False
+            self._phase = IDLE
         return progress.transaction()
 
     def _mail_command(self, sender: str, mail_params: Sequence[str], size: int) -> bytes:
@@ -411,6 +458,7 @@ class SmtpClient:
         commands = [self._mail_command(sender, mail_params, len(data))]
         commands += [f"RCPT TO:<{rcpt}>\r\n".encode() for rcpt in progress.recipients]
         commands.append(b"DATA\r\n")
+        self._phase = DATA
         self._write(b"".join(commands), "mail")
         await self._drain("mail", t.mail)
         progress.mail = await self._expect("mail", t.mail)
@@ -435,15 +483,19 @@ class SmtpClient:
                           mail_params: Sequence[str]) -> None:
         t = self._timeouts
         mail_cmd = self._mail_command(sender, mail_params, len(data))
+        self._phase = ENVELOPE
         progress.mail = await self._transaction_command(mail_cmd, "mail", t.mail)
         if not progress.mail.is_ok:
             return
         for rcpt in progress.recipients:
+            await self._unless_abandoned()
             command = f"RCPT TO:<{rcpt}>\r\n".encode()
             progress.rcpt[rcpt] = await self._transaction_command(command, "rcpt", t.rcpt)
         if not progress.any_rcpt_ok:
             await self._reset_quietly()
             return
+        await self._unless_abandoned()
+        self._phase = DATA
         data_reply = await self._transaction_command(b"DATA\r\n", "data", t.data_init)
         await self._after_data_command(progress, data_reply, data)
 
@@ -461,16 +513,34 @@ class SmtpClient:
             return
         await self._send_body(progress, data)
 
+    async def _unless_abandoned(self) -> None:
+        """Between the commands of an unpipelined transaction: end an abandoned one politely."""
+        if self._abandoned:
+            await self._reset_quietly()
+            raise Abandoned("transaction given up before DATA (RSET)", stage="rcpt")
+
     async def _empty_message(self) -> None:
+        if self._abandoned:
+            self.close()
+            raise Abandoned("transaction given up before the final dot", stage="data")
         self._write(b".\r\n", "data")
         await self._drain("data", self._timeouts.data_block)
         await self._expect("data", self._timeouts.data_end)
 
     async def _send_body(self, progress: _Progress, data: bytes) -> None:
+        if self._abandoned:  # never send a final dot once the transaction is given up
+            self.close()
+            raise Abandoned("transaction given up before the final dot", stage="data")
+        self._phase = BODY
         self._write_parts(stuff_dots(data))
         # The write buffer limit is 0, so drain() returns only once the final dot has been
         # handed to the kernel; a failure before that is a certain non-delivery.
         await self._drain("data", self._timeouts.data_block)
+        if self._abandoned:
+            # abandon() aborted the connection with part of the body still buffered (an abort
+            # ends drain() without an error): the dot never left.
+            raise Abandoned("transaction given up before the final dot", stage="data")
+        self._phase = DOT
         try:
             reply = await self._read_reply("data", self._timeouts.data_end)
         except ConnectionLost:

@@ -172,12 +172,14 @@ def _human_part(mta: str, failures: Sequence[FailedRecipient]) -> bytes:
 
 def _explain(failure: FailedRecipient) -> list[str]:
     """`<rcpt>: host mx said:` then the reply verbatim, indented, one line per reply line."""
+    recipient = _printable(failure.recipient)
     if failure.diagnostic is None:
         reason = _STATUS_TEXT.get(failure.status, "delivery failed")
-        return [f"<{failure.recipient}>: {reason} (status {failure.status})"]
-    where = f"host {failure.remote_mta} said" if failure.remote_mta else "the remote server said"
-    reply = [line for line in _LINE_BREAK.split(failure.diagnostic) if line]
-    return [f"<{failure.recipient}>: {where}:"] + ["    " + line for line in reply]
+        return [f"<{recipient}>: {reason} (status {failure.status})"]
+    # Without a remote host the reply is our own (DNS, a loop, an unusable address).
+    where = f" host {failure.remote_mta} said:" if failure.remote_mta else ""
+    reply = [_printable(line) for line in _LINE_BREAK.split(failure.diagnostic) if line]
+    return [f"<{recipient}>:{where}"] + ["    " + line for line in reply]
 
 
 # ---- part 2: message/delivery-status, for programs --------------------------------------------
@@ -230,8 +232,9 @@ def _diagnostic_lines(reply: str) -> list[str]:
 
 
 def _address_field(address: str) -> str:
-    """RFC 3464 address type: `rfc822;` for ASCII, RFC 6533 `utf-8;` (7-bit xtext form) else."""
-    if address.isascii():
+    """RFC 3464 address type: `rfc822;` for printable ASCII, RFC 6533 `utf-8;` (7-bit xtext
+    form, which also escapes control characters) else."""
+    if address.isascii() and address.isprintable():
         return f"rfc822; {address}"
     return f"utf-8; {_utf8_addr_xtext(address)}"
 
@@ -246,6 +249,14 @@ def _utf8_addr_xtext(text: str) -> str:
         else:
             out.append(f"\\x{{{code:02X}}}")
     return "".join(out)
+
+
+def _printable(text: str) -> str:
+    """`text` for a human-readable line: control characters (a bare CR from an unusable address)
+    and lone surrogates escaped as \\x{HEX}, so they can neither end nor break a line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == "\t" else f"\\x{{{ord(c):02X}}}" for c in text)
 
 
 def _xtext_unicode(line: str) -> str:

@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from relay import log
+from relay.addresses import address_problem
 from relay.config import Config, DestinationPolicy
 from relay.delivery import retry
 from relay.delivery.attempt import Attempter, Connection, Job, Verdict
@@ -31,6 +32,8 @@ IDLE_POLL = 1.0            # seconds between index polls when nothing wakes us
 CONNECTION_IDLE = 2.0      # keep an idle connection this long for more jobs
 RCPTS_PER_TRANSACTION = 50
 MAX_HOPS = 50              # more Received headers than this: a mail loop (Postfix hopcount_limit)
+STOP_WAIT = 2.0            # after the drain grace: for workers to record what they cut off
+FLUSH_WAIT = 5.0           # at a stop: for the last outcomes to be recorded
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 
@@ -59,6 +62,7 @@ class Counters:
     bounced: int = 0
     expired: int = 0
     unknown: int = 0
+    released: int = 0   # claimed, then given back unattempted by a graceful stop
 
 
 class DeliveryEngine:
@@ -74,29 +78,42 @@ class DeliveryEngine:
         self.stopping = False
         self.counters = Counters()
         self._workers: set[asyncio.Task[None]] = set()
+        self._running: dict[asyncio.Task[None], Job] = {}  # worker -> the job it runs now
         store.on_recorded = self._recorded
 
     # --- the claim loop -----------------------------------------------------------------
 
     async def run(self) -> None:
         while not self.stopping:
-            self.wake.clear()
-            room = MAX_IN_FLIGHT - len(self.in_flight)
-            if room > 0:
-                try:
-                    due = await self.store.claim(time.time(), min(room, CLAIM_BATCH))
-                except Exception as exc:  # e.g. the disk is full: try again later, never die
-                    due = []
-                    if not self.store.spend_reserve(exc):
-                        log.event("claim_failed", level=40,
-                                  error=f"{type(exc).__name__}: {exc}")
-                        await asyncio.sleep(IDLE_POLL)
-                self.dispatch(due)
-                if len(due) == min(room, CLAIM_BATCH):
-                    continue  # more may be due right now
-            await self.store.maintain()
+            try:
+                more = await self._claim_round()
+            except Exception as exc:  # a bug must not stop delivery for good
+                log.event("delivery_error", level=40, error=_cause(exc), stage="claim")
+                more = False
+            if more:
+                continue  # more may be due right now
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), IDLE_POLL)
+
+    async def _claim_round(self) -> bool:
+        """Claim and dispatch due recipients; True when more may be due right now."""
+        self.wake.clear()
+        room = MAX_IN_FLIGHT - len(self.in_flight)
+        if room > 0:
+            try:
+                due = await self.store.claim(time.time(), min(room, CLAIM_BATCH))
+            except Exception as exc:  # e.g. the disk is full: try again later, never die
+                due = []
+                if not self.store.spend_reserve(exc):
+                    log.event("claim_failed", level=40, error=_cause(exc))
+                    await asyncio.sleep(IDLE_POLL)
+            if self.stopping:
+                return False  # claimed during the stop: drain() gives them back
+            self.dispatch(due)
+            if len(due) == min(room, CLAIM_BATCH):
+                return True
+        await self.store.maintain()
+        return False
 
     def dispatch(self, due: list[DueRecipient]) -> None:
         jobs: dict[tuple[str, str, int], Job] = {}
@@ -131,7 +148,14 @@ class DeliveryEngine:
         dest.workers += 1
         task = asyncio.get_running_loop().create_task(self._worker(dest))
         self._workers.add(task)
-        task.add_done_callback(self._workers.discard)
+        task.add_done_callback(self._worker_done)
+
+    def _worker_done(self, task: asyncio.Task[None]) -> None:
+        self._workers.discard(task)
+        # Jobs catch their own errors; this is for the worker's bookkeeping (and it retrieves
+        # the exception, so asyncio never prints "Task exception was never retrieved").
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.event("delivery_error", level=40, error=_cause(exc), stage="worker")
 
     # --- connection workers ---------------------------------------------------------------
 
@@ -142,7 +166,7 @@ class DeliveryEngine:
                 if not dest.jobs and not await self._wait_for_job(dest):
                     break
                 job = dest.jobs.popleft()
-                conn = await self._run_job(dest, job, conn)
+                conn = await self._attempt(dest, job, conn)
                 if conn is not None and conn.sent >= dest.max_per_connection:
                     await conn.client.quit()
                     conn = None
@@ -175,8 +199,34 @@ class DeliveryEngine:
             dest.idle -= 1
         return bool(dest.jobs) and not self.stopping
 
+    async def _attempt(self, dest: Destination, job: Job, conn: Connection | None
+                       ) -> Connection | None:
+        """Run one job; whatever it raises, its recipients get an outcome and the worker lives.
+
+        No outcome has been submitted when `_run_job` raises (`_finish` is its last step)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._running[task] = job
+        try:
+            return await self._run_job(dest, job, conn)
+        except Exception as exc:
+            # A bug or an input nobody foresaw: defer the job on the retry schedule (it
+            # expires at max_lifetime as usual) and drop the connection, whose state is unknown.
+            log.event("delivery_error", level=40, id=job.msg, error=_cause(exc), stage="job")
+            _close(conn)
+            reply = f"451 4.3.0 Local delivery error: {_cause(exc)}"
+            self._finish(job, [Verdict(d, "temporary", reply, "4.3.0") for d in job.recipients])
+            return None
+        finally:
+            del self._running[task]
+
     async def _run_job(self, dest: Destination, job: Job, conn: Connection | None
                        ) -> Connection | None:
+        screened = self._screen(job)
+        if screened:
+            self._finish(job, screened)
+            if not job.recipients:
+                return conn
         try:
             hops = await self._hops(dest)
         except DnsFailure as exc:
@@ -202,6 +252,32 @@ class DeliveryEngine:
         self._finish(job, verdicts)
         return conn
 
+    @staticmethod
+    def _screen(job: Job) -> list[Verdict]:
+        """Bounce the addresses that must never reach the wire, and take them out of the job.
+
+        A control character (such as the bare CR an older intake let into a spool file), invalid
+        UTF-8, non-ASCII without SMTPUTF8 or an over-long path would break the session or
+        inject commands. A bad recipient bounces alone (5.1.3); a bad sender bounces every
+        recipient (5.1.7), and gets no DSN: it could not be delivered safely either."""
+        utf8 = job.first.smtputf8
+        problem = address_problem(job.first.sender, smtputf8=utf8)
+        if problem is not None:
+            reply = f"553 5.1.7 Unusable sender address ({problem.value}); no DSN sent"
+            screened = [Verdict(d, "permanent", reply, "5.1.7") for d in job.recipients]
+            job.recipients = []
+            return screened
+        screened = []
+        for d in job.recipients:
+            problem = address_problem(d.rcpt, smtputf8=utf8)
+            if problem is not None:
+                screened.append(Verdict(d, "permanent", "553 5.1.3 Unusable recipient address"
+                                        f" ({problem.value})", "5.1.3"))
+        if screened:
+            job.recipients = [d for d in job.recipients
+                              if all(v.due is not d for v in screened)]
+        return screened
+
     async def _hops(self, dest: Destination) -> list[NextHop]:
         port = self.config.delivery.port
         if dest.policy is not None and dest.policy.routes:
@@ -225,6 +301,11 @@ class DeliveryEngine:
         results = []
         for v in verdicts:
             due = v.due
+            if v.kind == "released":
+                # Cut off by a graceful stop before its final dot: not an attempt. drain()
+                # gives every claimed recipient that has no outcome back to the queue.
+                self._log_released(due, v.hop, v.reply)
+                continue
             status = v.status
             if v.kind == "delivered":
                 state, next_at = DELIVERED, now
@@ -243,14 +324,16 @@ class DeliveryEngine:
             results.append(Result(due, outcome, status))
         # Not awaited: the connection goes on with its next job while the outcome is recorded
         # in the next batch. The recipients stay in flight (claimed) until it is.
-        self.store.submit(results)
+        if results:
+            self.store.submit(results)
 
     def _recorded(self, results: list[Result], dsns: int) -> None:
         for r in results:
             self.in_flight.discard((r.outcome.msg, r.outcome.idx))
-            self._log(r)
         if dsns or results:
             self.wake.set()
+        for r in results:
+            self._log(r)
 
     def _log(self, r: Result) -> None:
         o = r.outcome
@@ -264,24 +347,76 @@ class DeliveryEngine:
             fields["next_attempt"] = time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                    time.gmtime(o.next_attempt))
         if state == UNKNOWN:
-            fields["note"] = "connection lost after the final dot; will retry (possible duplicate)"
+            fields["note"] = "no reply to the final dot; will retry (possible duplicate)"
         log.event(state, **fields)
+
+    @staticmethod
+    def _log_released(due: DueRecipient, hop: NextHop | None, why: str) -> None:
+        log.event("released", id=due.msg, rcpt=due.rcpt, host=hop.name if hop else None,
+                  address=f"{hop.address}:{hop.port}" if hop else None, reply=why,
+                  attempt=due.attempts + 1, note="not counted as an attempt; due again")
 
     # --- shutdown -----------------------------------------------------------------------
 
     async def drain(self, grace: float) -> None:
-        """Stop taking work; let deliveries in progress finish for up to `grace` seconds."""
+        """Stop taking work, then stop so that every claimed recipient has an outcome.
+
+        No new final dot is sent. A transaction before its dot is given up at once (RSET when
+        that is still possible, otherwise the connection is closed) and its recipients are
+        released. A transaction whose dot is out may still get its reply within `grace`
+        seconds; after that its recipients are recorded as unknown (retried: maybe a
+        duplicate). Whatever else was claimed goes back to the queue unattempted."""
         self.stopping = True
+        self.attempter.draining = True
         self.wake.set()
         for dest in self.destinations.values():
-            dest.more.set()
+            dest.more.set()  # idle workers quit their connections
+        for task, job in list(self._running.items()):
+            if job.client is None:  # resolving, reading the spool, connecting: nothing sent
+                for due in job.recipients:
+                    self._log_released(due, None, "relay stopping: no transaction started")
+                task.cancel()
+            else:
+                job.client.abandon()
         if self._workers:
-            _, pending = await asyncio.wait(set(self._workers), timeout=grace)
+            await asyncio.wait(set(self._workers), timeout=grace)
+        # Grace over: stop waiting for replies. Closing makes a transaction whose dot is out
+        # end as unknown, and one that was waiting to send RSET as released.
+        for task, job in list(self._running.items()):
+            if job.client is not None:
+                job.client.close()
+            else:
+                task.cancel()
+        if self._workers:
+            _, pending = await asyncio.wait(set(self._workers), timeout=STOP_WAIT)
             for task in pending:
                 task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=5)
-        await self.store.flush()
+        await self._give_back()
+
+    async def _give_back(self) -> None:
+        """Record what the stop cut off, then release whatever is still claimed."""
+        try:
+            await asyncio.wait_for(self.store.flush(), FLUSH_WAIT)
+        except TimeoutError:  # outcomes still being recorded must not be released under them
+            log.event("release_skipped", level=30, note="outcomes not recorded yet; claimed"
+                      " recipients become due again at the next start")
+            return
+        try:
+            self.counters.released += await self.store.release_claimed()
+        except Exception as exc:
+            log.event("release_failed", level=40, error=_cause(exc),
+                      note="claimed recipients become due again at the next start")
+
+
+def _close(conn: Connection | None) -> None:
+    if conn is not None:
+        conn.client.close()
+
+
+def _cause(exc: BaseException) -> str:
+    """`Type: message` on one line, for a log field or a recorded reply."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}"[:300]
 
 
 def received_count(data: bytes) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from relay import log
+from relay.addresses import address_problem
 from relay.delivery.dsn import FailedRecipient, build_dsn, original_headers
 from relay.queue.envelope import BOUNCED, EXPIRED, FINAL_STATES, Envelope, new_queue_id
 from relay.queue.index import DueRecipient, Index, Outcome
@@ -80,6 +81,12 @@ class DeliveryStore:
         assert self._index is not None
         return await self._run(self._index.next_due)
 
+    async def release_claimed(self) -> int:
+        """At a graceful stop, once every outcome is recorded: whatever is still claimed was
+        never attempted, and is due again (the only delivery process is this one)."""
+        assert self._index is not None
+        return await self._run(self._index.release_active, time.time())
+
     async def read_message(self, queue_id: str) -> bytes:
         return await asyncio.to_thread(self.spool.read_message, queue_id)
 
@@ -107,7 +114,11 @@ class DeliveryStore:
                 if not fut.done():
                     fut.set_result(None)
             if self.on_recorded is not None:
-                self.on_recorded(results, dsns)
+                try:
+                    self.on_recorded(results, dsns)
+                except Exception as exc:  # recorded all the same; the next batch must go on
+                    log.event("delivery_error", level=40, stage="recorded",
+                              error=f"{type(exc).__name__}: {exc}")
 
     async def _record_until_done(self, results: list[Result]) -> int:
         """Record a batch, retrying (never dropping it) while the disk is full or failing.
@@ -188,7 +199,11 @@ class DeliveryStore:
         new: list[tuple[Envelope, int]] = []
         try:
             for msg, items in failed.items():
-                envelope, data = self._dsn(msg, items)
+                made_dsn = self._dsn_or_none(msg, items)
+                if made_dsn is None:
+                    made.add(msg)  # none to make, now or when a failed batch is retried
+                    continue
+                envelope, data = made_dsn
                 fd = self.spool.create(envelope, [data], complete=True)
                 new.append((envelope, len(data)))
                 try:
@@ -196,16 +211,33 @@ class DeliveryStore:
                     self.syncs += 1
                 finally:
                     os.close(fd)
-            self.spool.sync_dir()
-            self.syncs += 1
-            assert self._index is not None
-            self._index.insert(new, self.max_lifetime)
+            if new:
+                self.spool.sync_dir()
+                self.syncs += 1
+                assert self._index is not None
+                self._index.insert(new, self.max_lifetime)
         except BaseException:
             for envelope, _ in new:  # not queued after all: the retry makes them again
                 self.spool.remove(envelope.id)
             raise
         made.update(failed)
         return len(new)
+
+    def _dsn_or_none(self, msg: str, items: list[Result]) -> tuple[Envelope, bytes] | None:
+        """The DSN for `items`, or None when none can be sent: to an unusable sender (it would
+        bounce itself, or carry the sender's control characters into a new envelope), or
+        when building it fails. The bounces are recorded either way: one message's DSN must
+        never hold up the recording of every other outcome."""
+        first = items[0].due
+        problem = address_problem(first.sender, smtputf8=first.smtputf8)
+        if problem is not None:
+            log.event("dsn_skipped", level=30, id=msg, reason=f"unusable sender ({problem.value})")
+            return None
+        try:
+            return self._dsn(msg, items)
+        except (ValueError, UnicodeError) as exc:
+            log.event("dsn_failed", level=40, id=msg, error=f"{type(exc).__name__}: {exc}")
+            return None
 
     def _dsn(self, msg: str, items: list[Result]) -> tuple[Envelope, bytes]:
         first = items[0].due

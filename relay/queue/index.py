@@ -211,7 +211,9 @@ class Index:
         return row[0] == 0
 
     def release_active(self, now: float) -> int:
-        """At startup no delivery is running: whatever a dead process had claimed is due again."""
+        """Make every claimed recipient due again, without counting an attempt: at startup
+        (whatever a dead process had claimed), and at the end of a graceful stop (whatever
+        the delivery process claimed and never attempted)."""
         with self._transaction():
             cur = self.conn.execute(
                 f"UPDATE recipients SET state = CASE WHEN attempts = 0 THEN '{QUEUED}'"

@@ -6,12 +6,15 @@
 - final states recorded in a spool file but lost by the index are re-applied (no re-sending);
 - a pending index row whose spool file is gone is closed and logged (it cannot be delivered);
 - recipients a dead delivery process had claimed ('active') become due again.
+Addresses are not judged here: a file an older intake wrote with an unusable address (a bare CR)
+is indexed like any other, and delivery bounces that recipient alone (5.1.3) when its turn comes.
 A damaged spool file (readable header, unreadable envelope) is moved to `corrupt/`, never deleted.
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +92,15 @@ def _check_file(spool: Spool, index: Index, queue_id: str, known: bool, max_life
         spool.remove(queue_id)  # finished; the crash came between the commit and the unlink
         return
     if not known:
-        index.insert([(entry.envelope, entry.message_length)], max_lifetime)
+        try:
+            index.insert([(entry.envelope, entry.message_length)], max_lifetime)
+        except (ValueError, TypeError, AttributeError, sqlite3.ProgrammingError) as exc:
+            # An envelope the index cannot hold (a lone surrogate in an address, a field of the
+            # wrong type): keep the file for an operator, never crash the start.
+            _quarantine(spool, queue_id)
+            report.corrupt += 1
+            log.event("spool_corrupt", id=queue_id, error=f"{type(exc).__name__}: {exc}")
+            return
         report.reindexed += 1
         log.event("reindexed", id=queue_id, nrcpt=len(entry.envelope.recipients))
     if entry.finals:
