@@ -400,6 +400,7 @@ class QueueConfig:
     min_free_space: int | Percent = 2 << 30
     dedupe_window: float = 86400.0
     retention: float = 400 * 86400.0
+    segment_size: int = 32 << 20  # our addition: size of each preallocated spool segment
 
     def retry_delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt `attempt` (1-based); the last step repeats."""
@@ -799,9 +800,17 @@ def _queue(t: _Table, base: Path) -> QueueConfig:
         min_free_space=t.value("min_free_space", lambda v: parse_size(v, percent=True), 2 << 30),
         dedupe_window=t.value("dedupe_window", parse_duration, 86400.0),
         retention=t.value("retention", parse_duration, 400 * 86400.0),
+        segment_size=t.value("segment_size", _segment_size, 32 << 20),
     )
     t.finish()
     return queue
+
+
+def _segment_size(value: object) -> int:
+    size = _positive_bytes(value)
+    if not 64 << 10 <= size <= 1 << 30:
+        raise ValueError(f"{_describe(value)}: must be between 64KiB and 1GiB")
+    return size
 
 
 def _source_address(t: _Table, hostname: str) -> SourceAddress | None:

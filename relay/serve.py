@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import fcntl
 import os
+import select
 import signal
 import socket
 import sqlite3
@@ -31,12 +32,13 @@ import uvloop
 from relay import log
 from relay.config import Config, load_or_exit
 from relay.queue.committer import Committer
-from relay.queue.recovery import mark_clean_shutdown, recover
+from relay.queue.notices import Committed, NoticeWriter, read_pipes
+from relay.queue.recovery import recover
 from relay.queue.space import FreeSpaceGuard, Reserve, floor_bytes
-from relay.queue.spool import Spool
 from relay.smtp.authlimit import AuthFailureLimiter
 
 DRAIN_GRACE = 30.0
+DELIVERY_START_TIMEOUT = 30.0
 INTAKE_PROCESSES = max(1, min(2, os.cpu_count() or 1))
 EXIT_CONFIG = 78
 PR_SET_PDEATHSIG = 1
@@ -58,7 +60,8 @@ def serve(cli_config: str | None) -> int:
         return EXIT_CONFIG
     db_path = root / "index.sqlite"
     try:
-        report = recover(root, db_path, max_lifetime=config.queue.max_lifetime)
+        report = recover(root, db_path, max_lifetime=config.queue.max_lifetime,
+                         segment_size=config.queue.segment_size)
     except sqlite3.DatabaseError as exc:
         # Damage does not heal by restarting: say what to do, and stop a restart loop (78).
         transient = isinstance(exc, sqlite3.OperationalError)
@@ -87,21 +90,31 @@ def serve(cli_config: str | None) -> int:
     limit = config.server.auth_failure_limit
     # Created before the fork: every intake process shares the same buckets.
     auth_limiter = AuthFailureLimiter(limit.count, limit.period) if limit else None
-    wake_read, wake_write = os.pipe()
-    os.set_blocking(wake_write, False)
+    # One notice pipe per intake process, read by the delivery process (see relay.queue.notices).
+    pipes = [os.pipe() for _ in range(INTAKE_PROCESSES)]
+    read_ends, write_ends = [r for r, _ in pipes], [w for _, w in pipes]
     parent = os.getpid()
-    delivery = _fork(lambda: _delivery_main(config, wake_read, parent), parent, "relay-delivery",
-                     close=[wake_write, *(sock.fileno() for sock, _ in listeners)])
-    os.close(wake_read)
+    ready_read, ready_write = os.pipe()
+    delivery = _fork(lambda: _delivery_main(config, read_ends, ready_write), parent,
+                     "relay-delivery",
+                     close=[*write_ends, ready_read, *(sock.fileno() for sock, _ in listeners)])
+    for fd in (*read_ends, ready_write):
+        os.close(fd)
+    if not _wait_ready(ready_read, DELIVERY_START_TIMEOUT):
+        log.event("child_died", level=40, process="delivery", note="it never became ready")
+        _wait_child(delivery, 1)
+        lock.close()
+        return 1
     # More intake processes accept from the same listening sockets, so that SMTP intake, the
     # busiest stage, is spread over the cores; delivery runs beside them.
-    helpers = [_fork(lambda: _intake_main(config, wake_write, listeners, reserve_path,
-                                          auth_limiter), parent,
-                     "relay-intake") for _ in range(INTAKE_PROCESSES - 1)]
+    helpers = [_fork_intake(config, slot, write_ends, listeners, reserve_path, auth_limiter,
+                            parent) for slot in range(1, INTAKE_PROCESSES)]
+    for fd in write_ends[1:]:
+        os.close(fd)
     _name_process("relay-intake")
     children = [delivery, *helpers]
     try:
-        code = uvloop.run(_intake_main(config, wake_write, listeners, reserve_path,
+        code = uvloop.run(_intake_main(config, 0, write_ends[0], listeners, reserve_path,
                                        auth_limiter, children=children))
     finally:
         for pid in children:
@@ -110,9 +123,25 @@ def serve(cli_config: str | None) -> int:
         for pid in children:
             _wait_child(pid, DRAIN_GRACE + 10)
         lock.close()
-    if code == 0:
-        mark_clean_shutdown(root)
     return code
+
+
+def _wait_ready(fd: int, timeout: float) -> bool:
+    """Wait for the delivery process to say it reads notices (before any mail is taken)."""
+    try:
+        readable, _, _ = select.select([fd], [], [], timeout)
+        return bool(readable) and os.read(fd, 1) == b"R"
+    finally:
+        os.close(fd)
+
+
+def _fork_intake(config: Config, slot: int, write_ends: Sequence[int],
+                 listeners: Sequence[tuple[socket.socket, bool]], reserve: Path | None,
+                 auth_limiter: AuthFailureLimiter | None, parent: int) -> int:
+    """Another intake process: segment writer number `slot`, its own notice pipe."""
+    return _fork(lambda: _intake_main(config, slot, write_ends[slot], listeners, reserve,
+                                      auth_limiter),
+                 parent, "relay-intake", close=[w for i, w in enumerate(write_ends) if i != slot])
 
 
 def _fork(main: Callable[[], Coroutine[Any, Any, int]], parent: int, name: str,
@@ -191,7 +220,7 @@ def _install_signals(stop: asyncio.Event, role: str) -> None:
 
 # --- intake (main process) -------------------------------------------------------------------
 
-async def _intake_main(config: Config, wake_fd: int,
+async def _intake_main(config: Config, slot: int, notice_fd: int,
                        listeners: Sequence[tuple[socket.socket, bool]],
                        reserve: Path | None = None, auth_limiter: AuthFailureLimiter | None = None,
                        children: Sequence[int] = ()) -> int:
@@ -205,13 +234,11 @@ async def _intake_main(config: Config, wake_fd: int,
     _install_signals(stop, "intake")
     root = config.queue.path
 
-    def wake(_: object) -> None:
-        with contextlib.suppress(BlockingIOError, BrokenPipeError):
-            os.write(wake_fd, b"w")
-
-    committer = Committer(Spool(root), root / "index.sqlite",
-                          max_lifetime=config.queue.max_lifetime, on_committed=wake)
-    committer.start()
+    notices = NoticeWriter(notice_fd)
+    await notices.open()
+    committer = Committer(root / "spool", slot, segment_size=config.queue.segment_size,
+                          on_committed=notices.committed, on_sealed=notices.sealed)
+    await asyncio.to_thread(committer.start)
     users = Users(load_users(config.server.users_file)) if config.server.users_file else None
     server = config.server
     ctx = IntakeContext(hostname=server.hostname, trusted=server.trusted_networks,
@@ -223,6 +250,7 @@ async def _intake_main(config: Config, wake_fd: int,
                         error_hard_limit=server.error_hard_limit,
                         error_delay=server.error_delay, idle_timeout=server.idle_timeout,
                         auth_limiter=auth_limiter)
+    committer.may_allocate = ctx.space.ok if ctx.space is not None else None
     intake = Intake(ctx, config.server.listen, config.server.listen_tls)
     await intake.start(listeners)
     log.event("listening", addresses=" ".join(f"{h}:{p}" for h, p in intake.bound()),
@@ -241,6 +269,7 @@ async def _intake_main(config: Config, wake_fd: int,
             os.kill(pid, signal.SIGTERM)
     await intake.drain(DRAIN_GRACE)
     await asyncio.to_thread(committer.stop)
+    notices.close()
     for task in (*watchers, stopper):
         task.cancel()
     log.event("stopped", process="intake")
@@ -264,7 +293,7 @@ def _poll_child(pid: int) -> tuple[int, int]:
 
 # --- delivery (child process) ----------------------------------------------------------------
 
-async def _delivery_main(config: Config, wake_fd: int, parent: int) -> int:
+async def _delivery_main(config: Config, notice_fds: Sequence[int], ready_fd: int) -> int:
     from relay.delivery.attempt import Attempter
     from relay.delivery.engine import DeliveryEngine
     from relay.delivery.nexthop import NextHopResolver
@@ -274,26 +303,24 @@ async def _delivery_main(config: Config, wake_fd: int, parent: int) -> int:
     _install_signals(stop, "delivery")
     root = config.queue.path
     store = DeliveryStore(root, root / "index.sqlite", hostname=config.server.hostname,
-                          max_lifetime=config.queue.max_lifetime)
+                          max_lifetime=config.queue.max_lifetime,
+                          segment_size=config.queue.segment_size)
     await store.start()
     listeners = {(hp.host, hp.port) for hp in (*config.server.listen, *config.server.listen_tls)}
     engine = DeliveryEngine(config, store, NextHopResolver(config.dns.nameservers),
                             Attempter(config, listeners))
-    loop = asyncio.get_running_loop()
 
-    def on_wake() -> None:
-        try:
-            data = os.read(wake_fd, 65536)
-        except BlockingIOError:
-            return
-        if not data:  # the intake process is gone
-            loop.remove_reader(wake_fd)
-            stop.set()
-        engine.wake.set()
+    def on_notices(messages: list[Committed], sealed: list[str]) -> None:
+        if messages:
+            engine.accept(messages)
+        if sealed:
+            store.submit_sealed(sealed)
 
-    os.set_blocking(wake_fd, False)
-    loop.add_reader(wake_fd, on_wake)
-    runner = loop.create_task(engine.run())
+    # Every intake process gone: the relay is stopping (or broken; the main process knows).
+    read_pipes(notice_fds, on_notices, stop.set)
+    os.write(ready_fd, b"R")  # intake may start: what it announces is read from now on
+    os.close(ready_fd)
+    runner = asyncio.get_running_loop().create_task(engine.run())
     await stop.wait()
     log.event("draining", process="delivery")
     await engine.drain(DRAIN_GRACE)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from relay.addresses import HostPort
 from relay.queue.committer import Committer
-from relay.queue.spool import Spool
 from relay.smtp.server import Intake, IntakeContext
 
 
@@ -17,9 +16,11 @@ class InProcessIntake:
     """Intake alone (no delivery process) on its own loop in a thread: nothing else writes to
     the disk, so a full disk is met exactly where the test wants it."""
 
-    def __init__(self, root: Path, committer: type[Committer] = Committer) -> None:
+    def __init__(self, root: Path, committer: type[Committer] = Committer, *,
+                 segment_size: int = 64 << 10) -> None:
         self.root = root
         self.committer_class = committer
+        self.segment_size = segment_size
         self.port = 0
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
@@ -32,8 +33,8 @@ class InProcessIntake:
         self.loop.run_forever()
 
     async def _start(self) -> None:
-        self.committer = self.committer_class(Spool(self.root), self.root / "index.sqlite",
-                                   max_lifetime=3600)
+        self.committer = self.committer_class(self.root / "spool", 0,
+                                              segment_size=self.segment_size)
         self.committer.start()
         ctx = IntakeContext(hostname="relay.test", trusted=[ipaddress.ip_network("127.0.0.0/8")],
                             max_message_size=10 << 20, committer=self.committer)

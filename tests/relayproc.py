@@ -70,7 +70,9 @@ class RelayProcess:
         sections = {
             "server": {"listen": [f"127.0.0.1:{self.port}"], "hostname": "relay.test",
                        **(server or {})},
-            "queue": {"path": "var", "retry_schedule": ["1s"], **(queue or {})},
+            # Small segments: every test relay preallocates a few (32 MiB each by default).
+            "queue": {"path": "var", "retry_schedule": ["1s"], "segment_size": "1MiB",
+                      **(queue or {})},
             "http": {"listen": f"127.0.0.1:{free_port()}"},
             "policies": {"path": "policies"},
         }

@@ -3,7 +3,7 @@
 Every message that got a 250 must reach the sink at least once. Duplicates may only come from
 deliveries in flight at the kill (the sink had the message, the relay had not recorded it), and
 never from two workers at once: within one run of the relay each message arrives at most once.
-Nothing may stay 'active' in the index and no spool file may stay once everything is delivered.
+Nothing may stay 'active' in the index and nothing may stay pending once everything is delivered.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from queuefiles import pending_ids
 from relayproc import RelayProcess
 from sink import Sink
 
@@ -134,10 +135,6 @@ def index_states(queue_dir: Path) -> Counter[str]:
         conn.close()
 
 
-def spool_files(queue_dir: Path) -> list[str]:
-    return [p.name for p in (queue_dir / "spool").iterdir() if not p.name.startswith(".")]
-
-
 def wait_until(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -194,7 +191,7 @@ def run_crash(tmp_path: Path, sink: Sink, kill_after: int, *, big_every: int = 0
 
         wait_until(lambda: set(acked) <= {marker_of(m.data) for m in list(sink.messages)},
                    30, "every acknowledged message at the sink")
-        wait_until(lambda: not spool_files(relay.queue_dir), 15, "an empty spool")
+        wait_until(lambda: not pending_ids(relay.queue_dir), 15, "an empty queue")
         time.sleep(0.3)  # nothing more may arrive
         total = Counter(marker_of(m.data) for m in list(sink.messages))
         after = total - before

@@ -7,13 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import pytest
+from queuefiles import plant
 from sink import Sink
 
 from relay.addresses import HostPort
@@ -24,7 +24,6 @@ from relay.delivery.nexthop import NextHop, NextHopResolver
 from relay.delivery.store import DeliveryStore
 from relay.queue.envelope import Envelope, new_queue_id
 from relay.queue.index import Index
-from relay.queue.spool import Spool
 
 SENDER = "app@invoices.test"
 LIFETIME = 3600.0
@@ -50,14 +49,7 @@ class Relay:
         env = Envelope(id=new_queue_id(), sender=SENDER, recipients=tuple(recipients),
                        received=received or time.time(), client="127.0.0.1", helo="app.test")
         data = b"From: <app@invoices.test>\r\nSubject: invoice\r\n\r\nPlease pay.\r\n"
-        fd = Spool(self.root).create(env, [data], complete=True)
-        os.fsync(fd)
-        os.close(fd)
-        index = Index(self.db)
-        try:
-            index.insert([(env, len(data))], LIFETIME)
-        finally:
-            index.close()
+        plant(self.root, env, data, max_lifetime=LIFETIME)
         return env.id
 
     def rows(self, query: str, *args: object) -> list[tuple]:
@@ -72,7 +64,6 @@ class Relay:
 async def running(tmp_path: Path, sink: Sink, attempter: Attempter | None = None
                   ) -> AsyncIterator[Relay]:
     relay = Relay(tmp_path / "var", sink, attempter or Attempter(Config(), own_listeners=set()))
-    Spool(relay.root)  # creates the folders
     Index(relay.db).close()
     yield relay
 

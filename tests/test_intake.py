@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 from certs import make_certs
 from inprocess import InProcessIntake
+from queuefiles import partial_streams, pending_ids, stored_ids, stored_message
 from rawsmtp import ENHANCED, QUEUED, Raw, b64, plain, send_raw, simple_message
 from relayproc import RelayProcess, free_port
 from sink import Sink
 
-from relay.queue.spool import Spool
 from relay.smtp.auth import hash_password
 
 RelayFactory = Callable[..., RelayProcess]
@@ -58,8 +58,9 @@ def send_raw_or_452(raw: Raw, message: bytes) -> str:
 
 
 def spool_files(relay: RelayProcess, root: Path | None = None) -> list[str]:
-    spool = (root or relay.queue_dir) / "spool"
-    return sorted(p.name for p in spool.iterdir()) if spool.exists() else []
+    """Acknowledged messages in the spool and large messages still being streamed."""
+    where = root or relay.queue_dir
+    return stored_ids(where) + partial_streams(where)
 
 
 def split_received(data: bytes) -> tuple[bytes, bytes]:
@@ -547,7 +548,7 @@ def test_client_vanishes_mid_data(relay_factory: RelayFactory, sink: Sink, how: 
     assert raw.cmd("RCPT TO:<b@example.net>").startswith("250")
     assert raw.cmd("DATA").startswith("354")
     raw.send(simple_message("huge", line * 1500))  # 1.5 MB of a 3 MB message
-    wait_until(lambda: spool_files(relay), 10, "the streaming spill to start")
+    wait_until(lambda: partial_streams(relay.queue_dir), 10, "the streaming spill to start")
     raw.abort() if how == "reset" else raw.close()
     wait_until(lambda: not spool_files(relay), 10, "the partial spool file to go")
     # a small one
@@ -575,7 +576,7 @@ def test_client_vanishes_mid_data(relay_factory: RelayFactory, sink: Sink, how: 
     assert len(relay.events("received")) == 1
     time.sleep(0.2)
     assert len(sink.messages) == 1
-    assert spool_files(relay) == [] or len(spool_files(relay)) <= 1
+    assert spool_files(relay) == [relay.events("received")[0]["id"]]
     assert_clean_log(relay)
 
 
@@ -685,10 +686,10 @@ def test_data_without_mail_and_session_after(relay_factory: RelayFactory, sink: 
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     mount = tmp_path / "tiny"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
                           capture_output=True, text=True)
     if done.returncode != 0:
-        pytest.fail(f"cannot mount a 256k tmpfs on {mount} (root needed): {done.stderr.strip()}")
+        pytest.fail(f"cannot mount a 4 MiB tmpfs on {mount} (root needed): {done.stderr.strip()}")
     try:
         yield mount
     finally:
@@ -712,7 +713,7 @@ def fill_disk(relay_port: int, root: Path) -> tuple[Raw, list[str], list[str]]:
     raw.ehlo()
     accepted: list[str] = []
     refused: list[str] = []
-    for i in range(200):
+    for i in range(400):
         body = (b"%06d" % i + b"f" * 92 + b"\r\n") * 150
         reply = send_raw_or_452(raw, simple_message(f"full {i}", body))
         match = QUEUED.match(reply)
@@ -733,8 +734,7 @@ def fill_disk(relay_port: int, root: Path) -> tuple[Raw, list[str], list[str]]:
 
 
 def spool_files_at(root: Path) -> list[str]:
-    spool = root / "spool"
-    return sorted(p.name for p in spool.iterdir()) if spool.exists() else []
+    return stored_ids(root) + partial_streams(root)
 
 
 def test_full_disk_refuses_with_451_and_keeps_nothing_partial(tiny_disk: Path) -> None:
@@ -748,10 +748,9 @@ def test_full_disk_refuses_with_451_and_keeps_nothing_partial(tiny_disk: Path) -
         assert raw.cmd("NOOP").startswith("250 2.0.0")
         assert set(spool_files_at(tiny_disk)) == set(accepted)
         raw.close()
-        # every acknowledged message is complete in its spool file
-        spool = Spool(tiny_disk)
+        # every acknowledged message is complete in its spool segment
         for queue_id in accepted:
-            data = spool.read_message(queue_id)
+            data = stored_message(tiny_disk, queue_id)
             assert data.startswith(b"Received: ") and data.endswith(b"f" * 92 + b"\r\n")
 
 
@@ -763,14 +762,15 @@ def deferring_sink(accepting: threading.Event) -> Sink:
 def test_full_disk_drains_and_recovers(relay_factory: RelayFactory, tiny_disk: Path) -> None:
     accepting = threading.Event()
     with deferring_sink(accepting) as sink:
-        relay = start(relay_factory, sink, queue={"path": str(tiny_disk), "min_free_space": "0"})
+        relay = start(relay_factory, sink, queue={"path": str(tiny_disk), "min_free_space": "0",
+                                                  "segment_size": "64KiB"})
         try:
             raw, accepted, _ = fill_disk(relay.port, tiny_disk)
             accepting.set()
             wait_until(lambda: {received_id(m.data) for m in sink.messages} >= set(accepted),
                        30, "every acknowledged message at the sink")
             # the relay keeps working once delivery freed the space (we delete nothing)
-            wait_until(lambda: not spool_files(relay, tiny_disk), 30, "the queue to drain")
+            wait_until(lambda: not pending_ids(tiny_disk), 30, "the queue to drain")
             # new mail waits (452 4.3.1) until delivery has its reserve back, then flows again
             deadline = time.monotonic() + 15
             while not QUEUED.match(reply := send_raw_or_452(raw, simple_message("after"))):
@@ -790,12 +790,13 @@ def test_min_free_space_floor_refuses_new_mail_with_452(relay_factory: RelayFact
     accepting = threading.Event()
     with deferring_sink(accepting) as sink:
         relay = start(relay_factory, sink,
-                      queue={"path": str(tiny_disk), "min_free_space": "50%"})
+                      queue={"path": str(tiny_disk), "min_free_space": "50%",
+                             "segment_size": "64KiB"})
         try:
             raw = Raw(relay.port)
             raw.ehlo()
             replies = []
-            for i in range(80):
+            for i in range(200):
                 assert raw.cmd("MAIL FROM:<a@sender.test>").startswith("250 ")
                 assert raw.cmd("RCPT TO:<b@example.net>").startswith("250 ")
                 reply = raw.cmd("DATA")

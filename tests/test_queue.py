@@ -1,52 +1,29 @@
-"""The durable queue: spool file format, group commit and its fsync accounting, the index."""
+"""The durable queue: group commit and its fsync accounting, streamed messages, the index and
+its segment bookkeeping, the queue commands."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
 import os
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-import pytest
+from queuefiles import plant, stored_ids
 
 from relay.queue.committer import Committer, QueueWriteError
 from relay.queue.envelope import ACTIVE, DELIVERED, Envelope, new_queue_id
 from relay.queue.index import Index, Outcome
-from relay.queue.spool import Spool, SpoolCorrupt
+from relay.queue.notices import Committed
+from relay.queue.segments import Location, read_at
 
 
 def _envelope(*rcpts: str) -> Envelope:
     return Envelope(id=new_queue_id(), sender="ap@invoices.test",
                     recipients=rcpts or ("x@example.net",), received=time.time())
-
-
-def test_spool_roundtrip_keeps_bytes_and_final_states(tmp_path: Path) -> None:
-    spool = Spool(tmp_path)
-    env = _envelope("a@example.net", "b@example.net")
-    message = b"Subject: \xe5\x8f\x91\xe7\xa5\xa8\r\n\r\n" + os.urandom(5000)
-    os.close(spool.create(env, [message[:10], message[10:]], complete=True))
-    assert spool.read_message(env.id) == message
-    spool.mark_final(env.id, [(1, DELIVERED)], sync=True)
-    entry = spool.read(env.id)
-    assert entry.envelope == env
-    assert entry.finals == {1: DELIVERED}
-    with open(spool.path(env.id), "ab") as f:
-        f.write(b"F 0 deliv")  # a record torn by a power cut is ignored
-    assert spool.read(env.id).finals == {1: DELIVERED}
-
-
-def test_incomplete_spool_file_is_never_readable(tmp_path: Path) -> None:
-    spool = Spool(tmp_path)
-    env = _envelope()
-    fd = spool.create(env, [b"Subject: x\r\n\r\nstreaming"], complete=False)
-    os.close(fd)
-    with pytest.raises(SpoolCorrupt, match="incomplete"):
-        spool.read(env.id)
 
 
 class SlowCountingSync:
@@ -78,15 +55,16 @@ async def _commit_many(committer: Committer, count: int) -> list[BaseException |
 
 async def test_group_commit_batches_messages_that_arrive_during_a_sync(tmp_path: Path) -> None:
     sync = SlowCountingSync(delay=0.05)
-    committer = Committer(Spool(tmp_path), tmp_path / "index.sqlite", max_lifetime=3600,
-                          sync=sync)
+    announced: list[tuple[bytes, Location]] = []
+    committer = Committer(tmp_path / "spool", 0, segment_size=1 << 20, sync=sync,
+                          on_committed=announced.extend)
     committer.start()
     try:
         # An idle relay commits a lone message at once: no timer waits for company.
         started = time.monotonic()
         assert await _commit_many(committer, 1) == [None]
         assert time.monotonic() - started < 0.5
-        assert sync.calls == 2  # its file and the folder
+        assert sync.calls == 1  # its segment's data; the segment's name was synced at creation
 
         # Ten messages finishing DATA while another one syncs are committed together.
         sync.entered.clear()
@@ -101,12 +79,12 @@ async def test_group_commit_batches_messages_that_arrive_during_a_sync(tmp_path:
     assert stats.batch_sizes[0] == 1
     assert sum(stats.batch_sizes) == 12
     assert max(stats.batch_sizes) >= 5, stats.batch_sizes  # they shared a batch
-    # Per batch: one sync per new file plus ONE folder sync, never one per message.
-    assert stats.file_syncs == 12
-    assert stats.dir_syncs == len(stats.batch_sizes) <= 4
-    assert sync.calls == stats.file_syncs + stats.dir_syncs
-    with sqlite3.connect(tmp_path / "index.sqlite") as db:
-        assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 12
+    # One sync per batch, never one per message, and no folder sync at all.
+    assert stats.syncs == sync.calls == len(stats.batch_sizes) <= 4
+    # Every message is announced to delivery once, with where its bytes are.
+    assert len(announced) == 12 and len(set(stored_ids(tmp_path))) == 12
+    for _, location in announced:
+        assert read_at(tmp_path / "spool", location) == b"Subject: t\r\n\r\nbody\r\n"
 
 
 async def test_failed_fsync_refuses_the_whole_batch_and_is_not_retried(tmp_path: Path) -> None:
@@ -116,25 +94,44 @@ async def test_failed_fsync_refuses_the_whole_batch_and_is_not_retried(tmp_path:
         calls.append(fd)
         raise OSError(errno.EIO, "Input/output error")
 
-    spool = Spool(tmp_path)
-    committer = Committer(spool, tmp_path / "index.sqlite", max_lifetime=3600, sync=failing_sync)
+    announced: list[tuple[bytes, Location]] = []
+    committer = Committer(tmp_path / "spool", 0, segment_size=1 << 20, sync=failing_sync,
+                          on_committed=announced.extend)
     committer.start()
     try:
         results = await _commit_many(committer, 5)
     finally:
         committer.stop()
     assert all(isinstance(r, QueueWriteError) for r in results)
-    assert len(calls) <= 5  # at most one attempt per file: a failed fsync is never retried
-    assert list(spool.ids()) == []  # nothing half-acknowledged stays behind
-    with sqlite3.connect(tmp_path / "index.sqlite") as db:
-        assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
+    assert len(calls) == len(set(calls)) <= 5  # a segment whose sync failed is never synced again
+    assert announced == []  # nothing half-acknowledged is announced
+
+
+async def test_streamed_message_gets_its_own_synced_segment(tmp_path: Path) -> None:
+    announced: list[tuple[bytes, Location]] = []
+    sealed: list[str] = []
+    committer = Committer(tmp_path / "spool", 1, segment_size=1 << 20,
+                          on_committed=announced.extend, on_sealed=sealed.extend)
+    committer.start()
+    try:
+        env = _envelope()
+        single = await asyncio.to_thread(committer.open_stream, env, [b"Subject: big\r\n\r\n"])
+        await asyncio.to_thread(single.append, [b"x" * 100_000])
+        assert stored_ids(tmp_path) == []  # not readable before it is complete
+        location = await committer.finish_stream(single, [b"\r\nend\r\n"])
+    finally:
+        committer.stop()
+    assert stored_ids(tmp_path) == [env.id]
+    assert read_at(tmp_path / "spool", location).endswith(b"x\r\nend\r\n")
+    assert announced == [(env.to_json(), location)] and location.segment in sealed
 
 
 def test_claim_moves_due_recipients_to_active_exactly_once(tmp_path: Path) -> None:
     index = Index(tmp_path / "index.sqlite")
     env = _envelope("a@example.net", "b@example.org")
-    index.insert([(env, 100)], max_lifetime=3600)
+    index.add([Committed(env, Location("seg", 0, 100))], max_lifetime=3600)
     first = index.claim_due(time.time(), 100)
+    assert first[0].location == Location("seg", 0, 100)
     assert {d.rcpt for d in first} == {"a@example.net", "b@example.org"}
     assert index.claim_due(time.time(), 100) == []  # active: nobody else gets them
     state = index.conn.execute("SELECT DISTINCT state FROM recipients").fetchall()
@@ -144,20 +141,33 @@ def test_claim_moves_due_recipients_to_active_exactly_once(tmp_path: Path) -> No
     assert len(index.claim_due(time.time(), 100)) == 2
 
 
-def test_record_reports_messages_that_became_final(tmp_path: Path) -> None:
+def test_record_reports_finished_messages_and_removable_segments(tmp_path: Path) -> None:
     index = Index(tmp_path / "index.sqlite")
     env = _envelope("a@example.net", "b@example.net")
-    index.insert([(env, 100)], max_lifetime=3600)
+    other = _envelope("c@example.net")
+    index.add([Committed(env, Location("seg1", 0, 100)),
+               Committed(other, Location("seg1", 200, 100))], max_lifetime=3600)
     index.claim_due(time.time(), 10)
     now = time.time()
-    done = index.record([Outcome(env.id, 0, DELIVERED, now, now, "250 2.0.0 ok", host="mx")])
-    assert done == []
-    done = index.record([Outcome(env.id, 1, "deferred", now, now + 60, "451 4.3.0 later")])
-    assert done == []
-    done = index.record([Outcome(env.id, 1, DELIVERED, now, now, "250 ok")])
-    assert done == [env.id]
-    attempts = index.conn.execute("SELECT COUNT(*) FROM attempts").fetchone()[0]
-    assert attempts == 3
+    assert index.record([Outcome(env.id, 0, DELIVERED, now, now, "250 ok", host="mx")]) == ([], [])
+    assert index.record([Outcome(env.id, 1, "deferred", now, now + 60, "451 later")]) == ([], [])
+    assert index.record([Outcome(env.id, 1, DELIVERED, now, now, "250 ok")]) == ([env.id], [])
+    assert index.seal(["seg1"]) == []  # sealed, but `other` is still pending
+    assert index.record([Outcome(other.id, 0, DELIVERED, now, now, "250 ok")]) == (
+        [other.id], ["seg1"])
+    assert index.conn.execute("SELECT COUNT(*) FROM attempts").fetchone()[0] == 4
+    index.forget_segments(["seg1"])
+    assert index.segments() == {}
+
+
+def test_segment_rows_remember_how_far_they_are_indexed(tmp_path: Path) -> None:
+    index = Index(tmp_path / "index.sqlite")
+    a, b = _envelope(), _envelope()
+    index.add([Committed(a, Location("seg", 30, 100)), Committed(b, Location("seg", 160, 50))],
+              max_lifetime=3600)
+    index.add([Committed(a, Location("seg", 30, 100))], max_lifetime=3600)  # twice: no double
+    [row] = index.segments().values()
+    assert (row.messages, row.finished, row.sealed, row.indexed_upto) == (2, 0, False, 210)
 
 
 def test_due_query_uses_the_partial_index(tmp_path: Path) -> None:
@@ -171,12 +181,8 @@ def test_due_query_uses_the_partial_index(tmp_path: Path) -> None:
 
 def test_queue_commands(tmp_path: Path) -> None:
     (tmp_path / "relay.toml").write_text('[queue]\npath = "var"\n')
-    spool = Spool(tmp_path / "var")
-    index = Index(tmp_path / "var" / "index.sqlite")
     env = _envelope("a@example.net")
-    os.close(spool.create(env, [b"Subject: hello\r\n\r\nbody\r\n"], complete=True))
-    index.insert([(env, 25)], max_lifetime=3600)
-    index.close()
+    plant(tmp_path / "var", env, b"Subject: hello\r\n\r\nbody\r\n")
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "relay", "--config",

@@ -18,11 +18,11 @@ from relay.queue.segments import (
 )
 
 
-def records(n: int, size: int = 100, tag: str = "m") -> list[tuple[bytes, list[bytes], int]]:
+def records(n: int, size: int = 100, tag: str = "m") -> list[tuple[bytes, list[bytes]]]:
     out = []
     for i in range(n):
         body = f"{tag}{i}:".encode() + b"x" * size + b"\r\n"
-        out.append((b'{"id":"%s%d"}' % (tag.encode(), i), [body[:10], body[10:]], len(body)))
+        out.append((b'{"id":"%s%d"}' % (tag.encode(), i), [body[:10], body[10:]]))
     return out
 
 
@@ -33,11 +33,11 @@ def test_batch_is_one_sync_and_reads_back(tmp_path: Path) -> None:
     locations = writer.append(batch)
     assert len(syncs) == 1
     reader = SegmentReader(tmp_path)
-    for (_, parts, _), location in zip(batch, locations, strict=True):
+    for (_, parts), location in zip(batch, locations, strict=True):
         assert reader.read(location) == b"".join(parts)
     [name] = segment_files(tmp_path)
     found = list(scan(tmp_path / name))
-    assert [r.envelope for r in found] == [env for env, _, _ in batch]
+    assert [r.envelope for r in found] == [env for env, _ in batch]
     assert [r.location for r in found] == locations
     writer.close()
 

@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from relay import log
-from relay.addresses import address_problem
+from relay.addresses import address_problem, domain_of
 from relay.config import Config, DestinationPolicy
 from relay.delivery import retry
 from relay.delivery.attempt import Attempter, Connection, Job, Verdict
@@ -24,7 +24,8 @@ from relay.delivery.nexthop import DnsFailure, NextHop, NextHopResolver
 from relay.delivery.store import DeliveryStore, Result
 from relay.queue.envelope import BOUNCED, DELIVERED, EXPIRED, UNKNOWN
 from relay.queue.index import DueRecipient, Outcome
-from relay.queue.spool import SpoolCorrupt
+from relay.queue.notices import Committed
+from relay.queue.segments import SegmentCorrupt
 
 MAX_IN_FLIGHT = 5000       # recipients held in memory at once; the rest wait in the index
 CLAIM_BATCH = 500
@@ -104,7 +105,7 @@ class DeliveryEngine:
                 due = await self.store.claim(time.time(), min(room, CLAIM_BATCH))
             except Exception as exc:  # e.g. the disk is full: try again later, never die
                 due = []
-                if not self.store.spend_reserve(exc):
+                if not await self.store.make_room(exc):
                     log.event("claim_failed", level=40, error=_cause(exc))
                     await asyncio.sleep(IDLE_POLL)
             if self.stopping:
@@ -114,6 +115,27 @@ class DeliveryEngine:
                 return True
         await self.store.maintain()
         return False
+
+    def accept(self, committed: list[Committed]) -> None:
+        """Messages intake just acknowledged: hand them to connections at once (no claim from
+        the index), as far as there is room in flight; the rest wait in the index, queued."""
+        if self.stopping:
+            self.store.submit_new(committed, claimed=False)
+            return
+        room = MAX_IN_FLIGHT - len(self.in_flight)
+        now: list[Committed] = []
+        for c in committed:
+            if room < len(c.envelope.recipients):
+                break
+            now.append(c)
+            room -= len(c.envelope.recipients)
+        later = committed[len(now):]
+        if now:
+            self.store.submit_new(now, claimed=True)
+            self.dispatch([due for c in now for due in fresh_recipients(
+                c, self.config.queue.max_lifetime)])
+        if later:
+            self.store.submit_new(later, claimed=False)
 
     def dispatch(self, due: list[DueRecipient]) -> None:
         jobs: dict[tuple[str, str, int], Job] = {}
@@ -165,6 +187,9 @@ class DeliveryEngine:
             while not self.stopping:
                 if not dest.jobs and not await self._wait_for_job(dest):
                     break
+                await self.store.room_to_record()
+                if not dest.jobs or self.stopping:
+                    continue
                 job = dest.jobs.popleft()
                 conn = await self._attempt(dest, job, conn)
                 if conn is not None and conn.sent >= dest.max_per_connection:
@@ -236,8 +261,8 @@ class DeliveryEngine:
                                              exc.status) for d in job.recipients])
             return conn
         try:
-            data = await self.store.read_message(job.msg)
-        except (OSError, SpoolCorrupt) as exc:
+            data = await self.store.read_message(job.first)
+        except (OSError, SegmentCorrupt) as exc:
             log.event("spool_read_failed", level=40, id=job.msg, error=str(exc))
             self._finish(job, [Verdict(d, "temporary", f"451 4.3.0 spool read failed: {exc}",
                                              "4.3.0") for d in job.recipients])
@@ -417,6 +442,14 @@ def _cause(exc: BaseException) -> str:
     """`Type: message` on one line, for a log field or a recorded reply."""
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}"[:300]
+
+
+def fresh_recipients(c: Committed, max_lifetime: float) -> list[DueRecipient]:
+    """The recipients of a message just acknowledged, as the index would give them."""
+    env = c.envelope
+    return [DueRecipient(env.id, idx, rcpt, domain_of(rcpt), 0, env.sender, env.received,
+                         env.received + max_lifetime, env.body, env.smtputf8, c.location)
+            for idx, rcpt in enumerate(env.recipients)]
 
 
 def received_count(data: bytes) -> int:

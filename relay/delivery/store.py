@@ -1,9 +1,11 @@
-"""The delivery process's side of the queue: claims work and records outcomes in batches.
+"""The delivery process's side of the queue: the one writer of the index, in batches.
 
-One thread owns this process's index connection. Outcomes are recorded in batches (whatever
-arrived while the previous batch was being written): DSNs for the batch's failures are made
-durable first, then the index rows, then the spool is updated (files of finished messages are
-removed, partial final states appended), with one folder fsync per batch.
+One thread owns the index connection. Whatever arrived while the previous batch was being
+written goes into the next one, as one transaction: messages announced by intake (indexed
+'active' when they are handed to connections at once), outcomes of attempts, the DSNs those
+caused (appended to this process's own segment and synced first), segments intake sealed and
+segments removed. After the commit, segments that are sealed and hold only finished messages
+are removed (their folder synced before their rows go in the next batch).
 """
 
 from __future__ import annotations
@@ -11,25 +13,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import queue
-import threading
+import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 from relay import log
 from relay.addresses import address_problem
 from relay.delivery.dsn import FailedRecipient, build_dsn, original_headers
-from relay.queue.envelope import BOUNCED, EXPIRED, FINAL_STATES, Envelope, new_queue_id
+from relay.queue.envelope import BOUNCED, EXPIRED, Envelope, new_queue_id
 from relay.queue.index import DueRecipient, Index, Outcome
+from relay.queue.notices import Committed
+from relay.queue.segments import (
+    SEGMENT_SIZE,
+    Location,
+    SegmentCorrupt,
+    SegmentReader,
+    SegmentWriter,
+    read_at,
+    sync_dir,
+)
 from relay.queue.space import Reserve, is_disk_full
-from relay.queue.spool import Spool
 
 T = TypeVar("T")
+DSN_WRITER = 90          # the writer number in the names of the DSN segments
+# Outcomes waiting to be recorded beyond which connections wait before their next message:
+# what a crash can make us send twice is what was sent but not yet recorded.
+UNRECORDED_LIMIT = 32
+FRESH_SECONDS = 120.0    # a message younger than this is read on the event loop (page cache)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,21 +56,47 @@ class Result:
     status: str   # enhanced status for the DSN, e.g. "5.1.1" or "4.4.7"
 
 
+@dataclass
+class _Batch:
+    """Everything one index transaction writes."""
+
+    claimed: list[Committed] = field(default_factory=list)
+    queued: list[Committed] = field(default_factory=list)
+    results: list[Result] = field(default_factory=list)
+    sealed: list[str] = field(default_factory=list)
+    forgotten: list[str] = field(default_factory=list)
+    futures: list[asyncio.Future[None]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.claimed or self.queued or self.results or self.sealed
+                    or self.forgotten)
+
+
 class DeliveryStore:
-    def __init__(self, root: Path, db_path: Path, *, hostname: str, max_lifetime: float) -> None:
-        self.spool = Spool(root)
+    def __init__(self, root: Path, db_path: Path, *, hostname: str, max_lifetime: float,
+                 segment_size: int = SEGMENT_SIZE) -> None:
+        self.spool_dir = root / "spool"
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.db_path = db_path
         self.hostname = hostname
         self.max_lifetime = max_lifetime
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index")
-        self._janitor = Janitor(self.spool)
+        self.reader = SegmentReader(self.spool_dir)            # event loop
+        self._index_reader = SegmentReader(self.spool_dir)     # index thread (DSN headers)
+        self._dsn_sealed: list[str] = []
+        self._retry_removal: list[str] = []
+        self._dsn_writer = SegmentWriter(self.spool_dir, DSN_WRITER, size=segment_size,
+                                         on_sealed=self._dsn_sealed.append)
         self.reserve = Reserve(root)
         self._reserve_tried = 0.0
+        self._restarted = 0.0
         self._index: Index | None = None
-        self._pending: list[tuple[list[Result], asyncio.Future[None]]] = []
+        self._batch = _Batch()
         self._flusher: asyncio.Task[None] | None = None
+        self._unrecorded = 0
+        self._progress = asyncio.Event()
         self.on_recorded: Callable[[list[Result], int], None] | None = None
-        self.syncs = 0
+        self.on_removed: Callable[[list[str]], None] | None = None
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
@@ -68,10 +109,14 @@ class DeliveryStore:
             await asyncio.wait_for(self.flush(), grace)
         except TimeoutError:  # e.g. a full disk: those recipients are retried after restart
             log.event("record_abandoned", level=40, note="outcomes not recorded at shutdown")
+        with contextlib.suppress(Exception):
+            await self._run(self._dsn_writer.close)
+            if self._dsn_sealed and self._index is not None:
+                await self._run(self._index.seal, list(self._dsn_sealed))
         if self._index is not None:
             await self._run(self._index.close)
         self._thread.shutdown()
-        await asyncio.to_thread(self._janitor.stop)
+        self.reader.close()
 
     async def claim(self, now: float, limit: int) -> list[DueRecipient]:
         assert self._index is not None
@@ -87,63 +132,109 @@ class DeliveryStore:
         assert self._index is not None
         return await self._run(self._index.release_active, time.time())
 
-    async def read_message(self, queue_id: str) -> bytes:
-        return await asyncio.to_thread(self.spool.read_message, queue_id)
+    async def read_message(self, due: DueRecipient) -> bytes:
+        """The message bytes. A fresh message was written moments ago and is in the page
+        cache: read on the loop (no thread hop); an old one may need the disk."""
+        location = due.location
+        if location is None:
+            raise SegmentCorrupt(f"{due.msg}: the index has no location for it")
+        if time.time() - due.received < FRESH_SECONDS:
+            return self.reader.read(location)
+        return await asyncio.to_thread(read_at, self.spool_dir, location)
 
-    # --- recording ----------------------------------------------------------------------
+    # --- what goes into the next batch ----------------------------------------------------
+
+    def submit_new(self, committed: Sequence[Committed], *, claimed: bool) -> None:
+        """Index messages announced by intake; `claimed`: handed to connections right now."""
+        (self._batch.claimed if claimed else self._batch.queued).extend(committed)
+        self._kick()
+
+    def submit_sealed(self, names: Sequence[str]) -> None:
+        self._batch.sealed.extend(names)
+        self._kick()
 
     def submit(self, results: Sequence[Result]) -> asyncio.Future[None]:
         """Queue results for the next batch; the future resolves once they are recorded."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        self._pending.append((list(results), future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = loop.create_task(self._flush_loop())
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._batch.results.extend(results)
+        self._unrecorded += len(results)
+        self._batch.futures.append(future)
+        self._kick()
         return future
+
+    async def room_to_record(self) -> None:
+        """Wait while too many outcomes are not recorded yet (see UNRECORDED_LIMIT)."""
+        while self._unrecorded >= UNRECORDED_LIMIT:
+            self._progress.clear()
+            await self._progress.wait()
+
+    def _kick(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
 
     async def flush(self) -> None:
         while self._flusher is not None and not self._flusher.done():
             await asyncio.shield(self._flusher)
 
     async def _flush_loop(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            results = [r for group, _ in batch for r in group]
-            dsns = await self._record_until_done(results) if results else 0
-            for _, fut in batch:
+        while self._batch:
+            batch, self._batch = self._batch, _Batch()
+            dsns, removed = await self._write_until_done(batch)
+            self._unrecorded -= len(batch.results)
+            self._progress.set()
+            for fut in batch.futures:
                 if not fut.done():
                     fut.set_result(None)
-            if self.on_recorded is not None:
+            if removed:
+                self._removed(removed)
+            if self.on_recorded is not None and (batch.results or dsns):
                 try:
-                    self.on_recorded(results, dsns)
+                    self.on_recorded(batch.results, dsns)
                 except Exception as exc:  # recorded all the same; the next batch must go on
                     log.event("delivery_error", level=40, stage="recorded",
                               error=f"{type(exc).__name__}: {exc}")
 
-    async def _record_until_done(self, results: list[Result]) -> int:
-        """Record a batch, retrying (never dropping it) while the disk is full or failing.
+    def _removed(self, names: list[str]) -> None:
+        for name in names:
+            self.reader.forget(name)
+        self._batch.forgotten.extend(names)
+        if self.on_removed is not None:
+            self.on_removed(names)
 
-        Until it is recorded the recipients stay 'active': nobody re-sends them meanwhile,
-        and if the relay dies first they become due again at the next start."""
-        made: set[str] = set()  # messages whose DSN is already queued: never make two
+    async def _write_until_done(self, batch: _Batch) -> tuple[int, list[str]]:
+        """Write a batch, retrying (never dropping it) while the disk is full or failing.
+
+        Until it is written its recipients stay 'active' in memory: nobody re-sends them
+        meanwhile, and if the relay dies first they become due again at the next start."""
+        made: dict[str, Committed | None] = {}  # message -> its DSN: never make two
         delay = 0.5
         while True:
             try:
-                dsns = await self._run(self._record, results, made)
+                return await self._run(self._write, batch, made)
             except Exception as exc:  # sqlite3.OperationalError, OSError (ENOSPC, EIO)
-                if self.spend_reserve(exc):
+                if await self.make_room(exc):
                     continue
                 log.event("record_failed", level=40, error=f"{type(exc).__name__}: {exc}",
-                          outcomes=len(results), retry_in=f"{delay:g}s")
+                          outcomes=len(batch.results), retry_in=f"{delay:g}s")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
-                continue
-            return dsns
 
-    def spend_reserve(self, exc: BaseException) -> bool:
-        """On a full disk, free the reserve so that the index can be written: recording
-        outcomes is what frees spool files, and without room for it nothing would."""
-        if is_disk_full(exc) and self.reserve.release():
+    async def make_room(self, exc: BaseException) -> bool:
+        """On a full disk, find room for the index; True when worth trying again at once.
+
+        Recording outcomes is what frees spool segments, so it must go on when the disk is
+        full. First the write-ahead log is checkpointed, so that new commits can reuse its
+        space instead of growing it; if that is not enough the reserve is freed (new mail
+        then waits until it is back). The reserve is sized to let the log cycle."""
+        if not is_disk_full(exc):
+            return False
+        now = time.monotonic()
+        if now - self._restarted > 1.0:
+            self._restarted = now
+            with contextlib.suppress(Exception):
+                await self._run(self._checkpoint, "PASSIVE")
+                return True
+        if self.reserve.release():
             log.event("reserve_released", level=30, error=str(exc))
             return True
         return False
@@ -156,72 +247,89 @@ class DeliveryStore:
             self._reserve_tried = now
             # The WAL file only shrinks when asked to; on a full disk it holds the room we need.
             with contextlib.suppress(Exception):
-                await self._run(self._checkpoint)
-            if await asyncio.to_thread(self.reserve.ensure):
+                await self._run(self._checkpoint, "TRUNCATE")
+            if await asyncio.to_thread(self.reserve.ensure, 3.0):
                 log.event("reserve_restored")
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, mode: str) -> None:
         assert self._index is not None
-        self._index.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        busy, _, _ = self._index.conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        if busy:
+            raise OSError("checkpoint blocked by a reader")
 
     # --- on the index thread ------------------------------------------------------------
 
-    def _record(self, results: list[Result], made: set[str]) -> int:
+    def _write(self, batch: _Batch, made: dict[str, Committed | None]) -> tuple[int, list[str]]:
+        """One transaction for the whole batch; (DSNs queued, segment files removed)."""
+        index = self._index
+        assert index is not None
+        dsns = self._queue_dsns(batch.results, made)
+        sealed = batch.sealed + self._dsn_sealed
+        with index._transaction():
+            index.add_in_transaction(batch.claimed, self.max_lifetime, claimed=True)
+            index.add_in_transaction(batch.queued + dsns, self.max_lifetime)
+            _, removable = index.record_in_transaction([r.outcome for r in batch.results])
+            removable += index.seal_in_transaction(sealed)
+            index.forget_in_transaction(batch.forgotten)
+        self._dsn_sealed.clear()
+        removable += self._retry_removal
+        self._retry_removal = []
+        return len(dsns), self._remove_segments(sorted(set(removable)))
+
+    def _remove_segments(self, names: list[str]) -> list[str]:
+        """Remove segments whose messages are all final, once the commit that says so is on
+        disk; their rows go in the next batch, after the folder sync made the removal durable."""
+        if not names:
+            return []
         assert self._index is not None
-        dsns = self._queue_dsns(results, made)
-        finals: dict[str, list[tuple[int, str]]] = defaultdict(list)
-        for r in results:
-            if r.outcome.state in FINAL_STATES:
-                finals[r.outcome.msg].append((r.outcome.idx, r.outcome.state))
+        try:
+            self._index.make_durable()
+        except (OSError, sqlite3.Error) as exc:  # a reader in the way: the next batch retries
+            log.event("segment_remove_postponed", segments=len(names), error=str(exc))
+            self._retry_removal.extend(names)
+            return []
+        removed = []
+        for name in names:
+            try:
+                os.unlink(self.spool_dir / name)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.event("segment_remove_failed", level=40, segment=name, error=str(exc))
+                continue
+            self._index_reader.forget(name)
+            removed.append(name)
+        if removed:
+            try:
+                sync_dir(self.spool_dir)
+            except OSError as exc:  # the rows stay; recovery removes the files again if needed
+                log.event("spool_sync_failed", level=40, error=str(exc))
+                return []
+        return removed
 
-        def spool_partial_finals(finished: list[str]) -> None:
-            # Written and fsynced before the index commits (synchronous=NORMAL, which a power
-            # cut may undo): a message still pending keeps its final recipients in its file,
-            # so nobody is sent twice. Finished messages lose their file instead.
-            for msg in finals.keys() - set(finished):
-                self.spool.mark_final(msg, finals[msg], sync=True)
-                self.syncs += 1
-
-        finished = self._index.record([r.outcome for r in results],
-                                      before_commit=spool_partial_finals)
-        if finished:
-            self._janitor.remove(finished)
-        return dsns
-
-    def _queue_dsns(self, results: list[Result], made: set[str]) -> int:
-        """One DSN per message and batch, listing every recipient that failed in it."""
+    def _queue_dsns(self, results: list[Result], made: dict[str, Committed | None]
+                    ) -> list[Committed]:
+        """One DSN per message and batch, listing every recipient that failed in it, appended
+        to this process's segment and synced before the transaction that indexes it."""
         failed: dict[str, list[Result]] = defaultdict(list)
         for r in results:
             if r.outcome.state in (BOUNCED, EXPIRED) and r.due.sender and r.outcome.msg not in made:
                 failed[r.outcome.msg].append(r)
-        if not failed:
-            return 0
-        new: list[tuple[Envelope, int]] = []
-        try:
-            for msg, items in failed.items():
-                made_dsn = self._dsn_or_none(msg, items)
-                if made_dsn is None:
-                    made.add(msg)  # none to make, now or when a failed batch is retried
-                    continue
-                envelope, data = made_dsn
-                fd = self.spool.create(envelope, [data], complete=True)
-                new.append((envelope, len(data)))
-                try:
-                    os.fdatasync(fd)
-                    self.syncs += 1
-                finally:
-                    os.close(fd)
-            if new:
-                self.spool.sync_dir()
-                self.syncs += 1
-                assert self._index is not None
-                self._index.insert(new, self.max_lifetime)
-        except BaseException:
-            for envelope, _ in new:  # not queued after all: the retry makes them again
-                self.spool.remove(envelope.id)
-            raise
-        made.update(failed)
-        return len(new)
+        built: list[tuple[str, Envelope, bytes]] = []
+        for msg, items in failed.items():
+            made_dsn = self._dsn_or_none(msg, items)
+            if made_dsn is None:
+                made[msg] = None  # none to make, now or when a failed batch is retried
+            else:
+                built.append((msg, *made_dsn))
+        if built:
+            locations = self._dsn_writer.append(
+                [(env.to_json(), [data]) for _, env, data in built])
+            for (msg, env, _), location in zip(built, locations, strict=True):
+                made[msg] = Committed(env, location)
+        # A batch retried after a failed commit indexes the DSNs it made the first time.
+        in_batch = {r.outcome.msg for r in results}
+        return [c for m, c in made.items() if c is not None and m in in_batch]
 
     def _dsn_or_none(self, msg: str, items: list[Result]) -> tuple[Envelope, bytes] | None:
         """The DSN for `items`, or None when none can be sent: to an unusable sender (it would
@@ -242,8 +350,12 @@ class DeliveryStore:
     def _dsn(self, msg: str, items: list[Result]) -> tuple[Envelope, bytes]:
         first = items[0].due
         try:
-            headers = original_headers(self.spool.read_message(msg)[:70_000])
-        except OSError:
+            location = first.location
+            head = self._index_reader.read(Location(location.segment, location.offset,
+                                                    min(location.length, 70_000))) \
+                if location is not None else b""
+            headers = original_headers(head)
+        except (OSError, SegmentCorrupt):
             headers = b""
         failures = [FailedRecipient(
             recipient=r.due.rcpt, status=r.status, diagnostic=r.outcome.reply,
@@ -256,46 +368,3 @@ class DeliveryStore:
                             if any(b > 127 for b in data) else None,
                             smtputf8=not first.sender.isascii())
         return envelope, data
-
-
-class Janitor:
-    """Removes the spool files of finished messages on its own thread, off the recording path.
-
-    Unlinks are slow on some filesystems (journal locks, online discard); here they delay
-    nobody. Each batch of removals ends with one folder fsync, so that a power cut cannot bring
-    back more than the last batch of finished messages (the index commit is the other half:
-    recovery also removes files whose message the index knows to be done)."""
-
-    def __init__(self, spool: Spool) -> None:
-        self.spool = spool
-        self._queue: queue.SimpleQueue[list[str] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="janitor", daemon=True)
-        self._thread.start()
-        self.syncs = 0
-
-    def remove(self, ids: Iterable[str]) -> None:
-        self._queue.put(list(ids))
-
-    def stop(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-
-    def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            batch = [self._queue.get()]
-            while True:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stopping = None in batch
-            ids = [i for group in batch if group for i in group]
-            for queue_id in ids:
-                self.spool.remove(queue_id)
-            if ids:
-                try:
-                    self.spool.sync_dir()
-                    self.syncs += 1
-                except OSError as exc:
-                    log.event("spool_sync_failed", error=str(exc))

@@ -13,7 +13,7 @@ from pathlib import Path
 from relay.config import Config, ConfigError, find_config_file, load_config
 from relay.queue.envelope import FINAL_STATES
 from relay.queue.recovery import recover
-from relay.queue.spool import Spool, SpoolCorrupt
+from relay.queue.segments import Location, SegmentCorrupt, read_at
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 
@@ -37,7 +37,7 @@ def queue_command(cli_config: str | None, args: argparse.Namespace) -> int:
         if args.queue_verb == "list":
             return _list(conn, args.state, args.domain, args.json)
         if args.queue_verb == "show":
-            return _show(conn, Spool(root), args.id)
+            return _show(conn, root / "spool", args.id)
     finally:
         conn.close()
     return EXIT_USAGE
@@ -75,13 +75,15 @@ def _list(conn: sqlite3.Connection, state: str | None, domain: str | None, as_js
     return EXIT_OK
 
 
-def _show(conn: sqlite3.Connection, spool: Spool, queue_id: str) -> int:
+def _show(conn: sqlite3.Connection, spool_dir: Path, queue_id: str) -> int:
     msg = conn.execute("SELECT id, sender, received, expires, size, message_id, client, auth,"
-                       " body, smtputf8, done FROM messages WHERE id = ?", (queue_id,)).fetchone()
+                       " body, smtputf8, done, segment, offset FROM messages WHERE id = ?",
+                       (queue_id,)).fetchone()
     if msg is None:
         print(f"{queue_id}: no such message", file=sys.stderr)
         return EXIT_PROBLEM
-    (_, sender, received, expires, size, message_id, client, auth, body, utf8, done) = msg
+    (_, sender, received, expires, size, message_id, client, auth, body, utf8, done, segment,
+     offset) = msg
     print(f"queue id:   {queue_id}")
     print(f"sender:     <{sender}>")
     print(f"received:   {_when(received)} from {client or '-'}"
@@ -91,13 +93,15 @@ def _show(conn: sqlite3.Connection, spool: Spool, queue_id: str) -> int:
     print(f"expires:    {_when(expires)}" + (f"  (done {_when(done)})" if done else ""))
     print("headers:")
     try:
-        data = spool.read_message(queue_id)
+        if segment is None:
+            raise SegmentCorrupt("no segment")
+        data = read_at(spool_dir, Location(segment, offset, min(size, 65536)))
         end = data.find(b"\r\n\r\n")
         head = data[: end if end >= 0 else 8192]
         for line in head.decode("utf-8", "replace").split("\r\n"):
             print(f"  {line}")
-    except (OSError, SpoolCorrupt):
-        print("  (spool file gone: the message is finished)")
+    except (OSError, SegmentCorrupt):
+        print("  (spool segment gone: the message is finished)")
     print("recipients:")
     for idx, rcpt, state, attempts, next_at, reply, host in conn.execute(
             "SELECT idx, rcpt, state, attempts, next_attempt, last_reply, last_host"
@@ -115,7 +119,7 @@ def _show(conn: sqlite3.Connection, spool: Spool, queue_id: str) -> int:
 
 
 def _rebuild(config: Config) -> int:
-    """Move the damaged index aside and rebuild it from the spool files."""
+    """Move the damaged index aside and rebuild it from the spool segments."""
     root = config.queue.path
     if not (root / "spool").is_dir():
         print(f"{root}: no spool folder", file=sys.stderr)
@@ -133,8 +137,9 @@ def _rebuild(config: Config) -> int:
             old = Path(f"{db}{suffix}")
             if old.exists():
                 old.rename(Path(f"{db}.broken-{stamp}{suffix}"))
-        report = recover(root, db, max_lifetime=config.queue.max_lifetime, full=True)
-    print(f"rebuilt {db}: {report.reindexed} messages from the spool,"
-          f" {report.finals_applied} final recipient states, {report.removed_incomplete}"
-          f" incomplete and {report.corrupt} damaged files set aside")
+        report = recover(root, db, max_lifetime=config.queue.max_lifetime,
+                         segment_size=config.queue.segment_size)
+    print(f"rebuilt {db}: {report.reindexed} messages from the spool segments,"
+          f" {report.removed_incomplete} incomplete streamed messages removed,"
+          f" {report.corrupt} damaged records skipped")
     return EXIT_OK

@@ -1,1 +1,1 @@
-"""The durable queue: spool files, the SQLite index, group commit and recovery."""
+"""The durable queue: spool segments, the SQLite index, group commit, notices and recovery."""

@@ -1,21 +1,25 @@
-"""Group commit: makes accepted messages durable in batches on one dedicated thread.
+"""Group commit: makes accepted messages durable in batches, on one writer thread.
 
-Each new spool file is written and fdatasynced as soon as its DATA ends, on a pool of threads
-(in parallel, so the filesystem merges the journal commits). A batch is every message whose file
-became durable while the previous batch was being committed, up to `max_batch`; an idle relay
-commits a lone message at once (no timer). Per batch the spool folder is fsynced once for all
-the new names and the index rows go in one transaction.
-Only then are the waiting SMTP sessions told to answer 250. Any failure refuses the whole batch:
-a failed fsync is never retried (the kernel may have dropped the dirty pages), the files are
-removed, and every session answers 451.
+Sessions hand over finished messages on the event loop. Whatever arrived while the previous
+batch was being written forms the next batch (at most `max_batch`): one write of all its
+records into this process's current spool segment, one fdatasync, one hop back to the loop,
+and every session of the batch answers 250. An idle relay commits a lone message at once (no
+timer). Nothing here touches the queue index: the delivery process owns it and learns of each
+message from a notice sent after the batch is durable (relay.queue.notices).
+
+A failed write or sync refuses the whole batch (451) and is never retried on that segment: the
+kernel may have dropped dirty pages it said it would write. A message that cannot even be
+serialised fails alone, before it joins a batch.
+
+Messages over the streaming threshold are written while they arrive into a segment of their
+own (`open_stream`), and synced on their own when DATA ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import queue
-import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay.queue.envelope import Envelope
-from relay.queue.index import Index
-from relay.queue.spool import Spool
+from relay.queue.segments import SEGMENT_SIZE, Location, SegmentWriter, SingleWriter
 
 
 class QueueWriteError(Exception):
@@ -32,167 +35,163 @@ class QueueWriteError(Exception):
 
 
 @dataclass(slots=True)
-class PendingMessage:
+class _Pending:
     envelope: Envelope
-    parts: Sequence[bytes]            # message bytes not yet written
-    size: int                         # total message length
-    future: asyncio.Future[None]
-    env: bytes | None = None          # the envelope as written into the file
-    fd: int | None = None             # set when a large message was already streamed to its file
-    env_len: int = 0
-    error: BaseException | None = None  # writing or syncing its file failed
+    env: bytes                       # the envelope as written into the record
+    parts: Sequence[bytes]
+    size: int
+    future: asyncio.Future[Location]
 
 
 @dataclass
 class CommitStats:
     batches: int = 0
     messages: int = 0
-    file_syncs: int = 0
-    dir_syncs: int = 0
+    syncs: int = 0
     failed_batches: int = 0
     batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=1000))  # latest
 
 
-_STOP = object()
+# (envelope JSON, location) of messages just made durable; segment names just sealed.
+CommittedHook = Callable[[list[tuple[bytes, Location]]], None]
+SealedHook = Callable[[list[str]], None]
 
 
 class Committer:
-    def __init__(self, spool: Spool, index_path: Path, *, max_lifetime: float,
-                 max_batch: int = 64, sync: Callable[[int], None] = os.fdatasync,
-                 on_committed: Callable[[list[Envelope]], None] | None = None) -> None:
-        self.spool = spool
-        self.index_path = index_path
-        self.max_lifetime = max_lifetime
+    def __init__(self, spool_dir: Path, writer: int, *, max_batch: int = 64,
+                 segment_size: int = SEGMENT_SIZE, sync: Callable[[int], None] = os.fdatasync,
+                 on_committed: CommittedHook | None = None,
+                 on_sealed: SealedHook | None = None) -> None:
+        self.spool_dir = spool_dir
+        self.writer_id = writer
         self.max_batch = max_batch
         self._sync = sync
         self._on_committed = on_committed
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-sync")
-        self._thread = threading.Thread(target=self._run, name="committer", daemon=True)
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
+        self._on_sealed = on_sealed
+        self._sealed: list[str] = []  # filled on the writer thread, read after each batch
+        self._writer = SegmentWriter(spool_dir, writer, size=segment_size, sync=self._counted,
+                                     on_sealed=self._sealed.append)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
+        self._pending: list[_Pending] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.may_allocate: Callable[[], bool] | None = None  # False: do not prepare a segment
         self.stats = CommitStats()
 
     def start(self) -> None:
-        self._thread.start()
-        self._ready.wait()
-        if self._error is not None:
-            raise self._error
+        """Prepare the first segment before the first message waits for it."""
+        spool_dir = self.spool_dir
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        self._thread.submit(self._writer.prepare_spare).result()
 
     def stop(self) -> None:
-        self._pool.shutdown()  # files being written still reach the committer's queue
-        self._queue.put(_STOP)
-        self._thread.join()
+        """Seal the current segment (call once the sessions are gone)."""
+        self._thread.submit(self._writer.close).result()
+        self._thread.shutdown()
+        self._report_sealed()
 
-    async def commit(self, envelope: Envelope, parts: Sequence[bytes], size: int, *,
-                     fd: int | None = None, env_len: int = 0) -> None:
-        """Return once the message is durable; raise QueueWriteError if it could not be.
+    def _counted(self, fd: int) -> None:
+        self._sync(fd)
+        self.stats.syncs += 1
+
+    # --- small messages: group commit ----------------------------------------------------------
+
+    async def commit(self, envelope: Envelope, parts: Sequence[bytes], size: int) -> Location:
+        """Return once the message is durable; QueueWriteError if it could not be made so.
 
         The envelope is serialised here, before the message joins a batch: a message that
         cannot be written for its own reasons fails alone, never its batch."""
-        env = envelope.to_json() if fd is None else None
+        env = envelope.to_json()
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        # The file is written and synced at once, in parallel with the batch being committed;
-        # the committer thread then only syncs the folder and the index for what is ready.
-        self._pool.submit(self._write_then_queue,
-                          PendingMessage(envelope, parts, size, future, env, fd, env_len))
+        future: asyncio.Future[Location] = loop.create_future()
+        self._pending.append(_Pending(envelope, env, parts, size, future))
+        if self._flusher is None:
+            self._flusher = loop.create_task(self._flush())
         # Shielded: a client vanishing now must not cancel the commit of a batch half-way.
-        await asyncio.shield(future)
+        return await asyncio.shield(future)
 
-    def _write_then_queue(self, pending: PendingMessage) -> None:
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            self._write_one(pending)
-        except Exception as exc:
-            pending.error = exc
-        self._queue.put(pending)
-
-    # --- the committer thread -------------------------------------------------------------
-
-    def _run(self) -> None:
-        try:
-            index = Index(self.index_path)
-        except BaseException as exc:  # reported by start()
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        stopping = False
-        while not stopping:
-            item = self._queue.get()
-            if item is _STOP:
-                break
-            batch = [item]
-            while len(batch) < self.max_batch:
+            while self._pending:
+                batch = self._pending[:self.max_batch]
+                del self._pending[:self.max_batch]
+                records = [(p.env, p.parts) for p in batch]
                 try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is _STOP:
-                    stopping = True
-                    break
-                batch.append(more)
-            self._commit(index, batch)  # type: ignore[arg-type]
-        index.close()
+                    locations = await loop.run_in_executor(self._thread, self._writer.append,
+                                                           records)
+                except Exception as exc:
+                    self.stats.failed_batches += 1
+                    _resolve_all(batch, QueueWriteError(f"{type(exc).__name__}: {exc}"))
+                    self._report_sealed()
+                    continue
+                self.stats.batches += 1
+                self.stats.messages += len(batch)
+                self.stats.batch_sizes.append(len(batch))
+                for pending, location in zip(batch, locations, strict=True):
+                    if not pending.future.done():
+                        pending.future.set_result(location)
+                if self._on_committed is not None:
+                    self._on_committed([(p.env, loc) for p, loc in zip(batch, locations,
+                                                                        strict=True)])
+                self._report_sealed()
+                if not self._pending:
+                    await self._prepare_spare()
+        finally:
+            self._flusher = None
 
-    def _commit(self, index: Index, batch: list[PendingMessage]) -> None:
+    async def _prepare_spare(self) -> None:
+        """Between batches, not on anyone's way: create the next segment if one is due. On a
+        full disk that fails: the next batch that needs it tries again, and gets its 451."""
+        if self.may_allocate is not None and not self.may_allocate():
+            return  # room the delivery process needs more (see relay.queue.space)
+        with contextlib.suppress(OSError):
+            await asyncio.get_running_loop().run_in_executor(self._thread,
+                                                             self._writer.prepare_spare)
+
+    def _report_sealed(self) -> None:
+        if self._sealed and self._on_sealed is not None:
+            sealed, self._sealed[:] = list(self._sealed), []
+            self._on_sealed(sealed)
+
+    # --- large messages: a segment of their own ------------------------------------------------
+
+    def open_stream(self, envelope: Envelope, parts: Sequence[bytes]) -> SingleWriter:
+        """Start the file of a message that is still arriving. Blocking: call in a thread."""
+        single = SingleWriter(self.spool_dir, self.writer_id, envelope.to_json())
         try:
-            failed = next((p.error for p in batch if p.error is not None), None)
-            if failed is not None:
-                raise failed  # one bad file refuses its whole batch: the disk is not to be trusted
-            # The folder sync and the index rows are both needed before the 250 and do not
-            # depend on each other: sync on a pool thread while the rows are inserted, and
-            # commit the rows only once the sync succeeded (else they are rolled back).
-            dir_synced = self._pool.submit(self._sync_dir)
-            index.insert([(p.envelope, p.size) for p in batch], self.max_lifetime,
-                         before_commit=dir_synced.result)
+            single.append(parts)
+        except BaseException:
+            single.discard()
+            raise
+        return single
+
+    async def finish_stream(self, single: SingleWriter, parts: Sequence[bytes]) -> Location:
+        """Append the rest, write the header, sync file and folder; QueueWriteError if not.
+
+        Runs to its end even if the client vanishes meanwhile: a message that became durable
+        is always announced to delivery, acknowledged or not."""
+        task = asyncio.get_running_loop().create_task(self._finish_stream(single, parts))
+        return await asyncio.shield(task)
+
+    async def _finish_stream(self, single: SingleWriter, parts: Sequence[bytes]) -> Location:
+        def finish() -> Location:
+            single.append(parts)
+            return single.finish(sync=self._counted)
+
+        try:
+            # Its own sync, off the batch writer's thread: small messages do not wait for it.
+            location = await asyncio.get_running_loop().run_in_executor(None, finish)
         except Exception as exc:
-            self.stats.failed_batches += 1
-            for pending in batch:
-                self.spool.remove(pending.envelope.id)
-            _resolve_all(batch, QueueWriteError(f"{type(exc).__name__}: {exc}"))
-            return
-        self.stats.batches += 1
-        self.stats.messages += len(batch)
-        self.stats.batch_sizes.append(len(batch))
-        _resolve_all(batch, None)
+            await asyncio.to_thread(single.discard)
+            raise QueueWriteError(f"{type(exc).__name__}: {exc}") from exc
         if self._on_committed is not None:
-            self._on_committed([p.envelope for p in batch])
-
-    def _write_one(self, pending: PendingMessage) -> None:
-        if pending.fd is None:
-            fd = self.spool.create(pending.envelope, pending.parts, complete=True,
-                                   env=pending.env)
-        else:
-            fd = pending.fd
-            self.spool.append(fd, pending.parts)
-            self.spool.finish(fd, pending.env_len, pending.size)
-        try:
-            self._sync(fd)
-            self.stats.file_syncs += 1
-        finally:
-            os.close(fd)
-
-    def _sync_dir(self) -> None:
-        fd = os.open(self.spool.dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            self._sync(fd)
-            self.stats.dir_syncs += 1
-        finally:
-            os.close(fd)
+            self._on_committed([(single.envelope, location)])
+        if self._on_sealed is not None:
+            self._on_sealed([location.segment])  # nothing else ever goes into it
+        return location
 
 
-def _resolve_all(batch: list[PendingMessage], error: BaseException | None) -> None:
+def _resolve_all(batch: list[_Pending], error: BaseException) -> None:
     for pending in batch:
-        loop = pending.future.get_loop()
-        if not loop.is_closed():
-            loop.call_soon_threadsafe(_resolve, pending.future, error)
-
-
-def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
+        if not pending.future.done():
+            pending.future.set_exception(error)

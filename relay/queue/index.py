@@ -1,21 +1,32 @@
-"""The SQLite queue index: which recipient is in which state, when to try it next, every attempt.
+"""The SQLite queue index: which recipient is in which state, when to try it next, every attempt,
+where each message's bytes are, and which spool segments are still needed.
 
-Each process owns one connection on one thread (sqlite objects are thread-bound). Writers in the
-two processes share the database through WAL, a busy timeout and short transactions. Commits use
-synchronous=NORMAL: the index can be rebuilt from the spool, which is fsynced before any 250.
+One writer for the whole relay: the delivery process, on one thread (startup recovery and the
+`queue` commands of a stopped relay write while no delivery process runs). Intake never waits
+for the index: a message is durable in its segment before the 250, and indexed from the notice
+that follows. Each segment row remembers how far its records are indexed (`indexed_upto`, in
+the same transaction as the rows), so startup recovery reads only what was never indexed.
+
+Commits are synchronous=NORMAL: a commit is in the write-ahead log (and so survives a killed
+process) at once, without waiting for a disk sync; a power cut may take back the last commits,
+never more than the log since its last checkpoint. Anything that relies on final states being
+on disk first calls `make_durable` (a segment is removed only after that: it could not tell
+the index again).
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import sqlite_utils
 
 from relay.addresses import domain_of
-from relay.queue.envelope import ACTIVE, DEFERRED, FINAL_STATES, QUEUED, UNKNOWN, Envelope
+from relay.queue.envelope import ACTIVE, DEFERRED, FINAL_STATES, QUEUED, UNKNOWN
+from relay.queue.notices import Committed
+from relay.queue.segments import Location
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -29,9 +40,19 @@ CREATE TABLE IF NOT EXISTS messages (
     auth TEXT,
     body TEXT,
     smtputf8 INTEGER NOT NULL DEFAULT 0,
-    done REAL
+    done REAL,
+    segment TEXT,
+    offset INTEGER
 );
 CREATE INDEX IF NOT EXISTS messages_message_id ON messages(message_id);
+CREATE INDEX IF NOT EXISTS messages_segment ON messages(segment);
+CREATE TABLE IF NOT EXISTS segments (
+    name TEXT PRIMARY KEY,
+    messages INTEGER NOT NULL DEFAULT 0,      -- indexed messages in it
+    finished INTEGER NOT NULL DEFAULT 0,      -- of which all recipients are final
+    sealed INTEGER NOT NULL DEFAULT 0,        -- no writer appends to it any more
+    indexed_upto INTEGER NOT NULL DEFAULT 0   -- records before this offset are indexed
+);
 CREATE TABLE IF NOT EXISTS recipients (
     msg TEXT NOT NULL,
     idx INTEGER NOT NULL,
@@ -63,6 +84,7 @@ CREATE INDEX IF NOT EXISTS attempts_msg ON attempts(msg, idx);
 """
 
 PENDING_SQL = "('queued', 'deferred', 'unknown')"
+WAL_CHECKPOINT_PAGES = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +99,15 @@ class DueRecipient:
     expires: float
     body: str | None
     smtputf8: bool
+    location: Location | None = None  # None only for a message the index lost track of
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentRow:
+    messages: int
+    finished: int
+    sealed: bool
+    indexed_upto: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,14 +127,27 @@ class Outcome:
 
 
 def open_db(path: Path) -> sqlite3.Connection:
-    """Open the index on this thread: WAL, NORMAL sync, a busy timeout for the other process."""
+    """Open the index on this thread: WAL, NORMAL sync, a busy timeout for readers."""
     conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=True)
     db = sqlite_utils.Database(conn, execute_plugins=False)
     db.enable_wal()
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=30000")
+    # A small write-ahead log: a checkpoint every 256 KiB, and a log trimmed back to 1 MiB,
+    # so that on a full disk the emergency reserve lets it cycle (relay.queue.space).
+    conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+    conn.execute("PRAGMA journal_size_limit=1048576")
+    _upgrade(conn)
     conn.executescript(SCHEMA)
     return conn
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Columns added since the first release (an index of per-message spool files)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+    if columns and "segment" not in columns:
+        conn.execute("ALTER TABLE messages ADD COLUMN segment TEXT")
+        conn.execute("ALTER TABLE messages ADD COLUMN offset INTEGER")
 
 
 class Index:
@@ -113,30 +157,41 @@ class Index:
     def close(self) -> None:
         self.conn.close()
 
-    # --- intake ---------------------------------------------------------------------------
+    # --- new messages ---------------------------------------------------------------------
 
-    def insert(self, messages: Sequence[tuple[Envelope, int]], max_lifetime: float, *,
-               before_commit: Callable[[], object] | None = None) -> None:
-        """Insert accepted messages and their recipients in one transaction; `before_commit`
-        runs inside it, last, and rolls everything back if it raises."""
-        msg_rows = []
-        rcpt_rows = []
-        for env, size in messages:
-            msg_rows.append((env.id, env.sender, env.received, env.received + max_lifetime, size,
-                             env.message_id, env.client, env.auth, env.body, int(env.smtputf8)))
-            rcpt_rows.extend(
-                (env.id, i, rcpt, domain_of(rcpt), QUEUED, env.received, env.received)
-                for i, rcpt in enumerate(env.recipients)
-            )
+    def add(self, messages: Sequence[Committed], max_lifetime: float, *,
+            claimed: bool = False) -> None:
+        """Index messages made durable in their segments, in one transaction. `claimed`: the
+        delivery process is handing them to connections right away (state 'active')."""
         with self._transaction():
-            self.conn.executemany(
+            self.add_in_transaction(messages, max_lifetime, claimed=claimed)
+
+    def add_in_transaction(self, messages: Sequence[Committed], max_lifetime: float, *,
+                           claimed: bool = False) -> None:
+        state = ACTIVE if claimed else QUEUED
+        by_segment: dict[str, list[Committed]] = {}
+        for c in messages:
+            by_segment.setdefault(c.location.segment, []).append(c)
+        for segment, group in by_segment.items():
+            inserted = self.conn.executemany(
                 "INSERT OR IGNORE INTO messages (id, sender, received, expires, size, message_id,"
-                " client, auth, body, smtputf8) VALUES (?,?,?,?,?,?,?,?,?,?)", msg_rows)
+                " client, auth, body, smtputf8, segment, offset) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                [(c.envelope.id, c.envelope.sender, c.envelope.received,
+                  c.envelope.received + max_lifetime, c.location.length, c.envelope.message_id,
+                  c.envelope.client, c.envelope.auth, c.envelope.body, int(c.envelope.smtputf8),
+                  segment, c.location.offset) for c in group]).rowcount
             self.conn.executemany(
                 "INSERT OR IGNORE INTO recipients (msg, idx, rcpt, domain, state, next_attempt,"
-                " updated) VALUES (?,?,?,?,?,?,?)", rcpt_rows)
-            if before_commit is not None:
-                before_commit()
+                " updated) VALUES (?,?,?,?,?,?,?)",
+                [(c.envelope.id, i, rcpt, domain_of(rcpt), state, c.envelope.received,
+                  c.envelope.received)
+                 for c in group for i, rcpt in enumerate(c.envelope.recipients)])
+            end = max(c.location.offset + c.location.length for c in group)
+            self.conn.execute(
+                "INSERT INTO segments (name, messages, indexed_upto) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET messages = messages + excluded.messages,"
+                " indexed_upto = MAX(indexed_upto, excluded.indexed_upto)",
+                (segment, max(inserted, 0), end))
 
     # --- delivery -------------------------------------------------------------------------
 
@@ -153,9 +208,10 @@ class Index:
             envelopes = self._envelopes({row[0] for row in claimed})
         due = []
         for msg, idx, rcpt, domain, attempts in claimed:
-            sender, received, expires, body, utf8 = envelopes[msg]
+            sender, received, expires, body, utf8, segment, offset, size = envelopes[msg]
+            location = Location(segment, offset, size) if segment is not None else None
             due.append(DueRecipient(msg, idx, rcpt, domain, attempts, sender, received, expires,
-                                    body, bool(utf8)))
+                                    body, bool(utf8), location))
         due.sort(key=lambda d: (d.msg, d.idx))
         return due
 
@@ -166,7 +222,8 @@ class Index:
             chunk = ids[start:start + 500]
             marks = ",".join("?" * len(chunk))
             for row in self.conn.execute(
-                    "SELECT id, sender, received, expires, body, smtputf8 FROM messages"
+                    "SELECT id, sender, received, expires, body, smtputf8, segment, offset, size"
+                    " FROM messages"
                     f" WHERE id IN ({marks})", chunk):
                 found[row[0]] = row[1:]
         return found
@@ -176,32 +233,91 @@ class Index:
             f"SELECT MIN(next_attempt) FROM recipients WHERE state IN {PENDING_SQL}").fetchone()
         return row[0]
 
-    def record(self, outcomes: Sequence[Outcome], *,
-               before_commit: Callable[[list[str]], object] | None = None) -> list[str]:
-        """Store outcomes and attempts; return the ids of messages that became fully final.
+    def record(self, outcomes: Sequence[Outcome], *, dsns: Sequence[Committed] = (),
+               max_lifetime: float = 0.0) -> tuple[list[str], list[str]]:
+        """Store outcomes and attempts, and index the DSNs they caused, in one transaction.
 
-        `before_commit(finished)` runs inside the transaction, last; if it raises, nothing
-        is recorded."""
-        touched = {o.msg for o in outcomes}
+        Returns (ids of messages that became fully final, segments that may now be removed:
+        sealed, and every message in them final)."""
         with self._transaction():
-            self.conn.executemany(
-                "UPDATE recipients SET state = ?, attempts = attempts + ?, next_attempt = ?,"
-                " last_reply = COALESCE(?, last_reply), last_host = COALESCE(?, last_host),"
-                " updated = ? WHERE msg = ? AND idx = ?",
-                [(o.state, int(o.attempted), o.next_attempt, o.reply, o.host, o.time, o.msg, o.idx)
-                 for o in outcomes])
-            self.conn.executemany(
-                "INSERT INTO attempts (msg, idx, time, outcome, host, address, reply, tls)"
-                " VALUES (?,?,?,?,?,?,?,?)",
-                [(o.msg, o.idx, o.time, o.state, o.host, o.address, o.reply, o.tls)
-                 for o in outcomes])
-            finished = [m for m in touched if self._all_final(m)]
-            now = max(o.time for o in outcomes)
-            self.conn.executemany("UPDATE messages SET done = ? WHERE id = ?",
-                                  [(now, m) for m in finished])
-            if before_commit is not None:
-                before_commit(finished)
-        return finished
+            if dsns:
+                self.add_in_transaction(dsns, max_lifetime)
+            return self.record_in_transaction(outcomes)
+
+    def record_in_transaction(self, outcomes: Sequence[Outcome]) -> tuple[list[str], list[str]]:
+        if not outcomes:
+            return [], []
+        touched = {o.msg for o in outcomes}
+        self.conn.executemany(
+            "UPDATE recipients SET state = ?, attempts = attempts + ?, next_attempt = ?,"
+            " last_reply = COALESCE(?, last_reply), last_host = COALESCE(?, last_host),"
+            " updated = ? WHERE msg = ? AND idx = ?",
+            [(o.state, int(o.attempted), o.next_attempt, o.reply, o.host, o.time, o.msg, o.idx)
+             for o in outcomes])
+        self.conn.executemany(
+            "INSERT INTO attempts (msg, idx, time, outcome, host, address, reply, tls)"
+            " VALUES (?,?,?,?,?,?,?,?)",
+            [(o.msg, o.idx, o.time, o.state, o.host, o.address, o.reply, o.tls)
+             for o in outcomes])
+        finished = [m for m in touched if self._all_final(m)]
+        now = max(o.time for o in outcomes)
+        removable = self._finish_messages(finished, now)
+        return finished, removable
+
+    def _finish_messages(self, finished: Sequence[str], now: float) -> list[str]:
+        """Mark messages done and count them in their segments; the segments now removable."""
+        if not finished:
+            return []
+        counts: dict[str, int] = {}
+        for start in range(0, len(finished), 500):
+            chunk = list(finished[start:start + 500])
+            marks = ",".join("?" * len(chunk))
+            for (segment,) in self.conn.execute(
+                    f"SELECT segment FROM messages WHERE done IS NULL AND id IN ({marks})",
+                    chunk).fetchall():
+                if segment is not None:
+                    counts[segment] = counts.get(segment, 0) + 1
+        self.conn.executemany("UPDATE messages SET done = ? WHERE id = ? AND done IS NULL",
+                              [(now, m) for m in finished])
+        self.conn.executemany("UPDATE segments SET finished = finished + ? WHERE name = ?",
+                              [(n, name) for name, n in counts.items()])
+        return self._removable(counts)
+
+    def _removable(self, names: Iterable[str]) -> list[str]:
+        return [name for name in names if self.conn.execute(
+            "SELECT 1 FROM segments WHERE name = ? AND sealed AND finished >= messages",
+            (name,)).fetchone()]
+
+    def seal(self, names: Sequence[str]) -> list[str]:
+        """No writer appends to these segments any more; those that may now be removed."""
+        with self._transaction():
+            return self.seal_in_transaction(names)
+
+    def seal_in_transaction(self, names: Sequence[str]) -> list[str]:
+        self.conn.executemany(
+            "INSERT INTO segments (name, sealed) VALUES (?, 1)"
+            " ON CONFLICT (name) DO UPDATE SET sealed = 1", [(n,) for n in names])
+        return self._removable(names)
+
+    def make_durable(self) -> None:
+        """Everything committed so far is on disk (a checkpoint syncs the log, then the
+        database); raises OSError when a reader kept it from completing."""
+        busy, _, _ = self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if busy:
+            raise OSError("index checkpoint did not complete")
+
+    def forget_segments(self, names: Sequence[str]) -> None:
+        """The segment files are gone (removed after their messages were final)."""
+        with self._transaction():
+            self.forget_in_transaction(names)
+
+    def forget_in_transaction(self, names: Sequence[str]) -> None:
+        self.conn.executemany("DELETE FROM segments WHERE name = ?", [(n,) for n in names])
+
+    def segments(self) -> dict[str, SegmentRow]:
+        return {name: SegmentRow(messages, finished, bool(sealed), upto)
+                for name, messages, finished, sealed, upto in self.conn.execute(
+                    "SELECT name, messages, finished, sealed, indexed_upto FROM segments")}
 
     def _all_final(self, msg: str) -> bool:
         finals = ",".join(f"'{s}'" for s in FINAL_STATES)
@@ -222,30 +338,39 @@ class Index:
 
     # --- recovery and inspection -------------------------------------------------------------
 
-    def message_ids_pending(self) -> set[str]:
-        finals = ",".join(f"'{s}'" for s in FINAL_STATES)
-        return {row[0] for row in self.conn.execute(
-            f"SELECT DISTINCT msg FROM recipients WHERE state NOT IN ({finals})")}
+    def pending_in_segments(self, names: Iterable[str]) -> dict[str, list[str]]:
+        """Messages not yet done, per segment, for segments in `names`."""
+        found: dict[str, list[str]] = {}
+        for name in names:
+            rows = self.conn.execute(
+                "SELECT id FROM messages WHERE segment = ? AND done IS NULL", (name,))
+            ids = [row[0] for row in rows]
+            if ids:
+                found[name] = ids
+        return found
 
-    def known_message(self, msg: str) -> bool:
-        row = self.conn.execute("SELECT 1 FROM messages WHERE id = ?", (msg,)).fetchone()
-        return row is not None
+    def pending_without_segment(self) -> list[str]:
+        return [row[0] for row in self.conn.execute(
+            "SELECT id FROM messages WHERE segment IS NULL AND done IS NULL")]
 
-    def is_done(self, msg: str) -> bool:
-        row = self.conn.execute("SELECT done FROM messages WHERE id = ?", (msg,)).fetchone()
-        return row is not None and row[0] is not None
+    def location(self, msg: str) -> Location | None:
+        row = self.conn.execute("SELECT segment, offset, size FROM messages WHERE id = ?",
+                                (msg,)).fetchone()
+        return Location(*row) if row is not None and row[0] is not None else None
 
-    def mark_missing(self, msg: str, now: float) -> None:
-        """A pending recipient whose spool file is gone cannot be delivered: say so, loudly."""
+    def mark_missing(self, msgs: Sequence[str], now: float) -> None:
+        """Pending recipients whose segment is gone cannot be delivered: say so, loudly."""
         finals = ",".join(repr(s) for s in FINAL_STATES)
         with self._transaction():
-            self.conn.execute(
-                "UPDATE recipients SET state = 'expired', last_reply = 'spool file missing',"
-                f" updated = ? WHERE msg = ? AND state NOT IN ({finals})", (now, msg))
-            self.conn.execute("UPDATE messages SET done = ? WHERE id = ?", (now, msg))
+            self.conn.executemany(
+                "UPDATE recipients SET state = 'expired', last_reply = 'spool segment missing',"
+                f" updated = ? WHERE msg = ? AND state NOT IN ({finals})",
+                [(now, m) for m in msgs])
+            self.conn.executemany("UPDATE messages SET done = ? WHERE id = ?",
+                                  [(now, m) for m in msgs])
 
     def apply_finals(self, msg: str, finals: dict[int, str], now: float) -> None:
-        """Bring the index in line with final states recorded in the spool file."""
+        """Final states a legacy spool file recorded (see relay.queue.legacy)."""
         finals_sql = ",".join(repr(s) for s in FINAL_STATES)
         with self._transaction():
             self.conn.executemany(
@@ -253,8 +378,7 @@ class Index:
                 f" AND state NOT IN ({finals_sql})",
                 [(state, now, msg, idx) for idx, state in finals.items()])
             if self._all_final(msg):
-                self.conn.execute("UPDATE messages SET done = COALESCE(done, ?) WHERE id = ?",
-                                  (now, msg))
+                self._finish_messages([msg], now)
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self.conn)
@@ -276,4 +400,4 @@ class _Transaction:
             self.conn.execute("ROLLBACK")
 
 
-__all__ = ["UNKNOWN", "DueRecipient", "Index", "Outcome", "open_db"]
+__all__ = ["UNKNOWN", "DueRecipient", "Index", "Outcome", "SegmentRow", "open_db"]

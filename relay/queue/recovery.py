@@ -1,120 +1,120 @@
-"""Startup recovery: reconcile the spool (the truth) with the index after whatever happened.
+"""Startup recovery: make the index agree with the spool segments (the truth) again.
 
-- a spool file that is incomplete and not in the index was never acknowledged: it is removed
-  (an incomplete one the index knows is quarantined like a damaged one);
-- a complete spool file the index does not know (the index commit was lost) is indexed again;
-- final states recorded in a spool file but lost by the index are re-applied (no re-sending);
-- a pending index row whose spool file is gone is closed and logged (it cannot be delivered);
-- recipients a dead delivery process had claimed ('active') become due again.
-Addresses are not judged here: a file an older intake wrote with an unusable address (a bare CR)
-is indexed like any other, and delivery bounces that recipient alone (5.1.3) when its turn comes.
-A damaged spool file (readable header, unreadable envelope) is moved to `corrupt/`, never deleted.
+Runs in the main process before any other starts, so it is the index's only writer then:
+- recipients a dead delivery process had claimed ('active') become due again;
+- a queue of the first release (one spool file per message) is moved into segments;
+- records the index never heard of (a notice lost with a killed delivery process, or index
+  commits lost with a power cut) are indexed, reading each segment only past the point its
+  row says is indexed;
+- a streamed segment that was never completed was never acknowledged: it is removed, as is a
+  spare segment that never received a message;
+- every segment is sealed (the intake processes start new ones) and those whose messages are
+  all final are removed;
+- pending messages whose segment is gone cannot be delivered: they are closed and logged.
 """
 
 from __future__ import annotations
 
 import os
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from relay import log
-from relay.queue.index import Index
-from relay.queue.spool import Spool, SpoolCorrupt
-
-CLEAN_MARK = "clean-shutdown"
+from relay.queue import legacy
+from relay.queue.envelope import Envelope
+from relay.queue.index import Index, SegmentRow
+from relay.queue.notices import Committed
+from relay.queue.segments import SEGMENT_SIZE, SINGLE_SUFFIX, scan, segment_files, sync_dir
 
 
 @dataclass
 class RecoveryReport:
     released: int = 0
-    removed_incomplete: int = 0
     reindexed: int = 0
-    finals_applied: int = 0
+    removed_incomplete: int = 0
+    removed_segments: int = 0
+    migrated: int = 0
     missing: int = 0
     corrupt: int = 0
 
 
-def recover(root: Path, db_path: Path, *, max_lifetime: float, full: bool | None = None
-            ) -> RecoveryReport:
-    spool = Spool(root)
+def recover(root: Path, db_path: Path, *, max_lifetime: float,
+            segment_size: int = SEGMENT_SIZE) -> RecoveryReport:
+    spool_dir = root / "spool"
+    spool_dir.mkdir(parents=True, exist_ok=True)
     index = Index(db_path)
     report = RecoveryReport()
-    mark = root / CLEAN_MARK
-    if full is None:
-        full = not mark.exists()  # after a crash or a power cut, check every file
-    mark.unlink(missing_ok=True)
     now = time.time()
     try:
         report.released = index.release_active(now)
-        pending = index.message_ids_pending()
-        for queue_id in list(spool.ids()):
-            if queue_id in pending and not full:
-                continue  # after a clean stop the index is right about pending messages
-            known = queue_id in pending or index.known_message(queue_id)
-            if known and not full:
-                if index.is_done(queue_id):  # its removal was still pending at the stop
-                    spool.remove(queue_id)
-                continue
-            _check_file(spool, index, queue_id, known, max_lifetime, now, report)
-        on_disk = set(spool.ids())
-        for queue_id in pending - on_disk:
-            index.mark_missing(queue_id, now)
-            report.missing += 1
-            log.event("spool_missing", id=queue_id, note="pending recipients closed as expired")
-        if report.reindexed or report.removed_incomplete or report.missing or report.corrupt:
-            spool.sync_dir()
+        report.migrated, report.corrupt = legacy.migrate(spool_dir, index, max_lifetime, now,
+                                                         segment_size)
+        on_disk = _index_segments(spool_dir, index, max_lifetime, report)
+        rows = index.segments()
+        removable = index.seal([name for name in rows if name in on_disk])
+        _remove(spool_dir, index, removable, report)
+        _close_missing(index, rows, on_disk, now, report)
+        if report.removed_incomplete or report.removed_segments:
+            sync_dir(spool_dir)
     finally:
         index.close()
     return report
 
 
-def _check_file(spool: Spool, index: Index, queue_id: str, known: bool, max_lifetime: float,
-                now: float, report: RecoveryReport) -> None:
-    try:
-        entry = spool.read(queue_id)  # checks the size against the header too
-    except SpoolCorrupt as exc:
-        if exc.unfinished and not known:
-            spool.remove(queue_id)  # never acknowledged: the crash came before the commit
-            report.removed_incomplete += 1
-        else:
-            # A damaged file, or one the index holds (so it may have been acknowledged):
-            # keep it for an operator; the index row is then closed as spool_missing.
-            _quarantine(spool, queue_id)
-            report.corrupt += 1
-            log.event("spool_corrupt", id=queue_id, error=str(exc))
-        return
-    except OSError as exc:
-        log.event("spool_unreadable", id=queue_id, error=str(exc))
-        return
-    if known and index.is_done(queue_id):
-        spool.remove(queue_id)  # finished; the crash came between the commit and the unlink
-        return
-    if not known:
-        try:
-            index.insert([(entry.envelope, entry.message_length)], max_lifetime)
-        except (ValueError, TypeError, AttributeError, sqlite3.ProgrammingError) as exc:
-            # An envelope the index cannot hold (a lone surrogate in an address, a field of the
-            # wrong type): keep the file for an operator, never crash the start.
-            _quarantine(spool, queue_id)
-            report.corrupt += 1
-            log.event("spool_corrupt", id=queue_id, error=f"{type(exc).__name__}: {exc}")
-            return
-        report.reindexed += 1
-        log.event("reindexed", id=queue_id, nrcpt=len(entry.envelope.recipients))
-    if entry.finals:
-        index.apply_finals(queue_id, entry.finals, now)
-        report.finals_applied += len(entry.finals)
-        if len(entry.finals) == len(entry.envelope.recipients):
-            spool.remove(queue_id)
+def _index_segments(spool_dir: Path, index: Index, max_lifetime: float,
+                    report: RecoveryReport) -> set[str]:
+    """Index every acknowledged record the index does not know; the segments kept."""
+    known = index.segments()
+    kept: set[str] = set()
+    for name in segment_files(spool_dir):
+        row = known.get(name)
+        records = list(scan(spool_dir / name, row.indexed_upto if row else 0))
+        if row is None and not records:
+            # A streamed message never completed, or a spare never used: nothing acknowledged.
+            os.unlink(spool_dir / name)
+            if name.endswith(SINGLE_SUFFIX):
+                report.removed_incomplete += 1
+            continue
+        kept.add(name)
+        found = []
+        for record in records:
+            try:
+                found.append(Committed(Envelope.from_json(record.envelope), record.location))
+            except (ValueError, TypeError, KeyError) as exc:  # intact bytes, unusable envelope
+                report.corrupt += 1
+                log.event("spool_corrupt", segment=name, offset=record.location.offset,
+                          error=f"{type(exc).__name__}: {exc}")
+        if found:
+            index.add(found, max_lifetime)
+            report.reindexed += len(found)
+            for c in found:
+                log.event("reindexed", id=c.envelope.id, nrcpt=len(c.envelope.recipients))
+    return kept
 
 
-def _quarantine(spool: Spool, queue_id: str) -> None:
-    corrupt = spool.dir.parent / "corrupt"
-    corrupt.mkdir(exist_ok=True)
-    os.replace(spool.path(queue_id), corrupt / queue_id)
+def _remove(spool_dir: Path, index: Index, names: list[str], report: RecoveryReport) -> None:
+    if names:
+        index.make_durable()  # the final states that allow it are on disk first
+    for name in names:
+        os.unlink(spool_dir / name)
+    if names:
+        sync_dir(spool_dir)  # gone for good before the rows that remember them go
+        index.forget_segments(names)
+        report.removed_segments += len(names)
 
 
-def mark_clean_shutdown(root: Path) -> None:
-    (root / CLEAN_MARK).touch()
+def _close_missing(index: Index, rows: dict[str, SegmentRow], on_disk: set[str], now: float,
+                   report: RecoveryReport) -> None:
+    gone = [name for name in rows if name not in on_disk]
+    pending = index.pending_in_segments(gone)
+    nowhere = index.pending_without_segment()  # a legacy file that was not there to move
+    if nowhere:
+        pending["(none)"] = nowhere
+    for name, ids in pending.items():
+        index.mark_missing(ids, now)
+        report.missing += len(ids)
+        for queue_id in ids:
+            log.event("spool_missing", id=queue_id, segment=name,
+                      note="pending recipients closed as expired")
+    index.forget_segments(gone)

@@ -133,8 +133,8 @@ class SegmentWriter:
         self._current: _Open | None = None
         self._spare: _Open | None = None
 
-    def append(self, batch: Sequence[tuple[bytes, Sequence[bytes], int]]) -> list[Location]:
-        """Write (envelope JSON, message parts, message length) records and sync them.
+    def append(self, batch: Sequence[tuple[bytes, Sequence[bytes]]]) -> list[Location]:
+        """Write (envelope JSON, message parts) records and sync them.
 
         Returns where each message is. Raises OSError when the write or the sync failed: then
         nothing of the batch may be acknowledged, and the segment is sealed where it was,
@@ -142,7 +142,8 @@ class SegmentWriter:
         touched: list[_Open] = []
         locations: list[Location] = []
         try:
-            for envelope, parts, length in batch:
+            for envelope, parts in batch:
+                length = sum(map(len, parts))
                 need = HEADER.size + len(envelope) + length
                 segment = self._segment_for(need)
                 if not touched or touched[-1] is not segment:
@@ -321,6 +322,15 @@ class SegmentReader:
                 self.forget(next(iter(self._fds)))
             fd = self._fds[segment] = os.open(self.dir / segment, os.O_RDONLY)
         return fd
+
+
+def read_at(spool_dir: Path, location: Location) -> bytes:
+    """One read without keeping the segment open (for a thread or a command)."""
+    with open(spool_dir / location.segment, "rb") as f:
+        data = os.pread(f.fileno(), location.length, location.offset)
+    if len(data) != location.length:
+        raise SegmentCorrupt(f"{location.segment}: short read at {location.offset}")
+    return data
 
 
 def segment_files(spool_dir: Path) -> list[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 RESERVE_NAME = "reserve"
 RESERVE_MAX = 8 << 20
+RESERVE_MIN = 512 << 10  # enough for the index's write-ahead log to cycle twice
 
 
 def free_bytes(path: Path) -> int:
@@ -63,15 +64,17 @@ class Reserve:
 
     def __init__(self, root: Path) -> None:
         self.path = root / RESERVE_NAME
-        self.size = min(RESERVE_MAX, total_bytes(root) // 20)
+        total = total_bytes(root)
+        self.size = min(RESERVE_MAX, max(total // 20, min(RESERVE_MIN, total // 4)))
         self.released = False
 
-    def ensure(self) -> bool:
-        """Create the reserve if it is missing and there is clearly room for it."""
+    def ensure(self, margin: float = 1.5) -> bool:
+        """Create the reserve if it is missing and there is clearly room for it: `margin`
+        times its size free (a reserve taken back too soon is spent again at once)."""
         if self.path.exists() and self.path.stat().st_size >= self.size:
             self.released = False
             return True
-        if free_bytes(self.path.parent) < self.size + self.size // 2:
+        if free_bytes(self.path.parent) < self.size * margin:
             return False
         tmp = self.path.with_suffix(".tmp")
         try:

@@ -14,7 +14,6 @@ import binascii
 import dataclasses
 import functools
 import logging
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +27,7 @@ from relay import log
 from relay.addresses import AddressProblem, address_problem
 from relay.queue.committer import QueueWriteError
 from relay.queue.envelope import Envelope, new_queue_id
+from relay.queue.segments import SingleWriter
 from relay.smtp import replies
 from relay.smtp.auth import AuthBusy
 from relay.smtp.compat import AiosmtpdSession, TlsHandshakeFailed, command_names
@@ -501,10 +501,13 @@ class RelaySMTP(AiosmtpdSession):
         else:
             envelope = _with_message_id(envelope, b"".join(reader.parts)[:HEAD_BYTES])
         size = len(received) + reader.size
-        parts = reader.take_parts() if stream.fd is not None else [received, *reader.parts]
+        committer = self.ctx.committer
         try:
-            await self.ctx.committer.commit(envelope, parts, size, fd=stream.take_fd(),
-                                            env_len=stream.env_len)
+            single = stream.take()
+            if single is not None:
+                await committer.finish_stream(single, reader.take_parts())
+            else:
+                await committer.commit(envelope, [received, *reader.parts], size)
         except QueueWriteError as exc:
             log.event("queue_write_failed", level=logging.WARNING, id=envelope.id,
                       error=str(exc))
@@ -562,14 +565,13 @@ class _Hooks:
 
 
 class _Stream:
-    """A large message's spool file, written while DATA is still arriving."""
+    """A large message's segment, written while DATA is still arriving."""
 
     def __init__(self, ctx: IntakeContext, queue_id: str) -> None:
         self.ctx = ctx
         self.queue_id = queue_id
-        self.fd: int | None = None
+        self.single: SingleWriter | None = None
         self.envelope: Envelope | None = None
-        self.env_len = 0
         self.flushed = 0  # message bytes already in the file
         self.head = b""
 
@@ -588,31 +590,27 @@ class _Stream:
 
     async def _spill(self, envelope: Envelope, received: bytes, reader: DataReader) -> None:
         parts = reader.take_parts()
-        spool = self.ctx.committer.spool
-        if self.fd is None:
+        if self.single is None:
             self.head = b"".join(parts)[:HEAD_BYTES]
             envelope = self.envelope = _with_message_id(envelope, self.head)
-            env = envelope.to_json()
-            self.env_len = len(env) + 1
-            self.fd, cancelled = await _run_to_end(
-                functools.partial(spool.create, envelope, [received, *parts], complete=False,
-                                  env=env))
+            self.single, cancelled = await _run_to_end(functools.partial(
+                self.ctx.committer.open_stream, envelope, [received, *parts]))
         else:
-            _, cancelled = await _run_to_end(functools.partial(spool.append, self.fd, parts))
+            _, cancelled = await _run_to_end(functools.partial(self.single.append, parts))
         self.flushed = reader.size
         if cancelled:
             raise asyncio.CancelledError
 
-    def take_fd(self) -> int | None:
-        fd, self.fd = self.fd, None
-        return fd
+    def take(self) -> SingleWriter | None:
+        """Hand the file over to the committer (which then owns its removal on failure)."""
+        single, self.single = self.single, None
+        return single
 
     async def discard(self) -> None:
         """Remove a partly streamed file that was never handed to the committer."""
-        if self.fd is not None:
-            fd, self.fd = self.fd, None
-            os.close(fd)
-            await asyncio.to_thread(self.ctx.committer.spool.remove, self.queue_id)
+        if self.single is not None:
+            single, self.single = self.single, None
+            await asyncio.to_thread(single.discard)
 
 
 async def _run_to_end(fn: Callable[[], _T]) -> tuple[_T, bool]:
