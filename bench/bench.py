@@ -1,12 +1,15 @@
-r"""Throughput benchmark: invoice-relay against a private Postfix instance.
+r"""Benchmark: invoice-relay against a private Postfix instance, same run, same load.
 
-Driven by bench/run; stdlib only, so it runs under any Python >= 3.8.  See bench/README.md.
+Driven by bench/run; see bench/README.md.  The harness is stdlib-only Python; the chart
+(bench/chart.py) needs matplotlib (pip install -e '.[bench]'), and is skipped without it.
 
 Topology (all on 127.0.0.1):
 
-    smtp-source --> invoice-relay --\
-    smtp-source --> postfix --------+--> smtp-sink (one, counting with -c)
-    smtp-source --------------------/    (direct round: load-generator ceiling)
+    smtp-source ----> invoice-relay --+--> smtp-sink      (to@example.net: accepts all, counts)
+    smtp-source ----> postfix --------+--> bench/sink.py  (to@example.org: 5% 451 once, 2% 550;
+    bench/probe.py -> (same system) --+                    and the DSNs to bench.test)
+                                      +--> smtp-sink      (probe@probe.test: probe messages)
+    smtp-source ----> the sink directly  (direct round: ceiling of load generator and sink)
 """
 
 from __future__ import annotations
