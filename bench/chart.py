@@ -52,14 +52,14 @@ def _throughput(ax, cells: list[dict], title: str) -> None:
         if r:
             ax.annotate(f"{r['median']:.2f}x", (i, top * 1.04), ha="center", fontsize=9,
                         fontweight="bold", color="#333")
-    ax.set_ylim(0, top * 1.18 if top else 1)
+    ax.set_ylim(0, top * 1.45 if top else 1)  # room for the ratios, and the legend above them
     ax.set_xticks(list(xs))
     ax.set_xticklabels([f"{SIZE_NAMES.get(c['size'], c['size'])}\n{c['sessions']} sess."
                         for c in cells])
     ax.set_ylabel("msg/s end to end")
     ax.set_title(title, fontsize=10, loc="left")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper right", fontsize=8, ncol=2)
 
 
 def _latency(ax, cells: list[dict], title: str) -> None:
@@ -83,8 +83,8 @@ def _latency(ax, cells: list[dict], title: str) -> None:
                 ax.annotate(f"{v:.0f}" if v >= 10 else f"{v:.1f}", (x, v), ha="center",
                             va="bottom", fontsize=7)
     if any_bar:
-        ax.set_ylim(0, ax.get_ylim()[1] * 1.1)
-        ax.legend(loc="upper left", fontsize=8)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.25)
+        ax.legend(loc="upper left", fontsize=8, ncol=3)
     ax.set_xticks(range(len(cells)))
     ax.set_xticklabels([f"{SIZE_NAMES.get(c['size'], c['size'])}\n{c['sessions']} sess."
                         for c in cells])
