@@ -1,12 +1,15 @@
-r"""Throughput benchmark: invoice-relay against a private Postfix instance.
+r"""Benchmark: invoice-relay against a private Postfix instance, same run, same load.
 
-Driven by bench/run; stdlib only, so it runs under any Python >= 3.8.  See bench/README.md.
+Driven by bench/run; see bench/README.md.  The harness is stdlib-only Python; the chart
+(bench/chart.py) needs matplotlib (pip install -e '.[bench]'), and is skipped without it.
 
 Topology (all on 127.0.0.1):
 
-    smtp-source --> invoice-relay --\
-    smtp-source --> postfix --------+--> smtp-sink (one, counting with -c)
-    smtp-source --------------------/    (direct round: load-generator ceiling)
+    smtp-source ----> invoice-relay --+--> smtp-sink      (to@example.net: accepts all, counts)
+    smtp-source ----> postfix --------+--> bench/sink.py  (to@example.org: 5% 451 once, 2% 550;
+    bench/probe.py -> (same system) --+                    and the DSNs to bench.test)
+                                      +--> smtp-sink      (probe@probe.test: probe messages)
+    smtp-source ----> the sink directly  (direct round: ceiling of load generator and sink)
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import pwd
 import resource
@@ -33,6 +37,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 SIZES = {"4k": 4096, "200k": 204800}
+PUBLISHED_PNG = BENCH_DIR / "results.png"
 
 
 class BenchError(Exception):
@@ -210,17 +215,40 @@ def tail(path: Path, lines: int = 30) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# smtp-sink: the one destination, counting messages
+# Destinations: smtp-sink (accepts everything, counts), bench/sink.py (refuses a share),
+# and a second smtp-sink for the latency probe's messages
+
+def open_connections(port: int) -> int:
+    """Established (or half-closed) TCP connections to 127.0.0.1:port, from /proc/net/tcp."""
+    local = f"0100007F:{port:04X}"
+    n = 0
+    try:
+        with open("/proc/net/tcp") as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                # 01 ESTABLISHED, 08 CLOSE_WAIT (client closed, sink not yet)
+                if parts[1] == local and parts[3] in ("01", "08"):
+                    n += 1
+    except OSError:
+        pass
+    return n
+
 
 class Sink:
-    def __init__(self, workdir: Path, smtp_sink: str):
+    """smtp-sink: accepts every message; its running `mesg=N` counter is the round's clock."""
+    kind = "all"
+    title = "smtp-sink (accepts all)"
+
+    def __init__(self, workdir: Path, smtp_sink: str, name: str = "smtp-sink"):
+        self.name = name
         self.port = free_port()
         self.count = 0
         self.sessions = 0  # sessions ended, from the same counter line
         self.cond = threading.Condition()
         self.crossings: list[tuple[int, float]] = []  # (target, monotonic time reached)
         self.targets: list[int] = []
-        self.errlog = workdir / "smtp-sink.stderr"
+        self.errlog = workdir / f"{name}.stderr"
         # -c: running counters on stdout ("sess=N quit=N mesg=N\r"), updated when "." is
         # received. 1000: listen backlog.  -u postfix: required when started as root.
         self.proc = subprocess.Popen(
@@ -229,7 +257,7 @@ class Sink:
             start_new_session=True)
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
-        wait_smtp_banner(self.port, 10, self.proc, "smtp-sink")
+        wait_smtp_banner(self.port, 10, self.proc, name)
         # wait_smtp_banner opened one session without a message: mesg stays 0
 
     def _read(self) -> None:
@@ -264,14 +292,14 @@ class Sink:
                             self.targets.remove(t)
                     self.cond.notify_all()
 
-    def arm(self, target: int) -> None:
+    def arm(self, target: int, what: str = "outcomes") -> None:
         with self.cond:
             if self.count >= target:
                 self.crossings.append((target, time.monotonic()))
             else:
                 self.targets.append(target)
 
-    def wait(self, target: int, deadline: float) -> float | None:
+    def wait(self, target: int, deadline: float, what: str = "outcomes") -> float | None:
         """Monotonic time at which the counter reached `target`, or None on timeout."""
         with self.cond:
             while True:
@@ -287,24 +315,15 @@ class Sink:
         return sum(cpu_ticks(p) for p in tree([self.proc.pid], [self.proc.pid]))
 
     def open_connections(self) -> int:
-        """Established (or half-closed) TCP connections to the sink, from /proc/net/tcp."""
-        local = f"0100007F:{self.port:04X}"
-        n = 0
-        try:
-            with open("/proc/net/tcp") as f:
-                next(f)
-                for line in f:
-                    parts = line.split()
-                    # 01 ESTABLISHED, 08 CLOSE_WAIT (client closed, sink not yet)
-                    if parts[1] == local and parts[3] in ("01", "08"):
-                        n += 1
-        except OSError:
-            pass
-        return n
+        return open_connections(self.port)
 
     def current(self) -> int:
         with self.cond:
             return self.count
+
+    def snapshot(self) -> dict:
+        """Counters now (for per-round deltas)."""
+        return {"count": self.current(), "sessions": self.sessions}
 
     def settle(self, quiet: float = 0.5, limit: float = 5.0) -> int:
         """Wait until the counter has not moved for `quiet` seconds; return it."""
@@ -320,11 +339,173 @@ class Sink:
         return last
 
     def stop(self) -> None:
-        kill_tree("smtp-sink", [self.proc.pid], [self.proc.pid], 5)
+        kill_tree(self.name, [self.proc.pid], [self.proc.pid], 5)
         try:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
             pass
+
+
+class RealisticSink:
+    """bench/sink.py: 451 for a deterministic share on the first attempt, 550 for another share
+    on every attempt, 250 for the rest and for DSNs (counted apart).  Its count is *outcomes*:
+    messages accepted or refused with 550, each Message-Id once."""
+    kind = "realistic"
+
+    def __init__(self, workdir: Path, python: str, temp_pct: float, perm_pct: float):
+        self.name = "bench-sink"
+        self.title = f"bench/sink.py ({temp_pct:g}% 451 once, {perm_pct:g}% 550)"
+        self.temp_pct, self.perm_pct = temp_pct, perm_pct
+        self.errlog = workdir / "bench-sink.stderr"
+        self.proc = subprocess.Popen(
+            [python, str(BENCH_DIR / "sink.py"), "--temp-pct", str(temp_pct),
+             "--perm-pct", str(perm_pct), "--dsn-domain", "bench.test"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.errlog, "wb"),
+            start_new_session=True)
+        self.cond = threading.Condition()
+        self.wlock = threading.Lock()
+        self.stats: dict = {}
+        self.crossings: list[tuple[int, str, float]] = []
+        self.port = 0
+        self.loop = "?"
+        self.shares: bool | None = None
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        with self.cond:
+            self.cond.wait_for(lambda: self.port or self.proc.poll() is not None, 15)
+        if not self.port:
+            raise BenchError(f"bench/sink.py did not start\n--- {self.errlog} ---\n"
+                             f"{tail(self.errlog)}")
+        wait_smtp_banner(self.port, 10, self.proc, "bench/sink.py")
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                d = json.loads(line)
+            except ValueError:
+                continue
+            with self.cond:
+                if "ready" in d:
+                    self.port, self.loop = d["ready"], d.get("loop", "?")
+                if "stats" in d:
+                    self.stats = d["stats"]
+                if "reached" in d:
+                    self.crossings.append((d["reached"], d["what"], d["t"]))
+                if "shares" in d:
+                    self.shares = d["shares"]
+                self.cond.notify_all()
+
+    def _send(self, line: str) -> None:
+        with self.wlock:
+            try:
+                self.proc.stdin.write((line + "\n").encode())
+                self.proc.stdin.flush()
+            except OSError as e:
+                raise BenchError(f"bench/sink.py is gone ({e})\n{tail(self.errlog)}") from e
+
+    @property
+    def sessions(self) -> int:
+        return self.stats.get("sessions", 0)
+
+    def fresh_stats(self) -> dict:
+        t = time.monotonic()
+        self._send("stats")
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.stats.get("t", 0) >= t, 5):
+                raise BenchError("bench/sink.py does not answer `stats`")
+            return dict(self.stats)
+
+    def set_shares(self, on: bool) -> None:
+        self._send(f"shares {'on' if on else 'off'}")
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.shares is on, 5):
+                raise BenchError("bench/sink.py does not answer `shares`")
+
+    def arm(self, target: int, what: str = "outcomes") -> None:
+        self._send(f"arm {target} {what}")
+
+    def wait(self, target: int, deadline: float, what: str = "outcomes") -> float | None:
+        with self.cond:
+            while True:
+                for t, w, when in self.crossings:
+                    if t == target and w == what:
+                        return when
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    return None
+                self.cond.wait(min(left, 0.5))
+
+    def current(self) -> int:
+        with self.cond:
+            return self.stats.get("outcomes", 0)
+
+    def snapshot(self) -> dict:
+        s = self.fresh_stats()
+        s["count"] = s["outcomes"]
+        return s
+
+    def cpu_ticks(self) -> int:
+        return sum(cpu_ticks(p) for p in tree([self.proc.pid], [self.proc.pid]))
+
+    def open_connections(self) -> int:
+        return open_connections(self.port)
+
+    def settle(self, quiet: float = 0.5, limit: float = 5.0) -> int:
+        """Wait until no counter (outcomes, DSNs, replies) has moved for `quiet` seconds."""
+        def key():
+            with self.cond:
+                return (self.stats.get("outcomes"), self.stats.get("dsn"),
+                        self.stats.get("replies"))
+        end = time.monotonic() + limit
+        last, since = key(), time.monotonic()
+        while time.monotonic() < end:
+            time.sleep(0.05)
+            c = key()
+            if c != last:
+                last, since = c, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                break
+        return self.current()
+
+    def stop(self) -> None:
+        try:
+            self.proc.stdin.close()  # EOF: the sink prints its final stats and exits
+            self.proc.wait(5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        kill_tree(self.name, [self.proc.pid], [self.proc.pid], 5)
+        self.reader.join(2)
+
+
+class Probe:
+    """bench/probe.py during one round: open-loop sessions, final dot -> 250 per message."""
+
+    def __init__(self, python: str, port: int, size: int, interval: float):
+        self.proc = subprocess.Popen(
+            [python, str(BENCH_DIR / "probe.py"), "--port", str(port), "--size", str(size),
+             "--interval", str(interval), "--to", "probe@probe.test"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True)
+        line = self.proc.stdout.readline()
+        if b"ready" not in line:
+            self.proc.kill()
+            raise BenchError(f"latency probe did not start: {self.proc.stderr.read()[-2000:]!r}")
+
+    def stop(self) -> dict:
+        st = read_stat(self.proc.pid)
+        cpu_s = cpu_ticks(st) / CLK_TCK if st else 0.0
+        try:
+            out, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired as e:
+            kill_tree("probe", [self.proc.pid], [self.proc.pid], 2)
+            raise BenchError("latency probe did not finish") from e
+        try:
+            d = json.loads(out.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError) as e:
+            raise BenchError(f"latency probe output unreadable: {out[-500:]!r} "
+                             f"{err[-2000:]!r}") from e
+        d["cpu_s"] = round(cpu_s, 3)
+        return d
 
 
 # --------------------------------------------------------------------------------------
@@ -344,7 +525,9 @@ class System:
 class Postfix(System):
     name = "postfix"
 
-    def __init__(self, workdir: Path, sink_port: int, postfix_bin: str):
+    def __init__(self, workdir: Path, routes: dict[str, int], postfix_bin: str):
+        """routes: recipient domain -> sink port; "example.net" is the relayhost (everything
+        else), the others go through transport_maps."""
         self.dir = workdir / "postfix"
         etc, spool, data = self.dir / "etc", self.dir / "spool", self.dir / "data"
         for d in (etc, spool, data):
@@ -368,6 +551,9 @@ class Postfix(System):
                 line = " ".join(fields)
             out.append(line)
         (etc / "master.cf").write_text("\n".join(out) + "\n")
+        transport = "inline:{ " + ", ".join(
+            f"{dom}=smtp:[127.0.0.1]:{port}" for dom, port in routes.items()
+            if dom != "example.net") + " }"
         main_cf = f"""\
 compatibility_level = 3.6
 queue_directory = {spool}
@@ -386,7 +572,8 @@ inet_interfaces = 127.0.0.1
 inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
 mydestination =
-relayhost = [127.0.0.1]:{sink_port}
+relayhost = [127.0.0.1]:{routes["example.net"]}
+transport_maps = {transport}
 disable_dns_lookups = yes
 smtp_tls_security_level = none
 smtpd_tls_security_level = none
@@ -401,6 +588,11 @@ alias_database =
 local_recipient_maps =
 biff = no
 append_dot_mydomain = no
+# a short retry, as the relay's retry_schedule = ["1s"]: a realistic round ends when every
+# message is delivered or bounced
+minimal_backoff_time = 1s
+maximal_backoff_time = 1s
+queue_run_delay = 1s
 """
         (etc / "main.cf").write_text(main_cf)
         self.logfile = self.dir / "postfix.log"
@@ -448,7 +640,7 @@ append_dot_mydomain = no
 class Relay(System):
     name = "relay"
 
-    def __init__(self, workdir: Path, sink_port: int, relay_cmd: list[str]):
+    def __init__(self, workdir: Path, routes: dict[str, int], relay_cmd: list[str]):
         self.dir = workdir / "relay"
         (self.dir / "policies").mkdir(parents=True)
         (self.dir / "var").mkdir()
@@ -457,18 +649,21 @@ class Relay(System):
         (self.dir / "relay.toml").write_text(f"""\
 [server]
 listen = ["127.0.0.1:{self.port}"]
+# no per-client connection cap (Postfix: smtpd_client_connection_count_limit = 0): all load
+# comes from 127.0.0.1
+max_connections_per_client = 1000
 [queue]
 path = "var"
+# short retry, as Postfix's minimal/maximal_backoff_time = 1s in the same run
+retry_schedule = ["1s"]
 [http]
 listen = "127.0.0.1:{self.http_port}"
 [policies]
 path = "policies"
 """)
-        (self.dir / "policies" / "bench.toml").write_text(f"""\
-[[destination]]
-domain = "example.net"
-routes = ["127.0.0.1:{sink_port}"]
-""")
+        (self.dir / "policies" / "bench.toml").write_text("".join(
+            f'[[destination]]\ndomain = "{dom}"\nroutes = ["127.0.0.1:{port}"]\n'
+            for dom, port in routes.items()))
         self.stdout_log = self.dir / "relay.stdout"
         self.stderr_log = self.dir / "relay.stderr"
         self.cmd = [*relay_cmd, "serve", "--config", str(self.dir / "relay.toml")]
@@ -541,29 +736,40 @@ routes = ["127.0.0.1:{sink_port}"]
 # --------------------------------------------------------------------------------------
 # Rounds
 
-def run_round(kind: str, system: System | None, sink: Sink, smtp_source: str, n: int,
-              size: int, sessions: int, timeout: float, others: list[System]) -> dict:
+def run_round(kind: str, system: System | None, sink, smtp_source: str, n: int, size: int,
+              sessions: int, timeout: float, others: list[System], *, rcpt: str,
+              probe: tuple[str, float] | None = None, probe_sink: Sink | None = None) -> dict:
+    """One smtp-source run of n messages into `system` (None: straight into `sink`), timed
+    until `sink` has the final outcome of all n.  probe = (python, interval): run the latency
+    probe next to smtp-source, into the same port."""
     port = system.port if system else sink.port
-    base = sink.current()
-    sess0, open0 = sink.sessions, sink.open_connections()
+    realistic = sink.kind == "realistic"
+    snap0 = sink.snapshot()
+    base = snap0["count"]
+    sess0, open0 = snap0["sessions"], sink.open_connections()
     target = base + n
     sink.arm(target)
     snap_before = system.cpu_snapshot() if system else None
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     sink0 = sink.cpu_ticks()
+    psink0 = probe_sink.cpu_ticks() if probe and probe_sink else 0
     others_before = {o.name: o.cpu_snapshot()["total"] for o in others if o is not system}
     mbusy0, msteal0, mtot0, mirq0 = machine_cpu()
+    pr = Probe(probe[0], port, size, probe[1]) if probe else None
     cmd = [smtp_source, "-s", str(sessions), "-m", str(n), "-l", str(size),
-           "-f", "from@bench.test", "-t", "to@example.net", f"127.0.0.1:{port}"]
+           "-f", "from@bench.test", "-t", rcpt, f"127.0.0.1:{port}"]
     t0 = time.monotonic()
     try:
         src = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
                              timeout=timeout)
     except subprocess.TimeoutExpired as e:
+        if pr:
+            pr.stop()
         raise BenchError(f"{kind}: smtp-source did not finish within {timeout:.0f}s; the sink "
                          f"has {sink.current() - base} of {n} messages") from e
     t_src = time.monotonic()
-    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # smtp-source only: the probe is not
+    probe_out = pr.stop() if pr else None              # reaped yet
     if src.returncode != 0 or src.stderr.strip():
         msg = (f"{kind}: smtp-source exited {src.returncode}: "
                f"{src.stderr.decode(errors='replace').strip()[:2000]}")
@@ -580,8 +786,22 @@ def run_round(kind: str, system: System | None, sink: Sink, smtp_source: str, n:
                              f"{sink.current() - base} of {n} messages")
     if reached is None:
         got = sink.current() - base
-        raise BenchError(f"{kind}: timeout after {timeout:.0f}s: the sink received {got} of {n} "
-                         f"messages (smtp-source finished in {t_src - t0:.2f}s)")
+        raise BenchError(f"{kind}: timeout after {timeout:.0f}s: the sink has the outcome of {got} "
+                         f"of {n} messages (smtp-source finished in {t_src - t0:.2f}s)")
+    dsn_done = None
+    if realistic and system:
+        # the round's 550s come back as DSNs to from@bench.test; wait for them (bounce work is
+        # part of the round's cost) so that they do not spill into the next round
+        while True:
+            s = sink.fresh_stats()
+            if s["dsn"] - snap0["dsn"] >= s["perm"] - snap0["perm"]:
+                dsn_done = time.monotonic()
+                break
+            if time.monotonic() >= t0 + timeout:
+                log(f"warning: {kind}: {s['dsn'] - snap0['dsn']} DSNs for "
+                    f"{s['perm'] - snap0['perm']} refused messages after {timeout:.0f}s")
+                break
+            time.sleep(0.05)
     # let the system finish post-delivery work (spool cleanup, index updates) before reading
     # the "after" counters, so that work is charged to this round
     sink.settle(quiet=0.3, limit=3)
@@ -589,38 +809,72 @@ def run_round(kind: str, system: System | None, sink: Sink, smtp_source: str, n:
     mbusy1, msteal1, mtot1, mirq1 = machine_cpu()
     snap_after = system.cpu_snapshot() if system else None
     sink1 = sink.cpu_ticks()
+    psink1 = probe_sink.cpu_ticks() if probe and probe_sink else 0
+    snap1 = sink.snapshot()
     source_s = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
-    loadgen_s = source_s + (sink1 - sink0) / CLK_TCK
+    sink_s = (sink1 - sink0) / CLK_TCK
+    probe_s = (probe_out["cpu_s"] if probe_out else 0.0) + (psink1 - psink0) / CLK_TCK
+    loadgen_s = source_s + sink_s + probe_s
     sut_s = ((snap_after["total"] - snap_before["total"]) / CLK_TCK) if system else 0.0
     machine_s = (mbusy1 - mbusy0) / CLK_TCK
     irq_s = (mirq1 - mirq0) / CLK_TCK
     accepted_s, e2e_s = t_src - t0, reached - t0
     # connections opened to the sink during the round = sessions ended + still open - open
     # before (Postfix keeps delivery connections cached for a while after a burst)
-    sink_sessions = sink.sessions - sess0 + sink.open_connections() - open0
-    r = {"kind": kind, "system": system.name if system else "direct", "n": n, "size": size,
-         "sessions": sessions, "accept_seconds": round(accepted_s, 4),
-         "e2e_seconds": round(e2e_s, 4), "accepted_per_s": n / accepted_s,
-         "e2e_per_s": n / e2e_s,
+    sink_sessions = snap1["sessions"] - sess0 + sink.open_connections() - open0
+    # messages the system took in this round: smtp-source's n plus the probe's
+    handled = n + (probe_out["ok"] if probe_out else 0)
+    r = {"kind": kind, "system": system.name if system else "direct", "sink": sink.kind,
+         "n": n, "size": size, "sessions": sessions, "rcpt": rcpt,
+         "accept_seconds": round(accepted_s, 4), "e2e_seconds": round(e2e_s, 4),
+         "accepted_per_s": n / accepted_s, "e2e_per_s": n / e2e_s,
          "machine_cpu_busy_pct": round(100 * (mbusy1 - mbusy0) / max(1, mtot1 - mtot0), 1),
          # SMTP sessions that ended at the sink per message delivered: 1.0 = one connection per
          # message; Postfix reuses connections when a backlog builds
          "sink_sessions_per_msg": round(sink_sessions / n, 3),
          "machine_cpu_steal_pct": round(100 * (msteal1 - msteal0) / max(1, mtot1 - mtot0), 1),
-         # smtp-source + smtp-sink; irq+softirq time (loopback TCP receive processing, not
-         # charged to any process); and whatever else ran (neighbours, kernel threads such
-         # as jbd2/kworker doing writeback)
-         "loadgen_cpu_us_per_msg": round(loadgen_s * 1e6 / n, 1),
-         "softirq_cpu_us_per_msg": round(irq_s * 1e6 / n, 1),
-         "other_cpu_cores": round((machine_s - irq_s - sut_s - loadgen_s) / (t_after - t0), 2)}
+         # smtp-source + sink + probe (+ its sink); irq+softirq time (loopback TCP receive
+         # processing, not charged to any process); and whatever else ran (neighbours, kernel
+         # threads such as jbd2/kworker doing writeback)
+         "loadgen_cpu_us_per_msg": round(loadgen_s * 1e6 / handled, 1),
+         "softirq_cpu_us_per_msg": round(irq_s * 1e6 / handled, 1),
+         "other_cpu_cores": round((machine_s - irq_s - sut_s - loadgen_s) / (t_after - t0), 2),
+         # single-process tools: near 1.0 core they are the bottleneck, not the system
+         "smtp_source_cores": round(source_s / accepted_s, 2),
+         "sink_cores": round(sink_s / (t_after - t0), 2),
+         "messages_handled": handled}
+    near = []
+    if r["smtp_source_cores"] >= 0.8:
+        near.append(f"smtp-source {r['smtp_source_cores']:.2f} cores")
+    if r["sink_cores"] >= 0.8:
+        near.append(f"{sink.name} {r['sink_cores']:.2f} cores")
+    if near:
+        r["loadgen_near_ceiling"] = near
+    if probe_out:
+        lat = sorted(probe_out.pop("lat_us"))
+        r["probe"] = probe_out
+        r["accept_latency_us"] = lat
+        if lat:
+            r["accept_latency_ms"] = {"p50": percentile(lat, 50) / 1000,
+                                      "p99": percentile(lat, 99) / 1000,
+                                      "max": lat[-1] / 1000, "samples": len(lat)}
+    if realistic:
+        d = {k: snap1[k] - snap0[k] for k in ("accepted", "temp", "retried_ok", "perm",
+                                              "perm_repeat", "dsn", "accepted_dup", "replies")}
+        r["realistic"] = d
+        # after smtp-source is done: how long until the last retry/bounce reached the sink
+        r["drain_tail_seconds"] = round(e2e_s - accepted_s, 3)
+        if dsn_done:
+            r["dsn_done_seconds"] = round(dsn_done - t0, 3)
     if system:
-        us = 1e6 / CLK_TCK / n
+        us = 1e6 / CLK_TCK / handled
         cpu = {k: (snap_after[k] - snap_before[k]) * us
                for k in ("intake", "delivery", "total") if k in snap_after}
         r["cpu_us_per_msg"] = {k: round(v, 1) for k, v in cpu.items()}
         # how busy each stage was over the round, in cores (1.0 = one core flat out; a single
         # Python process cannot go beyond ~1.0)
-        r["cpu_cores"] = {k: round(v * n / 1e6 / (t_after - t0), 2) for k, v in cpu.items()}
+        r["cpu_cores"] = {k: round(v * handled / 1e6 / (t_after - t0), 2)
+                          for k, v in cpu.items()}
         if "processes" in snap_after:
             r["processes_after"] = snap_after["processes"]
     idle = {}
@@ -631,6 +885,14 @@ def run_round(kind: str, system: System | None, sink: Sink, smtp_source: str, n:
     if idle:
         r["idle_systems_cpu_s"] = idle
     return r
+
+
+def percentile(sorted_vals: list, p: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    if not sorted_vals:
+        return float("nan")
+    k = max(0, min(len(sorted_vals) - 1, math.ceil(p / 100 * len(sorted_vals)) - 1))
+    return sorted_vals[k]
 
 
 def git_state() -> dict:
@@ -650,20 +912,43 @@ def fmt_rate(v: float) -> str:
     return f"{v:,.0f}"
 
 
-def summarize(rounds: list[dict], sizes: list[tuple[str, int]]) -> dict:
-    summary: dict = {}
-    for label, size in sizes:
-        s: dict = {}
+# default messages per round: (size label) -> {sessions: N}; a session count not listed takes
+# the nearest listed one below it (or the smallest).  Chosen so that a round lasts about 3-6 s
+# on a 2-core machine and the full matrix (2 sizes x 3 session counts x 2 sinks x 3 paired
+# rounds) stays near 10 minutes.
+N_FULL = {"4k": {1: 1000, 16: 2000, 64: 2000}, "200k": {1: 400, 16: 800, 64: 800}}
+N_QUICK = {"4k": {1: 150, 16: 300, 64: 300}, "200k": {1: 60, 16: 120, 64: 120}}
+
+
+def n_for(table: dict, label: str, sessions: int) -> int:
+    row = table[label]
+    below = [k for k in row if k <= sessions]
+    return row[max(below)] if below else row[min(row)]
+
+
+def cell_key(r: dict) -> tuple[str, str, int]:
+    return (r["sink"], r["label"], r["sessions"])
+
+
+def summarize(rounds: list[dict]) -> list[dict]:
+    keys: list[tuple[str, str, int]] = []
+    for r in rounds:
+        if r["kind"] in ("measure", "direct") and cell_key(r) not in keys:
+            keys.append(cell_key(r))
+    cells = []
+    for key in keys:
+        sink, label, sessions = key
+        cell: dict = {"sink": sink, "size": label, "sessions": sessions}
+        mine = [r for r in rounds if cell_key(r) == key]
         for system in ("relay", "postfix", "direct"):
-            rs = [r for r in rounds if r["system"] == system and r["size"] == size
-                  and r["kind"] in ("measure", "direct")]
+            rs = [r for r in mine if r["system"] == system and r["kind"] in ("measure", "direct")]
             if not rs:
                 continue
-            entry = {"rounds": len(rs)}
-            for key in ("accepted_per_s", "e2e_per_s"):
-                vals = [r[key] for r in rs]
-                entry[key] = {"median": statistics.median(vals), "min": min(vals),
-                              "max": max(vals)}
+            entry: dict = {"rounds": len(rs), "n": rs[0]["n"]}
+            for k in ("accepted_per_s", "e2e_per_s"):
+                vals = [r[k] for r in rs]
+                entry[k] = {"median": statistics.median(vals), "min": min(vals),
+                            "max": max(vals)}
             cpu_keys = sorted({k for r in rs for k in r.get("cpu_us_per_msg", {})})
             if cpu_keys:
                 entry["cpu_cores_median"] = {
@@ -671,41 +956,104 @@ def summarize(rounds: list[dict], sizes: list[tuple[str, int]]) -> dict:
                 entry["cpu_us_per_msg_median"] = {
                     k: statistics.median(r["cpu_us_per_msg"].get(k, 0) for r in rs)
                     for k in cpu_keys}
-            entry["sink_sessions_per_msg_median"] = statistics.median(
-                r["sink_sessions_per_msg"] for r in rs)
-            entry["machine_cpu_busy_pct_median"] = statistics.median(
-                r["machine_cpu_busy_pct"] for r in rs)
-            entry["other_cpu_cores_median"] = statistics.median(
-                r["other_cpu_cores"] or 0 for r in rs)
-            entry["loadgen_cpu_us_per_msg_median"] = statistics.median(
-                r["loadgen_cpu_us_per_msg"] for r in rs)
-            entry["softirq_cpu_us_per_msg_median"] = statistics.median(
-                r["softirq_cpu_us_per_msg"] for r in rs)
-            s[system] = entry
-        rel = [r for r in rounds if r["system"] == "relay" and r["size"] == size
-               and r["kind"] == "measure"]
-        pfx = [r for r in rounds if r["system"] == "postfix" and r["size"] == size
-               and r["kind"] == "measure"]
+            for k in ("sink_sessions_per_msg", "machine_cpu_busy_pct", "other_cpu_cores",
+                      "loadgen_cpu_us_per_msg", "softirq_cpu_us_per_msg", "smtp_source_cores",
+                      "sink_cores"):
+                entry[k + "_median"] = statistics.median(r.get(k) or 0 for r in rs)
+            lat = sorted(x for r in rs for x in r.get("accept_latency_us", ()))
+            if lat:
+                # pooled over the measured rounds of this cell
+                entry["accept_latency_ms"] = {
+                    "p50": percentile(lat, 50) / 1000, "p99": percentile(lat, 99) / 1000,
+                    "max": lat[-1] / 1000, "samples": len(lat)}
+            perr = sum(r["probe"]["errors"] + r["probe"].get("unfinished", 0)
+                       for r in rs if "probe" in r)
+            if perr:
+                entry["probe_errors"] = perr
+            if sink == "realistic" and system != "direct":
+                entry["drain_tail_seconds_median"] = statistics.median(
+                    r["drain_tail_seconds"] for r in rs)
+                entry["realistic_totals"] = {
+                    k: sum(r["realistic"][k] for r in rs) for k in rs[0]["realistic"]}
+            near = [f"{r['kind']} {x}" for r in rs for x in r.get("loadgen_near_ceiling", ())]
+            if near:
+                entry["loadgen_near_ceiling"] = near
+            cell[system] = entry
+        rel = [r for r in mine if r["system"] == "relay" and r["kind"] == "measure"]
+        pfx = [r for r in mine if r["system"] == "postfix" and r["kind"] == "measure"]
         if rel and pfx:
-            pairs = [a["e2e_per_s"] / b["e2e_per_s"] for a, b in zip(rel, pfx)]
-            s["relay_postfix_e2e_ratio"] = {"median": statistics.median(pairs),
-                                            "per_round": pairs}
-            acc = [a["accepted_per_s"] / b["accepted_per_s"] for a, b in zip(rel, pfx)]
-            s["relay_postfix_accepted_ratio"] = {"median": statistics.median(acc),
-                                                 "per_round": acc}
-        summary[label] = s
-    return summary
+            pairs = [a["e2e_per_s"] / b["e2e_per_s"] for a, b in zip(rel, pfx, strict=False)]
+            cell["relay_postfix_e2e_ratio"] = {"median": statistics.median(pairs),
+                                               "per_round": pairs}
+            acc = [a["accepted_per_s"] / b["accepted_per_s"] for a, b in zip(rel, pfx, strict=False)]
+            cell["relay_postfix_accepted_ratio"] = {"median": statistics.median(acc),
+                                                    "per_round": acc}
+        if "direct" in cell:
+            ceiling = cell["direct"]["accepted_per_s"]["median"]
+            for system in ("relay", "postfix"):
+                if system in cell:
+                    cell[system]["share_of_loadgen_ceiling"] = (
+                        cell[system]["accepted_per_s"]["median"] / ceiling)
+        cells.append(cell)
+    return cells
 
 
-def render_table(summary: dict, results: dict) -> str:
-    lines = []
-    hdr = (f"{'size':>5}  {'system':<8} {'rounds':>6}  {'accepted msg/s':>14} {'(min-max)':>15}"
-           f"  {'end-to-end msg/s':>16} {'(min-max)':>15}  {'host CPU':>8}  {'CPU us/msg':>28}")
+def _lat(e: dict | None) -> str:
+    lat = (e or {}).get("accept_latency_ms")
+    if not lat:
+        return "-"
+    return f"{lat['p50']:.1f} / {lat['p99']:.1f}"
+
+
+def render_table(cells: list[dict], results: dict) -> str:
+    lines: list[str] = []
+    titles = results.get("sink_titles", {})
+    sinks = [k for k in ("all", "realistic") if any(c["sink"] == k for c in cells)]
+    # 1. the story: one line per size and session count
+    for sink in sinks:
+        mine = [c for c in cells if c["sink"] == sink]
+        realistic = sink == "realistic"
+        lines.append(("HEADLINE: " if sink == "all" else "REALISTIC: ") + titles.get(sink, sink)
+                     + ("; end-to-end = until every message is delivered or refused with 550"
+                        if realistic else ""))
+        hdr = (f"{'size':>5} {'sess':>4}  {'relay':>7} {'postfix':>7}  {'ratio':>6} "
+               f"{'(accepted)':>10}  {'relay p50/p99 ms':>17}  {'postfix p50/p99 ms':>18}  "
+               f"{'ceiling':>8}")
+        if realistic:
+            hdr += f"  {'retry tail s relay/postfix':>26}"
+        lines.append(hdr)
+        lines.append("-" * len(hdr))
+        for c in mine:
+            rel, pfx, dr = c.get("relay"), c.get("postfix"), c.get("direct")
+            r = c.get("relay_postfix_e2e_ratio", {}).get("median")
+            ra = c.get("relay_postfix_accepted_ratio", {}).get("median")
+            line = (f"{c['size']:>5} {c['sessions']:>4}  "
+                    f"{fmt_rate(rel['e2e_per_s']['median']) if rel else '-':>7} "
+                    f"{fmt_rate(pfx['e2e_per_s']['median']) if pfx else '-':>7}  "
+                    f"{f'{r:.2f}x' if r else '-':>6} {f'({ra:.2f}x)' if ra else '':>10}  "
+                    f"{_lat(rel):>17}  {_lat(pfx):>18}  "
+                    f"{fmt_rate(dr['accepted_per_s']['median']) if dr else '-':>8}")
+            if realistic:
+                tails = "/".join(f"{e['drain_tail_seconds_median']:.1f}" if e else "-"
+                                 for e in (rel, pfx))
+                line += f"  {tails:>26}"
+            lines.append(line)
+        lines.append("")
+    lines.append("msg/s: end to end (smtp-source start -> the sink has every outcome), median of "
+                 "the measured rounds; ratio: median of paired relay/postfix rounds (above 1 the "
+                 "relay is faster), accepted = the same for smtp-source's own wall time; p50/p99: "
+                 "final dot -> 250 from the latency probe, pooled over the rounds; ceiling: "
+                 "smtp-source straight into that sink (msg/s).")
+    lines.append("")
+    # 2. details per cell
+    hdr = (f"{'sink':<9} {'size':>5} {'sess':>4}  {'system':<8} {'rounds':>6}  "
+           f"{'accepted msg/s':>14} {'(min-max)':>15}  {'end-to-end msg/s':>16} "
+           f"{'(min-max)':>15}  {'host CPU':>8}  {'CPU us/msg':>28}")
     lines.append(hdr)
     lines.append("-" * len(hdr))
-    for label, s in summary.items():
+    for c in cells:
         for system in ("relay", "postfix", "direct"):
-            e = s.get(system)
+            e = c.get(system)
             if not e:
                 continue
             a, b = e["accepted_per_s"], e["e2e_per_s"]
@@ -719,35 +1067,56 @@ def render_table(summary: dict, results: dict) -> str:
                 cpu_s = "(load-gen ceiling)"
             name = "sink" if system == "direct" else system
             lines.append(
-                f"{label:>5}  {name:<8} {e['rounds']:>6}  {fmt_rate(a['median']):>14} "
+                f"{c['sink']:<9} {c['size']:>5} {c['sessions']:>4}  {name:<8} {e['rounds']:>6}  "
+                f"{fmt_rate(a['median']):>14} "
                 f"{'(' + fmt_rate(a['min']) + '-' + fmt_rate(a['max']) + ')':>15}  "
                 f"{fmt_rate(b['median']):>16} "
                 f"{'(' + fmt_rate(b['min']) + '-' + fmt_rate(b['max']) + ')':>15}  "
                 f"{e['machine_cpu_busy_pct_median']:>7.0f}%  {cpu_s:>28}")
-        if "relay_postfix_e2e_ratio" in s:
-            r = s["relay_postfix_e2e_ratio"]
-            ra = s["relay_postfix_accepted_ratio"]
+        if "relay_postfix_e2e_ratio" in c:
+            r = c["relay_postfix_e2e_ratio"]
+            ra = c["relay_postfix_accepted_ratio"]
             lines.append(
-                f"{label:>5}  relay/postfix ratio, median of paired rounds: end-to-end "
-                f"{r['median']:.2f}x ({', '.join(f'{x:.2f}' for x in r['per_round'])}), "
-                f"accepted {ra['median']:.2f}x")
-        lines.append("")
-    conn = [f"{label} {system} {e['sink_sessions_per_msg_median']:.2f}"
-            for label, s in summary.items() for system, e in s.items()
-            if system in ("relay", "postfix")]
+                f"{c['sink']:<9} {c['size']:>5} {c['sessions']:>4}  relay/postfix ratio, median "
+                f"of paired rounds: end-to-end {r['median']:.2f}x "
+                f"({', '.join(f'{x:.2f}' for x in r['per_round'])}), accepted {ra['median']:.2f}x")
+    lines.append("")
+    # 3. the realistic destination: what happened to the refused shares
+    for c in cells:
+        if c["sink"] != "realistic":
+            continue
+        for system in ("relay", "postfix"):
+            e = c.get(system)
+            if not e or "realistic_totals" not in e:
+                continue
+            t = e["realistic_totals"]
+            lines.append(
+                f"realistic {c['size']:>5} {c['sessions']:>3} sessions {system:<8}: 451 once "
+                f"{t['temp']:,} (retried and accepted {t['retried_ok']:,}), 550 {t['perm']:,} "
+                f"(DSNs {t['dsn']:,}, refused again {t['perm_repeat']}), duplicates "
+                f"{t['accepted_dup']}; retry tail after the last accept "
+                f"{e['drain_tail_seconds_median']:.2f}s (median)")
+    # 4. the rest, as before, per cell
+    conn = [f"{c['sink']} {c['size']} s{c['sessions']} {system} "
+            f"{c[system]['sink_sessions_per_msg_median']:.2f}"
+            for c in cells for system in ("relay", "postfix") if system in c]
     if conn:
+        lines.append("")
         lines.append("delivery connections per message (sink sessions / messages, median): "
                      + ", ".join(conn))
-    lines.append("CPU outside the system under test, medians: smtp-source+sink us/msg | "
-                 "irq+softirq us/msg | anything else (neighbours, kernel threads) in cores")
-    for label, s in summary.items():
+    lines.append("CPU outside the system under test, medians: load generators (smtp-source, "
+                 "sink, probe) us/msg | irq+softirq us/msg | anything else (neighbours, kernel "
+                 "threads) in cores | smtp-source, sink busy cores")
+    for c in cells:
         for system in ("relay", "postfix", "direct"):
-            e = s.get(system)
+            e = c.get(system)
             if e:
-                lines.append(f"  {label:>5} {'sink' if system == 'direct' else system:<8} "
+                lines.append(f"  {c['sink']:<9} {c['size']:>5} {c['sessions']:>4} "
+                             f"{'sink' if system == 'direct' else system:<8} "
                              f"{e['loadgen_cpu_us_per_msg_median']:>8,.0f} | "
                              f"{e['softirq_cpu_us_per_msg_median']:>8,.0f} | "
-                             f"{e['other_cpu_cores_median']:>5.2f}")
+                             f"{e['other_cpu_cores_median']:>5.2f} | "
+                             f"{e['smtp_source_cores_median']:.2f}, {e['sink_cores_median']:.2f}")
     rss = results.get("relay_peak_rss")
     if rss:
         parts = ", ".join(f"pid {pid} {v['vm_hwm_kib'] / 1024:.1f} MiB"
@@ -757,15 +1126,16 @@ def render_table(summary: dict, results: dict) -> str:
     if prss:
         lines.append(f"postfix: sum of VmHWM over its {prss['processes']} processes alive at the "
                      f"end: {prss['sum_kib'] / 1024:.1f} MiB (shared pages counted per process)")
-    for label, s in summary.items():
-        e, p = s.get("relay"), s.get("postfix")
+    for c in cells:
+        e, p = c.get("relay"), c.get("postfix")
         if e and "cpu_us_per_msg_median" in e:
-            c = e["cpu_us_per_msg_median"]
-            parts = c.get("intake", 0) + c.get("delivery", 0)
+            cc = e["cpu_us_per_msg_median"]
+            parts = cc.get("intake", 0) + cc.get("delivery", 0)
             if parts:
-                line = (f"relay CPU at {label}: {c.get('total', 0):,.0f} us/msg; intake "
-                        f"{c['intake']:,.0f} ({100 * c['intake'] / parts:.0f}%) + delivery "
-                        f"{c['delivery']:,.0f} ({100 * c['delivery'] / parts:.0f}%)")
+                line = (f"relay CPU {c['sink']} {c['size']} s{c['sessions']}: "
+                        f"{cc.get('total', 0):,.0f} us/msg; intake "
+                        f"{cc['intake']:,.0f} ({100 * cc['intake'] / parts:.0f}%) + delivery "
+                        f"{cc['delivery']:,.0f} ({100 * cc['delivery'] / parts:.0f}%)")
                 cores = e.get("cpu_cores_median", {})
                 if cores:
                     line += (f"; busy cores: intake {cores.get('intake', 0):.2f}, delivery "
@@ -773,33 +1143,86 @@ def render_table(summary: dict, results: dict) -> str:
                 ptot = (p or {}).get("cpu_us_per_msg_median", {}).get("total")
                 if ptot:
                     line += (f"; postfix {ptot:,.0f} us/msg; relay/postfix "
-                             f"{c.get('total', 0) / ptot:.2f}x")
+                             f"{cc.get('total', 0) / ptot:.2f}x")
                 lines.append(line)
+    warnings = list(results.get("warnings", []))
+    for c in cells:
+        where = f"{c['sink']} {c['size']} {c['sessions']} sessions"
+        for system in ("relay", "postfix", "direct"):
+            e = c.get(system)
+            if not e:
+                continue
+            for x in e.get("loadgen_near_ceiling", ()):
+                warnings.append(f"{where} {system}: load generator near its ceiling ({x})")
+            share = e.get("share_of_loadgen_ceiling")
+            if share and share > 0.5:
+                warnings.append(f"{where} {system}: accepted {100 * share:.0f}% of what "
+                                f"smtp-source alone reaches into this sink: the load generator "
+                                f"may cap the result")
+            if e.get("probe_errors"):
+                warnings.append(f"{where} {system}: {e['probe_errors']} latency probe messages "
+                                f"failed or did not finish (see JSON)")
+    if warnings:
+        lines.append("")
+        lines.extend("WARNING: " + w for w in warnings)
     return "\n".join(lines).rstrip() + "\n"
 
 
 # --------------------------------------------------------------------------------------
 
 def main() -> int:
+    env = os.environ.get
     ap = argparse.ArgumentParser(prog="bench/run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["relay", "postfix"], action="append",
                     help="benchmark only this system (repeatable); default: both")
-    ap.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", 3)))
-    ap.add_argument("--n-small", type=int, default=int(os.environ.get("BENCH_N_SMALL", 4000)))
-    ap.add_argument("--n-large", type=int, default=int(os.environ.get("BENCH_N_LARGE", 2000)))
-    ap.add_argument("--sizes", default=os.environ.get("BENCH_SIZES", "4k,200k"),
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run (~1-2 min): 1 round, few messages, every size, session "
+                         "count and sink; explicit options still win")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="measured rounds per system and cell (default 3, --quick 1)")
+    ap.add_argument("--n-small", type=int, default=int(env("BENCH_N_SMALL", 0)) or None,
+                    help="messages per round at 4 KiB, for every session count (default: "
+                         f"{N_FULL['4k']} by sessions; --quick {N_QUICK['4k']})")
+    ap.add_argument("--n-large", type=int, default=int(env("BENCH_N_LARGE", 0)) or None,
+                    help="messages per round at 200 KiB (default: "
+                         f"{N_FULL['200k']}; --quick {N_QUICK['200k']})")
+    ap.add_argument("--sizes", default=env("BENCH_SIZES", "4k,200k"),
                     help="comma-separated subset of 4k,200k")
-    ap.add_argument("--sessions", type=int, default=int(os.environ.get("BENCH_SESSIONS", 16)))
-    ap.add_argument("--timeout", type=float, default=float(os.environ.get("BENCH_TIMEOUT", 0)),
+    ap.add_argument("--sessions", default=env("BENCH_SESSIONS", "1,16,64"),
+                    help="comma-separated session counts of smtp-source (-s); default 1,16,64")
+    ap.add_argument("--sink", choices=["all", "realistic", "both"],
+                    default=env("BENCH_SINK", "both"),
+                    help="destination: smtp-sink accepting all, bench/sink.py refusing a share, "
+                         "or both (default)")
+    ap.add_argument("--temp-pct", type=float, default=float(env("BENCH_TEMP_PCT", 5)),
+                    help="realistic sink: %% of messages answered 451 on the first attempt")
+    ap.add_argument("--perm-pct", type=float, default=float(env("BENCH_PERM_PCT", 2)),
+                    help="realistic sink: %% of messages always answered 550")
+    ap.add_argument("--probe-interval", type=float,
+                    default=float(env("BENCH_PROBE_INTERVAL", 0.04)),
+                    help="seconds between latency probe messages (default 0.04); 0 = no probe")
+    ap.add_argument("--timeout", type=float, default=float(env("BENCH_TIMEOUT", 0)),
                     help="seconds per round (default: max(120, N/20))")
-    ap.add_argument("--no-direct", action="store_true", help="skip the smtp-source->smtp-sink round")
+    ap.add_argument("--no-direct", action="store_true",
+                    help="skip the smtp-source->sink rounds (the load generator's ceiling)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, spools)")
-    ap.add_argument("--relay-cmd", default=os.environ.get("RELAY_CMD", ""),
+    ap.add_argument("--relay-cmd", default=env("RELAY_CMD", ""),
                     help="command that runs invoice-relay (default: set by bench/run)")
     ap.add_argument("--out", default=str(BENCH_DIR / "out"))
+    ap.add_argument("--no-chart", action="store_true", help="don't draw the PNG chart")
+    ap.add_argument("--publish", action="store_true",
+                    help=f"also write the chart to {PUBLISHED_PNG.relative_to(BENCH_DIR.parent)} "
+                         "(the one README shows); only a complete run publishes")
     args = ap.parse_args()
 
+    if args.rounds is not None:
+        rounds_n = args.rounds
+    elif env("BENCH_ROUNDS"):
+        rounds_n = int(env("BENCH_ROUNDS"))
+    else:
+        rounds_n = 1 if args.quick else 3
+    table = N_QUICK if args.quick else N_FULL
     systems_wanted = args.only or ["relay", "postfix"]
     sizes = []
     for s in args.sizes.split(","):
@@ -807,7 +1230,17 @@ def main() -> int:
         if s not in SIZES:
             ap.error(f"unknown size {s!r} (choose from {', '.join(SIZES)})")
         sizes.append((s, SIZES[s]))
-    n_for = {4096: args.n_small, 204800: args.n_large}
+    try:
+        session_list = [int(x) for x in args.sessions.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--sessions: comma-separated integers, not {args.sessions!r}")
+    if not session_list or min(session_list) < 1:
+        ap.error("--sessions: at least one count, each >= 1")
+    sink_modes = ["all", "realistic"] if args.sink == "both" else [args.sink]
+    override = {"4k": args.n_small, "200k": args.n_large}
+
+    def n_of(label: str, sessions: int) -> int:
+        return override[label] or n_for(table, label, sessions)
 
     # prerequisites
     if os.geteuid() != 0:
@@ -829,19 +1262,38 @@ def main() -> int:
     if "relay" in systems_wanted and not relay_cmd:
         raise BenchError("no invoice-relay command: install the relay into the venv "
                          "(.venv/bin/pip install .) or set RELAY_CMD")
+    chart = None
+    if not args.no_chart:
+        try:
+            import chart  # bench/chart.py, needs matplotlib
+        except ImportError as e:
+            if args.publish:
+                raise BenchError(f"--publish needs matplotlib ({e}): .venv/bin/pip install "
+                                 "-e '.[bench]'") from e
+            log(f"no chart: {e} (pip install -e '.[bench]' for matplotlib)")
+            chart = None
 
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     workdir = Path(tempfile.mkdtemp(prefix="invoice-relay-bench-"))
     workdir.chmod(0o755)  # Postfix daemons (user postfix) must traverse it
+    probe_on = args.probe_interval > 0
     results: dict = {"started": stamp, "host": os.uname().nodename, "cpus": os.cpu_count(),
-                     "settings": {"rounds": args.rounds, "sessions": args.sessions,
-                                  "n": {label: n_for[size] for label, size in sizes},
-                                  "systems": systems_wanted, "relay_cmd": relay_cmd},
-                     "git": git_state(), "rounds": []}
+                     "settings": {"rounds": rounds_n, "sessions": session_list,
+                                  "sizes": [label for label, _ in sizes], "sinks": sink_modes,
+                                  "quick": args.quick,
+                                  "n": {f"{label}/{s}": n_of(label, s)
+                                        for label, _ in sizes for s in session_list},
+                                  "probe_interval_s": args.probe_interval,
+                                  "realistic_shares_pct": {"451_once": args.temp_pct,
+                                                           "550": args.perm_pct},
+                                  "systems": systems_wanted, "relay_cmd": relay_cmd,
+                                  "python": sys.executable},
+                     "git": git_state(), "rounds": [], "warnings": []}
     started: list = []
-    sink = None
+    sinks: list = []
     status = 0
     stopping = {"flag": False}
+    t_start = time.monotonic()
 
     def on_signal(signum, frame):
         if not stopping["flag"]:
@@ -862,28 +1314,55 @@ def main() -> int:
             + ("  WARNING: something else is running; results will be noisy"
                if idle_busy > 10 else ""))
         sink = Sink(workdir, tools["smtp-sink"])
-        log(f"smtp-sink on 127.0.0.1:{sink.port}")
+        sinks.append(sink)
+        log(f"smtp-sink on 127.0.0.1:{sink.port} (example.net)")
+        rsink = None
+        if "realistic" in sink_modes:
+            rsink = RealisticSink(workdir, sys.executable, args.temp_pct, args.perm_pct)
+            sinks.append(rsink)
+            log(f"bench/sink.py on 127.0.0.1:{rsink.port} (example.org, DSNs to bench.test; "
+                f"{args.temp_pct:g}% 451 once, {args.perm_pct:g}% 550; {rsink.loop} loop)")
+        psink = None
+        if probe_on:
+            psink = Sink(workdir, tools["smtp-sink"], name="probe-sink")
+            sinks.append(psink)
+            log(f"probe smtp-sink on 127.0.0.1:{psink.port} (probe.test)")
+        results["sink_titles"] = {"all": Sink.title}
+        if rsink:
+            results["sink_titles"]["realistic"] = rsink.title
+        # both systems route by recipient domain to the same sinks
+        routes = {"example.net": sink.port,
+                  "example.org": rsink.port if rsink else sink.port,
+                  "bench.test": rsink.port if rsink else sink.port,
+                  "probe.test": psink.port if psink else sink.port}
         systems: dict[str, System] = {}
         if "postfix" in systems_wanted:
-            systems["postfix"] = Postfix(workdir, sink.port, tools["postfix"])
+            systems["postfix"] = Postfix(workdir, routes, tools["postfix"])
             started.append(systems["postfix"])
             log(f"postfix on 127.0.0.1:{systems['postfix'].port}")
         if "relay" in systems_wanted:
-            systems["relay"] = Relay(workdir, sink.port, relay_cmd)
+            systems["relay"] = Relay(workdir, routes, relay_cmd)
             started.append(systems["relay"])
             log(f"invoice-relay on 127.0.0.1:{systems['relay'].port} (pid {systems['relay'].proc.pid})")
         all_systems = list(systems.values())
         order = [s for s in ("relay", "postfix") if s in systems]
+        cells = [(mode, label, size, s) for mode in sink_modes for label, size in sizes
+                 for s in session_list]
+        log(f"{len(cells)} cells (sink x size x sessions), {rounds_n} measured round(s) per "
+            f"system each; N per round: " + ", ".join(
+                f"{k}={v}" for k, v in results["settings"]["n"].items()))
 
-        def do(kind, system, n, size, label):
+        def do(kind, system, dest, n, size, label, sessions, rcpt, probe):
             timeout = args.timeout or max(120.0, n / 20)
-            what = f"{system.name if system else 'direct'} {label} {kind}"
+            what = f"{system.name if system else 'direct'} {dest.kind} {label} s{sessions} {kind}"
             if system and not system.alive():
                 raise BenchError(f"{system.name} is no longer running before {what}\n"
                                  f"{system.describe_failure()}")
             try:
-                r = run_round(kind, system, sink, tools["smtp-source"], n, size,
-                              args.sessions, timeout, all_systems)
+                r = run_round(kind, system, dest, tools["smtp-source"], n, size, sessions,
+                              timeout, all_systems, rcpt=rcpt,
+                              probe=(sys.executable, args.probe_interval) if probe else None,
+                              probe_sink=psink)
             except BenchError as e:
                 extra = f"\n{system.describe_failure()}" if system else ""
                 raise BenchError(f"{what}: {e}{extra}") from e
@@ -891,30 +1370,75 @@ def main() -> int:
             results["rounds"].append(r)
             cpu = r.get("cpu_us_per_msg", {})
             cpu_s = " ".join(f"{k}={v:,.0f}" for k, v in cpu.items())
-            log(f"{what:<24} n={n:<5} accepted {r['accepted_per_s']:8,.0f}/s  end-to-end "
-                f"{r['e2e_per_s']:8,.0f}/s  machine CPU {r['machine_cpu_busy_pct']:5.1f}% "
-                f"(irq {r['softirq_cpu_us_per_msg']:,.0f} us/msg, other {r['other_cpu_cores']:.2f} cores)  "
-                f"CPU us/msg {cpu_s}")
+            lat = r.get("accept_latency_ms")
+            lat_s = f"  p50/p99 {lat['p50']:.1f}/{lat['p99']:.1f} ms" if lat else ""
+            rea = r.get("realistic")
+            rea_s = (f"  451 {rea['temp']} 550 {rea['perm']} dsn {rea['dsn']} tail "
+                     f"{r['drain_tail_seconds']:.1f}s" if rea and system else "")
+            log(f"{what:<34} n={n:<5} accepted {r['accepted_per_s']:7,.0f}/s  e2e "
+                f"{r['e2e_per_s']:7,.0f}/s  host {r['machine_cpu_busy_pct']:3.0f}% "
+                f"(other {r['other_cpu_cores']:.2f})  CPU us/msg {cpu_s}{lat_s}{rea_s}")
+            for x in r.get("loadgen_near_ceiling", ()):
+                log(f"warning: {what}: load generator near its ceiling: {x}")
             # let stragglers (duplicates) show up and the queue settle before the next round
-            sink.settle(quiet=0.3, limit=3)
+            dest.settle(quiet=0.3, limit=3)
             return r
 
-        for label, size in sizes:
-            n = n_for[size]
+        for mode, label, size, sessions in cells:
+            dest = sink if mode == "all" else rsink
+            rcpt = "to@example.net" if mode == "all" else "to@example.org"
+            n = n_of(label, sessions)
             if not args.no_direct:
-                do("direct", None, n, size, label)
+                if mode == "realistic":
+                    rsink.set_shares(False)  # smtp-source stops at the first refusal
+                try:
+                    do("direct", None, dest, n, size, label, sessions, rcpt, False)
+                finally:
+                    if mode == "realistic":
+                        rsink.set_shares(True)
+            # warm-up into the all-accepting sink (no retry tail): processes for this many
+            # sessions exist, caches are warm
             for name in order:
-                do("warmup", systems[name], max(200, n // 4), size, label)
-            for i in range(args.rounds):
+                do("warmup", systems[name], sink, max(50, n // 4), size, label, sessions,
+                   "to@example.net", False)
+            for _ in range(rounds_n):
                 for name in order:
-                    do("measure", systems[name], n, size, label)
+                    do("measure", systems[name], dest, n, size, label, sessions, rcpt, probe_on)
 
-        expected = sum(r["n"] for r in results["rounds"])
+        # end-of-run checks: every message arrived once, every refusal got its DSN
         final = sink.settle(quiet=1.0, limit=5)
-        results["sink_total"] = {"expected": expected, "received": final}
+        expected = sum(r["n"] for r in results["rounds"] if r["sink"] == "all")
+        checks = {"smtp-sink": {"expected": expected, "received": final}}
         if final != expected:
-            log(f"WARNING: the sink received {final} messages, expected {expected} "
-                f"({final - expected:+d})")
+            results["warnings"].append(f"smtp-sink received {final} messages, expected "
+                                       f"{expected} ({final - expected:+d})")
+        if rsink:
+            rsink.settle(quiet=1.0, limit=5)
+            st = rsink.fresh_stats()
+            exp = sum(r["n"] for r in results["rounds"] if r["sink"] == "realistic")
+            perm = sum(r["realistic"]["perm"] for r in results["rounds"]
+                       if r["sink"] == "realistic" and r["system"] != "direct")
+            checks["bench-sink"] = {"expected_outcomes": exp, **st}
+            if st["outcomes"] != exp:
+                results["warnings"].append(f"bench/sink.py has {st['outcomes']} outcomes, "
+                                           f"expected {exp}")
+            if st["dsn"] != perm:
+                results["warnings"].append(f"bench/sink.py received {st['dsn']} DSNs for "
+                                           f"{perm} refused messages")
+            if st["accepted_dup"] or st["perm_repeat"]:
+                results["warnings"].append(
+                    f"bench/sink.py: {st['accepted_dup']} messages accepted twice, "
+                    f"{st['perm_repeat']} refused messages tried again")
+        if psink:
+            got = psink.settle(quiet=1.0, limit=10)
+            exp = sum(r["probe"]["ok"] for r in results["rounds"] if "probe" in r)
+            checks["probe-sink"] = {"expected": exp, "received": got}
+            if got != exp:
+                results["warnings"].append(f"probe sink received {got} messages, the systems "
+                                           f"accepted {exp} from the probe")
+        results["sink_checks"] = checks
+        for w in results["warnings"]:
+            log(f"WARNING: {w}")
         if "relay" in systems:
             results["relay_peak_rss"] = systems["relay"].rss()
             results["relay_processes"] = {str(k): v for k, v in
@@ -938,29 +1462,48 @@ def main() -> int:
                 s.stop()
             except Exception as e:  # keep cleaning up
                 log(f"error stopping {s.name}: {e}")
-        if sink:
-            sink.stop()
+        for s in reversed(sinks):
+            try:
+                s.stop()
+            except Exception as e:
+                log(f"error stopping {s.name}: {e}")
         if args.keep or status == 1:
             log(f"kept {workdir} (logs, spools, configs); remove it when done")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
+    results["wall_seconds"] = round(time.monotonic() - t_start, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     if results["rounds"]:
-        summary = summarize(results["rounds"], sizes)
-        results["summary"] = summary
-        table = render_table(summary, results)
-        results["table"] = table
+        cells_summary = summarize(results["rounds"])
+        results["summary"] = cells_summary
+        text = render_table(cells_summary, results)
+        results["table"] = text
         print()
         g = results["git"]
         if results.get("host_busy_pct_before_start", 0) > 10:
             print(f"NOTE: the host was {results['host_busy_pct_before_start']:.0f}% busy before "
                   f"the run started (neighbours); see the 'anything else' column below.")
-        print(f"invoice-relay vs Postfix, {args.sessions} sessions, one message per connection, "
-              f"medians over {args.rounds} rounds; checkout {g['commit'][:10] or '?'}"
-              + (" (dirty)" if g["dirty_files"] else "") + ("  [INCOMPLETE]" if status else ""))
-        print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        print(f"invoice-relay vs Postfix, one message per connection, medians over {rounds_n} "
+              f"round(s); checkout {g['commit'][:10] or '?'}"
+              + (" (dirty)" if g["dirty_files"] else "")
+              + f"; {os.cpu_count()} CPUs; wall time {results['wall_seconds']:.0f}s"
+              + ("  [INCOMPLETE]" if status else ""))
+        print(text)
+        if chart:
+            try:
+                png = out / f"results-{stamp}.png"
+                chart.render(results, png)
+                log(f"chart written to {png}")
+                if args.publish:
+                    if status:
+                        log("not publishing the chart of an incomplete run")
+                    else:
+                        shutil.copyfile(png, PUBLISHED_PNG)
+                        log(f"chart published to {PUBLISHED_PNG}")
+            except Exception as e:  # a chart problem must not lose the results
+                log(f"chart failed: {type(e).__name__}: {e}")
     path = out / f"results-{stamp}.json"
     path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     log(f"results written to {path}")

@@ -1,10 +1,12 @@
 """A stand-in for `invoice-relay serve`, to test the harness itself (not a benchmark subject).
 
-    RELAY_CMD="python3 bench/fake_relay.py" bench/run --rounds 1
+    RELAY_CMD="python3 bench/fake_relay.py" bench/run --quick
 
 Same shape as the real relay: the main process accepts SMTP (asyncio) and spools each message
 to var/ with fsync; a forked child polls var/ and delivers with smtplib to the first route of
-the first [[destination]] in policies/*.toml, one connection per message.  Stdlib only.
+the recipient domain's [[destination]] in policies/*.toml, one connection per message, retries
+a 4xx after the first step of [queue] retry_schedule and answers a 5xx with a (minimal) DSN to
+the sender.  Stdlib only.
 """
 
 from __future__ import annotations
@@ -19,32 +21,61 @@ import tomllib
 from pathlib import Path
 
 
-def load(config: Path) -> tuple[str, int, Path, str, int]:
+def load(config: Path) -> tuple[str, int, Path, dict[str, tuple[str, int]], float]:
     cfg = tomllib.loads(config.read_text())
     host, port = cfg["server"]["listen"][0].rsplit(":", 1)
     base = config.parent
     spool = base / cfg["queue"]["path"]
+    retry = cfg["queue"].get("retry_schedule", ["60s"])[0]
+    retry_s = float(retry[:-1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[retry[-1]]
     pol = base / cfg["policies"]["path"]
-    route = None
+    routes: dict[str, tuple[str, int]] = {}
     for f in sorted(pol.glob("*.toml")):
         for d in tomllib.loads(f.read_text()).get("destination", []):
-            route = route or d["routes"][0]
-    rhost, rport = route.rsplit(":", 1)
-    return host, int(port), spool, rhost, int(rport)
+            rhost, rport = d["routes"][0].rsplit(":", 1)
+            routes.setdefault(d["domain"].lower(), (rhost, int(rport)))
+    return host, int(port), spool, routes, retry_s
 
 
-def deliver_forever(spool: Path, rhost: str, rport: int) -> None:
+def send(routes: dict[str, tuple[str, int]], sender: str, rcpt: str, body: bytes) -> None:
+    rhost, rport = routes[rcpt.rsplit("@", 1)[-1].lower()]
+    with smtplib.SMTP(rhost, rport) as s:
+        s.sendmail(sender, [rcpt], body)
+
+
+def deliver_forever(spool: Path, routes: dict[str, tuple[str, int]], retry_s: float) -> None:
+    """One connection per message; 4xx (or no connection): again after retry_s; 5xx: a DSN
+    to the sender (routed by its domain), then the message is dropped."""
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+    due: dict[Path, float] = {}
     while True:
-        files = sorted(p for p in spool.iterdir() if p.suffix == ".msg")
+        now = time.monotonic()
+        files = sorted(p for p in spool.iterdir() if p.suffix == ".msg"
+                       and due.get(p, 0) <= now)
         if not files:
             time.sleep(0.01)
             continue
         for p in files:
             data = p.read_bytes()
             sender, rcpt, body = data.split(b"\n", 2)
-            with smtplib.SMTP(rhost, rport) as s:
-                s.sendmail(sender.decode(), [rcpt.decode()], body)
+            try:
+                send(routes, sender.decode(), rcpt.decode(), body)
+            except (smtplib.SMTPResponseException, smtplib.SMTPRecipientsRefused,
+                    OSError) as e:
+                code = getattr(e, "smtp_code", 0) or next(
+                    (c for c, _ in getattr(e, "recipients", {}).values()), 0)
+                if not 500 <= code < 600:
+                    due[p] = time.monotonic() + retry_s
+                    continue
+                if sender:
+                    dsn = (f"From: MAILER-DAEMON\r\nTo: <{sender.decode()}>\r\n"
+                           f"Subject: Undelivered Mail\r\n\r\n<{rcpt.decode()}>: {code} "
+                           f"{e}\r\n").encode()
+                    try:
+                        send(routes, "", sender.decode(), dsn)
+                    except (smtplib.SMTPException, OSError, KeyError):
+                        pass  # a stand-in: a lost DSN shows up in the harness's checks
+            due.pop(p, None)
             p.unlink()
 
 
@@ -104,14 +135,14 @@ class Session(asyncio.Protocol):
 
 def main() -> int:
     config = Path(sys.argv[sys.argv.index("--config") + 1]).resolve()
-    host, port, spool, rhost, rport = load(config)
+    host, port, spool, routes, retry_s = load(config)
     spool.mkdir(parents=True, exist_ok=True)
     if os.fork() == 0:
         if os.environ.get("FAKE_RELAY_NO_DELIVERY"):  # to test the harness's round timeout
             signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
             while True:
                 time.sleep(1)
-        deliver_forever(spool, rhost, rport)
+        deliver_forever(spool, routes, retry_s)
         os._exit(0)
 
     async def run():
