@@ -105,3 +105,15 @@ def test_failed_sync_seals_the_segment(tmp_path: Path) -> None:
     writer._sync = os.fdatasync  # the disk is back: the next batch goes to a fresh segment
     [location] = writer.append(records(1, tag="c"))
     assert len(segment_files(tmp_path)) == 2 and location.offset == HEADER.size + 11
+
+
+def test_a_batch_of_more_buffers_than_one_system_call_takes(tmp_path: Path) -> None:
+    """A batch of large messages arrives in many pieces: more than IOV_MAX (1024) of them."""
+    writer = SegmentWriter(tmp_path, 0, size=8 << 20)
+    batch = [(b'{"id":"m%d"}' % i, [b"%04d-" % i + bytes([65 + j % 26]) * 999
+                                   for j in range(60)]) for i in range(40)]
+    locations = writer.append(batch)  # 2,440 buffers
+    reader = SegmentReader(tmp_path)
+    for (_, parts), location in zip(batch, locations, strict=True):
+        assert reader.read(location) == b"".join(parts)
+    assert len(list(scan(tmp_path / locations[0].segment))) == 40

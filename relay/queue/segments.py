@@ -38,6 +38,7 @@ SEGMENT_SIZE = 32 << 20
 SUFFIX = ".seg"
 SINGLE_SUFFIX = ".one"
 _LENGTHS = struct.Struct("<IQ")
+IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 _counter = itertools.count()
 
 
@@ -89,10 +90,11 @@ def sync_dir(path: Path) -> None:
 
 
 def write_all(fd: int, parts: Sequence[bytes | memoryview], offset: int) -> None:
-    """pwritev everything at `offset` (short writes continue where they stopped)."""
+    """pwritev everything at `offset` (short writes continue where they stopped; at most
+    IOV_MAX buffers go into one call, as the kernel refuses more with EINVAL)."""
     pending = [memoryview(p) for p in parts if len(p)]
     while pending:
-        written = os.pwritev(fd, pending, offset)
+        written = os.pwritev(fd, pending[:IOV_MAX], offset)
         offset += written
         while pending and written >= len(pending[0]):
             written -= len(pending[0])
