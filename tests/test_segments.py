@@ -114,3 +114,14 @@ def test_a_message_in_more_pieces_than_one_system_call_takes(tmp_path: Path) -> 
     [location] = writer.append([(b'{"id":"many"}', parts)])
     assert SegmentReader(tmp_path).read(location) == b"".join(parts)
     assert len(list(scan(tmp_path / location.segment))) == 1
+
+
+def test_a_batch_that_fills_a_segment_syncs_it_before_moving_on(tmp_path: Path) -> None:
+    synced: list[int] = []
+    closed: list[int] = []
+    writer = SegmentWriter(tmp_path, 0, size=4096, sync=synced.append,
+                           on_sealed=lambda name: closed.append(len(synced)))
+    locations = writer.append(records(12, 500))   # about 7 KB: crosses into a second segment
+    assert len({loc.segment for loc in locations}) >= 2
+    assert closed and closed[0] == 1  # the first segment was synced before it was closed
+    assert len(synced) == len({loc.segment for loc in locations})

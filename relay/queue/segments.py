@@ -147,8 +147,13 @@ class SegmentWriter:
             for envelope, parts in batch:
                 length = sum(map(len, parts))
                 need = HEADER.size + len(envelope) + length
-                segment = self._segment_for(need)
-                if not touched or touched[-1] is not segment:
+                segment = self._current
+                if segment is None or segment.room() < need:
+                    if segment in touched:  # full: its records are synced before it is closed
+                        self._sync(segment.fd)
+                        touched.remove(segment)
+                    segment = self._roll(need)
+                if segment not in touched:
                     touched.append(segment)
                 header = record_header(envelope, parts, length)
                 write_all(segment.fd, [header, envelope, *parts], segment.offset)
@@ -175,12 +180,10 @@ class SegmentWriter:
             self._on_sealed(self._current.name)
         self._current = self._spare = None
 
-    def _segment_for(self, need: int) -> _Open:
-        current = self._current
-        if current is not None and current.room() >= need:
-            return current
-        if current is not None:
-            self._seal(current)
+    def _roll(self, need: int) -> _Open:
+        """Seal the current segment; the next one, with room for `need` bytes."""
+        if self._current is not None:
+            self._seal(self._current)
         segment = self._spare if self._spare is not None else self._create()
         self._spare = None
         if segment.size < need:  # a record bigger than a segment: a file just for it
