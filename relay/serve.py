@@ -123,6 +123,7 @@ def serve(cli_config: str | None) -> int:
         for pid in children:
             _wait_child(pid, DRAIN_GRACE + 10)
         lock.close()
+        log.flush()
     return code
 
 
@@ -160,6 +161,7 @@ def _fork(main: Callable[[], Coroutine[Any, Any, int]], parent: int, name: str,
             os._exit(1)
         code = uvloop.run(main())
     finally:
+        log.flush()
         os._exit(code)
 
 

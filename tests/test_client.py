@@ -343,6 +343,22 @@ async def test_greeting_timeout() -> None:
     assert caught.value.stage == "greeting"
 
 
+async def test_a_shorter_timeout_after_a_longer_one_still_fires_on_time() -> None:
+    """Each reply has its own deadline: a short one right after a long one is not extended."""
+    async def greets_then_hangs(reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hello\r\n")
+        await reader.read()
+
+    async with raw_server(greets_then_hangs) as port:
+        start = time.monotonic()
+        with pytest.raises(SmtpTimeout) as caught:
+            await SmtpClient.connect("127.0.0.1", port, helo_name=HELO,
+                                     timeouts=Timeouts(greeting=30, ehlo=0.3))
+    assert 0.25 < time.monotonic() - start < 0.9
+    assert caught.value.stage == "ehlo"
+
+
 @pytest.mark.parametrize("reply", [b"220 ok\r\n250-x\r\n" + b"250-" + b"y" * 3000 + b"\r\n",
                                    b"hello, I am not SMTP\r\n"])
 async def test_garbage_replies_are_protocol_errors(reply: bytes) -> None:

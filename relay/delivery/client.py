@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import math
 import re
 import socket
 import ssl
@@ -286,6 +287,9 @@ class SmtpClient:
         self._timeouts = timeouts
         self._closed = False
         self._saw_421 = False
+        self._deadline = math.inf     # of the reply being read (see _read_reply)
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._timed_out = False
         self._busy = False
         self._phase = IDLE
         self._abandoned = False
@@ -586,6 +590,9 @@ class SmtpClient:
     def close(self) -> None:
         """Abort the connection at once (no QUIT)."""
         self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         self._writer.transport.abort()
 
     # ------------------------------------------------------------ primitives
@@ -622,6 +629,8 @@ class SmtpClient:
 
     async def _drain(self, stage: str, timeout: float) -> None:
         transport = self._writer.transport
+        if transport.get_write_buffer_size() == 0 and not transport.is_closing():
+            return  # all handed to the kernel already (the usual case on a fast link)
         while True:
             before = transport.get_write_buffer_size()
             try:
@@ -655,12 +664,20 @@ class SmtpClient:
         return reply
 
     async def _read_reply(self, stage: str, timeout: float) -> Reply:
+        # One timer per connection, moved forward by each read, instead of a new timeout
+        # context per reply (which costs more than parsing the reply): it aborts the
+        # connection when a read outlives its deadline.
+        self._deadline = (loop := asyncio.get_running_loop()).time() + timeout
+        if self._watchdog is None or self._deadline < self._watchdog.when():
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            self._watchdog = loop.call_at(self._deadline, self._check_deadline)
         try:
-            async with asyncio.timeout(timeout):
-                return await self._read_reply_lines()
-        except TimeoutError as exc:
-            raise self._lost(stage, f"no reply within {timeout}s", exc) from exc
+            return await self._read_reply_lines()
         except asyncio.IncompleteReadError as exc:
+            if self._timed_out:
+                raise self._lost(stage, f"no reply within {timeout}s",
+                                 TimeoutError()) from exc
             raise self._lost(stage, "connection closed by peer", exc) from exc
         except asyncio.LimitOverrunError as exc:
             raise self._lost(stage, f"protocol error: reply line over {MAX_LINE} octets",
@@ -668,7 +685,23 @@ class SmtpClient:
         except ValueError as exc:
             raise self._lost(stage, f"protocol error: {exc}", exc) from exc
         except OSError as exc:
+            if self._timed_out:
+                raise self._lost(stage, f"no reply within {timeout}s",
+                                 TimeoutError()) from exc
             raise self._lost(stage, f"connection lost: {exc!r}", exc) from exc
+        finally:
+            self._deadline = math.inf
+
+    def _check_deadline(self) -> None:
+        self._watchdog = None
+        loop = asyncio.get_running_loop()
+        if self._deadline == math.inf or self._closed:
+            return
+        if loop.time() >= self._deadline:
+            self._timed_out = True
+            self._writer.transport.abort()
+        else:
+            self._watchdog = loop.call_at(self._deadline, self._check_deadline)
 
     async def _read_reply_lines(self) -> Reply:
         lines: list[str] = []

@@ -142,6 +142,8 @@ class Committer:
     async def _prepare_spare(self) -> None:
         """Between batches, not on anyone's way: create the next segment if one is due. On a
         full disk that fails: the next batch that needs it tries again, and gets its 451."""
+        if not self._writer.needs_spare:
+            return
         if self.may_allocate is not None and not self.may_allocate():
             return  # room the delivery process needs more (see relay.queue.space)
         with contextlib.suppress(OSError):

@@ -167,6 +167,10 @@ class SegmentWriter:
             raise
         return locations
 
+    @property
+    def needs_spare(self) -> bool:
+        return self._spare is None
+
     def prepare_spare(self) -> None:
         """Create the next segment now (it is on the acknowledgement path otherwise)."""
         if self._spare is None:

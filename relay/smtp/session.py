@@ -41,6 +41,7 @@ MAX_RECEIVED = 50
 MAX_HELO = 255
 SPILL_BYTES = 1 << 20      # larger messages are streamed to their spool file while they arrive
 READ_CHUNK = 1 << 18
+WRITE_BUFFER_HIGH = 64 * 1024
 HEAD_BYTES = 64 * 1024     # enough of the message to find its header block
 
 _T = TypeVar("_T")
@@ -65,7 +66,7 @@ class RelaySMTP(AiosmtpdSession):
 
     def __init__(self, ctx: IntakeContext, *, implicit_tls: bool) -> None:
         super().__init__(
-            _Hooks(ctx),
+            _Hooks(),
             hostname=ctx.hostname,
             ident="invoice-relay",
             data_size_limit=ctx.max_message_size,
@@ -123,7 +124,12 @@ class RelaySMTP(AiosmtpdSession):
                 status = replies.with_enhanced_code(status)
             if replies.counts_as_error(status):
                 self.errors += 1
-        await super().push(status)
+            status = status.encode()
+        self.write(status + b"\r\n")
+        # One write per reply; waiting for the socket only when it does not keep up.
+        if self.transport is not None and \
+                self.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
+            await self.drain()
 
     async def _close_with(self, reply: str) -> None:
         await self.push(reply)
@@ -213,10 +219,22 @@ class RelaySMTP(AiosmtpdSession):
         await super().smtp_HELO(hostname)  # type: ignore[arg-type]
 
     async def smtp_EHLO(self, hostname: str | None) -> None:
+        """The greeting lines in one write (aiosmtpd writes each line on its own)."""
         if not self._valid_helo(hostname):
             await self.push(replies.BAD_HELO)
             return
-        await super().smtp_EHLO(hostname)  # type: ignore[arg-type]
+        assert self.session is not None and hostname is not None
+        self._set_rset_state()
+        self.session.extended_smtp = True
+        self.session.host_name = hostname
+        lines = [f"250-{self.hostname}", f"250-SIZE {self.data_size_limit}", "250-8BITMIME",
+                 "250-SMTPUTF8", "250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
+        if self.tls_context is not None and not self.tls_active:
+            lines.append("250-STARTTLS")
+        if self.ctx.users is not None and (self.implicit_tls or self.tls_active):
+            lines.append("250-AUTH PLAIN LOGIN")
+        lines.append("250 HELP")
+        await self.push("\r\n".join(lines))
 
     @staticmethod
     def _valid_helo(hostname: str | None) -> bool:
@@ -549,19 +567,12 @@ class RelaySMTP(AiosmtpdSession):
 
 
 class _Hooks:
-    """aiosmtpd's handler: only EHLO is left to it; the AUTH line is ours."""
+    """aiosmtpd's handler: HELO sets the client's name; everything else is ours."""
 
-    def __init__(self, ctx: IntakeContext) -> None:
-        self.ctx = ctx
-
-    async def handle_EHLO(self, server: RelaySMTP, session: Session, envelope: SmtpEnvelope,
-                          hostname: str, responses: list[str]) -> list[str]:
+    async def handle_HELO(self, server: RelaySMTP, session: Session, envelope: SmtpEnvelope,
+                          hostname: str) -> str:
         session.host_name = hostname
-        kept = [r for r in responses if not r.startswith("250-AUTH")]
-        if self.ctx.users is not None and (server.implicit_tls or server.tls_active):
-            kept.insert(-1, "250-AUTH PLAIN LOGIN")
-        # Commands are read one line at a time from a buffer, so pipelining really works.
-        return [*kept[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", kept[-1]]
+        return f"250 {server.hostname}"
 
 
 class _Stream:
