@@ -17,7 +17,6 @@ import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -38,6 +37,7 @@ from relay.queue.segments import (
     sync_dir,
 )
 from relay.queue.space import Reserve, is_disk_full
+from relay.queue.worker import WorkerThread
 
 T = TypeVar("T")
 DSN_WRITER = 90          # the writer number in the names of the DSN segments
@@ -80,7 +80,7 @@ class DeliveryStore:
         self.db_path = db_path
         self.hostname = hostname
         self.max_lifetime = max_lifetime
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index")
+        self._thread = WorkerThread("index")
         self.reader = SegmentReader(self.spool_dir)            # event loop
         self._index_reader = SegmentReader(self.spool_dir)     # index thread (DSN headers)
         self._dsn_sealed: list[str] = []
@@ -99,7 +99,7 @@ class DeliveryStore:
         self.on_removed: Callable[[list[str]], None] | None = None
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        return await self._thread.call(fn, *args)
 
     async def start(self) -> None:
         self._index = await self._run(Index, self.db_path)
@@ -115,7 +115,7 @@ class DeliveryStore:
                 await self._run(self._index.seal, list(self._dsn_sealed))
         if self._index is not None:
             await self._run(self._index.close)
-        self._thread.shutdown()
+        self._thread.stop()
         self.reader.close()
 
     async def claim(self, now: float, limit: int) -> list[DueRecipient]:

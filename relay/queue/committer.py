@@ -22,12 +22,12 @@ import contextlib
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay.queue.envelope import Envelope
 from relay.queue.segments import SEGMENT_SIZE, Location, SegmentWriter, SingleWriter
+from relay.queue.worker import WorkerThread
 
 
 class QueueWriteError(Exception):
@@ -71,7 +71,7 @@ class Committer:
         self._sealed: list[str] = []  # filled on the writer thread, read after each batch
         self._writer = SegmentWriter(spool_dir, writer, size=segment_size, sync=self._counted,
                                      on_sealed=self._sealed.append)
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
+        self._thread = WorkerThread("commit")
         self._pending: list[_Pending] = []
         self._flusher: asyncio.Task[None] | None = None
         self.may_allocate: Callable[[], bool] | None = None  # False: do not prepare a segment
@@ -79,14 +79,13 @@ class Committer:
 
     def start(self) -> None:
         """Prepare the first segment before the first message waits for it."""
-        spool_dir = self.spool_dir
-        spool_dir.mkdir(parents=True, exist_ok=True)
-        self._thread.submit(self._writer.prepare_spare).result()
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self._thread.call_blocking(self._writer.prepare_spare)
 
     def stop(self) -> None:
         """Seal the current segment (call once the sessions are gone)."""
-        self._thread.submit(self._writer.close).result()
-        self._thread.shutdown()
+        self._thread.call_blocking(self._writer.close)
+        self._thread.stop()
         self._report_sealed()
 
     def _counted(self, fd: int) -> None:
@@ -110,15 +109,13 @@ class Committer:
         return await asyncio.shield(future)
 
     async def _flush(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while self._pending:
                 batch = self._pending[:self.max_batch]
                 del self._pending[:self.max_batch]
                 records = [(p.env, p.parts) for p in batch]
                 try:
-                    locations = await loop.run_in_executor(self._thread, self._writer.append,
-                                                           records)
+                    locations = await self._thread.call(self._writer.append, records)
                 except Exception as exc:
                     self.stats.failed_batches += 1
                     _resolve_all(batch, QueueWriteError(f"{type(exc).__name__}: {exc}"))
@@ -147,8 +144,7 @@ class Committer:
         if self.may_allocate is not None and not self.may_allocate():
             return  # room the delivery process needs more (see relay.queue.space)
         with contextlib.suppress(OSError):
-            await asyncio.get_running_loop().run_in_executor(self._thread,
-                                                             self._writer.prepare_spare)
+            await self._thread.call(self._writer.prepare_spare)
 
     def _report_sealed(self) -> None:
         if self._sealed and self._on_sealed is not None:
