@@ -341,6 +341,9 @@ class RelaySMTP(AiosmtpdSession):
         limiter = self.ctx.auth_limiter
         if limiter is not None and not limiter.try_take(self.client):
             log.event("auth_limited", client=self.client)
+            # Slowly: a guesser that reconnects at once would otherwise make us do a TLS
+            # handshake per attempt, as fast as it can.
+            await asyncio.sleep(self.ctx.error_delay)
             await self._close_with(replies.AUTH_LIMITED)
         ask = self._ask_plain if mechanism == "PLAIN" else self._ask_login
         credentials = await ask(initial[0] if initial else None)
