@@ -344,6 +344,8 @@ def test_overlong_lines_and_resets_leave_one_line_each(relay_factory: RelayFacto
         assert raw.cmd("MAIL FROM:<a@sender.test>").startswith("250")
         raw.abort()
     relay.wait_for_log("reason=\"line too long\"")
+    [reset] = relay.wait_for_log("reason=\"connection lost\"")
+    assert f"client={TRUSTED}" in reset and "ConnectionResetError" in reset
     assert_no_traceback(relay)
 
 

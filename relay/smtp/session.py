@@ -97,6 +97,8 @@ class RelaySMTP(AiosmtpdSession):
 
     def connection_lost(self, error: Exception | None) -> None:
         self.ctx.sessions.discard(self)
+        if error is not None:  # a reset or a broken TLS session, not an orderly close
+            self.session_error("connection lost", error)
         super().connection_lost(error)
 
     def _timeout_cb(self) -> None:
