@@ -301,13 +301,20 @@ class RelaySMTP(AiosmtpdSession):
                 return replies.TOO_BIG
         return None
 
-    async def smtp_RCPT(self, arg: str | None) -> None:
+    async def _outside_transaction(self) -> bool:
+        """True (after the reply) when there is no HELO/EHLO or no MAIL yet."""
         if await self.check_helo_needed():
-            return
-        assert self.envelope is not None and self.session is not None
+            return True
+        assert self.envelope is not None
         if not self.envelope.mail_from:
             await self.push(replies.NEED_MAIL)
+            return True
+        return False
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self._outside_transaction():
             return
+        assert self.envelope is not None and self.session is not None
         text = _after_keyword("TO:", arg)
         address, rest = self._getaddr(text) if text else (None, None)
         if text is None or address is None:
@@ -436,12 +443,9 @@ class RelaySMTP(AiosmtpdSession):
     # --- DATA --------------------------------------------------------------------------------
 
     async def smtp_DATA(self, arg: str | None) -> None:
-        if await self.check_helo_needed():
+        if await self._outside_transaction():
             return
         assert self.envelope is not None and self.session is not None
-        if not self.envelope.mail_from:
-            await self.push(replies.NEED_MAIL)
-            return
         if not self.envelope.rcpt_tos:
             await self.push("503 5.5.1 Error: need RCPT command")
             return
