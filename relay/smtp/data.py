@@ -2,21 +2,28 @@
 
 aiosmtpd reads DATA one line at a time, which costs milliseconds per 200 KiB message. Here the
 bytes arrive in large chunks; complete lines are checked with C-speed bytes operations (NUL, bare
-CR or LF, line length) and un-stuffed with one replace. Nothing is ever written for a message
-that fails a check: the reader keeps consuming until the final dot so that the reply lands in
-sync with the client, then reports the first problem.
+CR, line length), bare LF line ends are normalised to CRLF (as Postfix 3.9's
+`smtpd_forbid_bare_newline = normalize`), and lines are un-stuffed with one replace. Only
+<CR><LF>.<CR><LF> ends the data: a "." between bare LFs is a line of the message, never its
+end (SMTP smuggling). Nothing is ever written for a message that fails a check: the reader
+keeps consuming until the final dot so that the reply lands in sync with the client, then
+reports the first problem.
 """
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 
 END = b"\r\n.\r\n"
 MAX_LINE = 998  # octets, without CRLF (RFC 5322 2.1.1)
 
 
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
 class DataError(Enum):
-    BAD_ENDINGS = "554 5.6.0 Message contains bare LF, bare CR or NUL"
+    BAD_ENDINGS = "554 5.6.0 Message contains bare CR or NUL"
     LINE_TOO_LONG = "554 5.6.0 Line longer than 998 octets"
     TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
 
@@ -47,13 +54,16 @@ class DataReader:
             self._buf = bytearray()
             self.done = True
             return True
-        # Hand over every complete line, keeping the last CRLF: it may start the final dot.
-        cut = buf.rfind(b"\r\n")
+        # Hand over every complete line, keeping the last line end (CRLF, or a bare LF that
+        # _consume normalises): it starts the next segment, and a CRLF may start the final dot.
+        last_lf = buf.rfind(b"\n")
+        cut = last_lf - 1 if last_lf > 0 and buf[last_lf - 1] == 13 else last_lf
         if cut > 0:
             self._consume(bytes(buf[:cut]))
             del buf[:cut]
-        elif self.error is None and len(buf) - 2 - buf.endswith(b"\r") > MAX_LINE:
-            # buf is CRLF + an incomplete line; a trailing CR may be half of its CRLF
+        elif self.error is None and \
+                len(buf) - (1 if buf[:1] == b"\n" else 2) - buf.endswith(b"\r") > MAX_LINE:
+            # buf is a line end + an incomplete line; a trailing CR may be half of its CRLF
             self._fail(DataError.LINE_TOO_LONG)
         if self.error is not None and len(buf) > 8:
             del buf[:-4]  # failed already: keep only what the final dot could straddle
@@ -61,13 +71,15 @@ class DataReader:
         return False
 
     def _consume(self, segment: bytes) -> None:
-        """Check and un-stuff a run of complete lines; every segment starts with CRLF."""
+        """Check and un-stuff a run of complete lines; every segment starts with a line end
+        (CRLF, or a bare LF that becomes one)."""
         if self.error is not None:
             return
-        if b"\0" in segment or segment.count(b"\r") != segment.count(b"\n") or \
-                segment.count(b"\r\n") != segment.count(b"\n"):
+        if b"\0" in segment or segment.count(b"\r") != segment.count(b"\r\n"):
             self._fail(DataError.BAD_ENDINGS)
             return
+        if segment.count(b"\n") != segment.count(b"\r\n"):
+            segment = _BARE_LF.sub(b"\r\n", segment)
         if len(segment) > MAX_LINE + 2 and max(map(len, segment.split(b"\r\n"))) > MAX_LINE:
             self._fail(DataError.LINE_TOO_LONG)
             return
