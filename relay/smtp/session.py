@@ -152,7 +152,11 @@ class RelaySMTP(AiosmtpdSession):
         except TlsHandshakeFailed as exc:
             self.session_error("TLS handshake failed", exc)
         except asyncio.CancelledError:
-            raise  # the connection is gone: aiosmtpd's connection_lost cancels us
+            # aiosmtpd cancels us when the connection is lost, and also at the client's FIN
+            # (eof_received), which leaves a TCP transport half open: close it, or the socket
+            # stays in CLOSE-WAIT until the idle timeout.
+            self.close()
+            raise
         except Exception as exc:
             # A bug of ours: one line in the log, a neutral reply, and the session ends.
             self.session_error("internal error", exc, level=logging.ERROR)
@@ -627,10 +631,16 @@ class _Stream:
         return single
 
     async def discard(self) -> None:
-        """Remove a partly streamed file that was never handed to the committer."""
+        """Remove a partly streamed file that was never handed to the committer.
+
+        Runs to the end even when cancelled: a TLS client that hangs up cancels the session
+        twice (EOF, then connection lost), and a cancel must not drop the removal before its
+        thread starts (the file would stay in the spool until the next start)."""
         if self.single is not None:
             single, self.single = self.single, None
-            await asyncio.to_thread(single.discard)
+            _, cancelled = await _run_to_end(single.discard)
+            if cancelled:
+                raise asyncio.CancelledError
 
 
 async def _run_to_end(fn: Callable[[], _T]) -> tuple[_T, bool]:
