@@ -40,7 +40,7 @@ class Node:
     entries: dict[str, int] = field(default_factory=dict)       # folders, volatile
     dirty: list[tuple[int, int]] = field(default_factory=list)  # file ranges not yet synced
     durable_size: int = 0
-    mtime: float = field(default_factory=time.time)
+    mtime: int = field(default_factory=time.time_ns)  # ns: the class sets use_ns
     links: int = 0
     handles: int = 0
 
@@ -53,7 +53,8 @@ class CrashFS(fuse.Operations):
     use_ns = True
 
     def __init__(self, backing: Path) -> None:
-        self.backing = backing
+        # Absolute: libfuse changes the daemon's working folder to / once it is mounted.
+        self.backing = backing.resolve()
         (backing / "data").mkdir(parents=True, exist_ok=True)
         self._mutex = threading.RLock()
         self.nodes: dict[int, Node] = {}
@@ -157,7 +158,7 @@ class CrashFS(fuse.Operations):
         self.next_ino += 1
         self.nodes[node.ino] = node
         parent.entries[name] = node.ino
-        parent.mtime = time.time()
+        parent.mtime = time.time_ns()
         if node.is_dir:
             parent.links += 1
         return node
@@ -165,8 +166,17 @@ class CrashFS(fuse.Operations):
     def _drop_link(self, ino: int) -> None:
         node = self.nodes[ino]
         node.links -= 1
-        if node.links <= 0 and node.handles == 0 and not self._durably_named(ino):
-            self.nodes.pop(ino, None)
+        self._discard_if_gone(node)
+
+    def _discard_if_gone(self, node: Node) -> None:
+        """Forget a file nothing can reach again, even after a crash: no name, no open handle,
+        no durable name. Its backing data goes too (a crash would orphan it anyway)."""
+        if node.ino == ROOT or node.links > 0 or node.handles > 0:
+            return
+        if self._durably_named(node.ino):
+            return
+        del self.nodes[node.ino]
+        (self.backing / "data" / str(node.ino)).unlink(missing_ok=True)
 
     def _durably_named(self, ino: int) -> bool:
         return any(ino in e.values() for e in self.durable_entries.values())
@@ -237,8 +247,7 @@ class CrashFS(fuse.Operations):
             node = self.nodes.get(fh)
             if node is not None:
                 node.handles -= 1
-                if node.links <= 0 and node.handles == 0 and not self._durably_named(fh):
-                    self.nodes.pop(fh, None)
+                self._discard_if_gone(node)
         return 0
 
     def releasedir(self, path: str, fh: int) -> int:
@@ -256,7 +265,7 @@ class CrashFS(fuse.Operations):
                 node.data.extend(b"\0" * (end - len(node.data)))
             node.data[offset:end] = data
             node.dirty.append((offset, end))
-            node.mtime = time.time()
+            node.mtime = time.time_ns()
             return len(data)
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> int:
@@ -270,7 +279,7 @@ class CrashFS(fuse.Operations):
         else:
             node.dirty.append((len(node.data), length))
             node.data.extend(b"\0" * (length - len(node.data)))
-        node.mtime = time.time()
+        node.mtime = time.time_ns()
 
     def fallocate(self, path: str, mode: int, offset: int, size: int, fh: int) -> int:
         with self._mutex:
@@ -285,7 +294,7 @@ class CrashFS(fuse.Operations):
             ino = parent.entries.pop(name, None)
             if ino is None:
                 raise fuse.FuseOSError(errno.ENOENT)
-            parent.mtime = time.time()
+            parent.mtime = time.time_ns()
             self._drop_link(ino)
         return 0
 
@@ -314,7 +323,7 @@ class CrashFS(fuse.Operations):
 
     def utimens(self, path: str, times: Any = None) -> int:
         with self._mutex:
-            self._lookup(path).mtime = time.time()
+            self._lookup(path).mtime = time.time_ns()
         return 0
 
     def flush(self, path: str, fh: int) -> int:
@@ -334,7 +343,14 @@ class CrashFS(fuse.Operations):
                 if child.is_dir:
                     self.durable_entries.setdefault(ino, {})
             self._save_tree()
+            self._forget_unlinked()
         return 0
+
+    def _forget_unlinked(self) -> None:
+        """Files whose removal just became durable: otherwise every removed spool segment
+        would stay in memory for good."""
+        for node in [n for n in self.nodes.values() if n.links <= 0]:
+            self._discard_if_gone(node)
 
 
 def main() -> None:
