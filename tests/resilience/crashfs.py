@@ -10,6 +10,8 @@ alone cannot show that, because the kernel's page cache survives a killed proces
 
     python crashfs.py BACKING MOUNTPOINT     # foreground; fusermount3 -u to unmount
 
+It unmounts itself when the process that started it dies (a test runner killed outright).
+
 Backing layout: `tree.json` (the durable folder entries and node kinds) and `data/<ino>`
 (each file's durable bytes).
 """
@@ -20,6 +22,7 @@ import errno
 import json
 import os
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -353,8 +356,18 @@ class CrashFS(fuse.Operations):
             self._discard_if_gone(node)
 
 
+def unmount_when_orphaned(mountpoint: str) -> None:
+    """A test runner killed outright tears nothing down: then the mount goes with it."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    subprocess.run(["fusermount3", "-uz", mountpoint], check=False)
+    os._exit(1)
+
+
 def main() -> None:
     backing, mountpoint = Path(sys.argv[1]), sys.argv[2]
+    threading.Thread(target=unmount_when_orphaned, args=(mountpoint,), daemon=True).start()
     fuse.FUSE(CrashFS(backing), mountpoint, foreground=True, nothreads=False,
               default_permissions=True, attr_timeout=0, entry_timeout=0,
               negative_timeout=0)

@@ -47,6 +47,7 @@ from test_crash import (
 )
 
 from relay.queue.envelope import FINAL_STATES
+from relay.queue.segments import segment_files
 
 DRAIN_TIMEOUT = 90.0
 SETTLE_QUIET = 3.0  # no delivery for this long: a broken relay has given up on what it lost
@@ -176,6 +177,8 @@ class Report:
     states: Counter[str]
     recovered: list[dict[str, str]]
     log_problems: list[str]
+    segments_seen: int = 0      # distinct spool segments listed at the cuts
+    segments_removed: int = 0   # of which gone by a later cut (removed while the cuts went on)
 
     @property
     def duplicates(self) -> int:
@@ -184,7 +187,9 @@ class Report:
     def summary(self) -> str:
         return (f"acked={self.acked} delivered={self.delivered} lost={len(self.lost)}"
                 f" duplicates={self.duplicates} damaged={len(self.damaged)}"
-                f" unmarked={self.unmarked} states={dict(self.states)}")
+                f" unmarked={self.unmarked} states={dict(self.states)}"
+                f" segments seen at the cuts={self.segments_seen}"
+                f" (removed before the last cut: {self.segments_removed})")
 
 
 class Scenario:
@@ -202,6 +207,7 @@ class Scenario:
                          reconnect=True)
         self.deliveries = Deliveries(sink)
         self.cuts: list[Cut] = []
+        self.spool: list[set[str]] = []  # segment files at each cut
         self.recovered: list[dict[str, str]] = []
         self.log_problems: list[str] = []
 
@@ -238,6 +244,8 @@ class Scenario:
         self.relay.kill()
         assert_group_dead(pgid)
         delivered = self.deliveries.end_run()
+        spool = self.queue_dir / "spool"
+        self.spool.append(set(segment_files(spool)) if spool.is_dir() else set())
         live = final_markers(self.queue_dir)
         durable = live
         if self.mount is not None:
@@ -303,6 +311,9 @@ class Scenario:
             states=index_states(self.queue_dir),
             recovered=self.recovered,
             log_problems=self.log_problems,
+            segments_seen=len(set().union(*self.spool)),
+            segments_removed=len(set().union(*self.spool[:-1]) - self.spool[-1])
+            if self.spool else 0,
         )
 
     def _charge_duplicates(self, runs: dict[str | None, list[int]]) -> None:
@@ -315,7 +326,7 @@ class Scenario:
         big = set(self.load.big)
         return sorted({m for msg in list(self.sink.messages)
                        if (m := marker_in(msg.data)) is not None
-                       and not _intact(msg, message_body(m, m in big))})
+                       and not intact(msg, message_body(m, m in big))})
 
 
 def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
@@ -327,7 +338,7 @@ def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
-def _intact(msg: Received, body: bytes) -> bool:
+def intact(msg: Received, body: bytes) -> bool:
     """The relay adds its Received header on top and must change nothing else."""
     return msg.data.endswith(body) and msg.data[:-len(body)].startswith(b"Received: ")
 

@@ -75,6 +75,7 @@ def test_power_cuts_lose_nothing(tmp_path: Path, crash_mount: CrashMount) -> Non
     report = power_cuts(tmp_path, crash_mount, PLAN, RELAY)
     show("power cuts", report)
     assert_nothing_lost(report)
+    assert report.segments_removed > 0, "no segment was removed while the cuts went on"
 
 
 @pytest.mark.teeth
