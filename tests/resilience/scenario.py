@@ -52,6 +52,9 @@ from relay.queue.segments import segment_files
 DRAIN_TIMEOUT = 90.0
 SETTLE_QUIET = 3.0  # no delivery for this long: a broken relay has given up on what it lost
 KILL_WINDOW = MAX_DUPLICATES
+# Once every message is final: each intake process's current segment and its spare, no more
+# (at most 2 intake processes; DSN segments only come with bounces, and there are none here).
+SEGMENTS_IN_USE = 4
 # Events that must never appear when nothing is broken.
 PROBLEMS = ("spool_missing", "spool_corrupt", "index_unusable", "notice_unreadable",
             "delivery_error", "record_failed", "segment_remove_failed", "spool_sync_failed")
@@ -179,6 +182,7 @@ class Report:
     log_problems: list[str]
     segments_seen: int = 0      # distinct spool segments listed at the cuts
     segments_removed: int = 0   # of which gone by a later cut (removed while the cuts went on)
+    segments_left: list[str] = field(default_factory=list)  # once the queue is empty
 
     @property
     def duplicates(self) -> int:
@@ -189,7 +193,8 @@ class Report:
                 f" duplicates={self.duplicates} damaged={len(self.damaged)}"
                 f" unmarked={self.unmarked} states={dict(self.states)}"
                 f" segments seen at the cuts={self.segments_seen}"
-                f" (removed before the last cut: {self.segments_removed})")
+                f" (removed before the last cut: {self.segments_removed},"
+                f" left at the end: {len(self.segments_left)})")
 
 
 class Scenario:
@@ -223,7 +228,7 @@ class Scenario:
             # Some cuts hit the next start instead: in recovery, or before intake listens.
             while left and self.rng.random() < self.plan.during_restart:
                 self._restart(wait=False)
-                time.sleep(self.rng.uniform(0.0, 0.4))
+                time.sleep(self.rng.uniform(0.1, 0.8))  # imports take ~0.3 s, then recovery
                 self._cut()
                 left -= 1
             self._restart(wait=True)
@@ -244,15 +249,21 @@ class Scenario:
         self.relay.kill()
         assert_group_dead(pgid)
         delivered = self.deliveries.end_run()
-        spool = self.queue_dir / "spool"
-        self.spool.append(set(segment_files(spool)) if spool.is_dir() else set())
+        self.spool.append(self._segments())
         live = final_markers(self.queue_dir)
-        durable = live
-        if self.mount is not None:
-            self.mount.cut()
-            self.mount.mount()
-            durable = final_markers(self.queue_dir)
+        durable = self._power_cut() if self.mount is not None else live
         self.cuts.append(Cut(unrecorded=delivered - live, rolled_back=live - durable))
+
+    def _power_cut(self) -> set[str]:
+        """crashfs dies and comes back (the reboot); what the index kept on disk."""
+        assert self.mount is not None
+        self.mount.cut()
+        self.mount.mount()
+        return final_markers(self.queue_dir)
+
+    def _segments(self) -> set[str]:
+        spool = self.queue_dir / "spool"
+        return set(segment_files(spool)) if spool.is_dir() else set()
 
     def _restart(self, wait: bool) -> None:
         proc = self.relay.proc
@@ -281,6 +292,8 @@ class Scenario:
         if expect_loss or not _wait(lambda: acked <= self.deliveries.markers()
                                     and not pending_ids(self.queue_dir), DRAIN_TIMEOUT):
             self._settle()
+        # The last removals follow the last commits: only the writers' open segments stay.
+        _wait(lambda: len(self._segments()) <= SEGMENTS_IN_USE, 10)
         time.sleep(0.3)  # nothing more may arrive
         self._collect_log()
         return self._report(acked)
@@ -314,6 +327,7 @@ class Scenario:
             segments_seen=len(set().union(*self.spool)),
             segments_removed=len(set().union(*self.spool[:-1]) - self.spool[-1])
             if self.spool else 0,
+            segments_left=sorted(self._segments()),
         )
 
     def _charge_duplicates(self, runs: dict[str | None, list[int]]) -> None:
@@ -370,6 +384,7 @@ def assert_nothing_lost(report: Report) -> None:
         assert not cut.unexplained(), f"cut {n + 1}: duplicates outside the window"
         assert len(cut.unrecorded) <= KILL_WINDOW, f"cut {n + 1}: {len(cut.unrecorded)} unrecorded"
     assert not report.log_problems, report.log_problems[:5]
+    assert len(report.segments_left) <= SEGMENTS_IN_USE, report.segments_left
     states = report.states
     assert states["active"] == 0, states
     assert states["queued"] + states["deferred"] + states["unknown"] == 0, states
