@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,10 @@ class RelayProcess:
     def __init__(self, directory: Path, *, routes: dict[str, list[str]] | None = None,
                  server: dict[str, Any] | None = None, queue: dict[str, Any] | None = None,
                  delivery: dict[str, Any] | None = None, dns: dict[str, Any] | None = None,
-                 policies: str = "", port: int | None = None) -> None:
+                 policies: str = "", port: int | None = None,
+                 launcher: Sequence[str] = ("-m", "relay")) -> None:
         self.dir = directory
+        self.launcher = list(launcher)  # what follows the interpreter: a module, or -c CODE
         self.port = port or free_port()
         policy_text = policies
         for domain, hops in (routes or {}).items():
@@ -93,7 +96,7 @@ class RelayProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self._log_offset = self.log_path.stat().st_size
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "--config", str(self.config), "serve"],
+            [sys.executable, *self.launcher, "--config", str(self.config), "serve"],
             stdout=log, stderr=log, start_new_session=True, cwd=self.dir)
         log.close()
         if wait:

@@ -28,12 +28,26 @@ MARKER = b"X-Crash-Marker: "
 PDF_LINE = b"JVBERi0xLjcK" + b"0123456789abcdef" * 3 + b"\r\n"  # 62 octets
 
 
+def message_body(marker: str, big: bool = False) -> bytes:
+    """The message a Load client sends for `marker` (so a delivery can be checked byte for
+    byte); `big`: 1.6 MiB, over the streaming threshold."""
+    body = (f"From: <app@invoices.test>\r\nTo: <ap@example.net>\r\n"
+            f"Message-ID: <{marker}@invoices.test>\r\n"
+            f"Subject: invoice {marker}\r\n"
+            f"X-Crash-Marker: {marker}\r\n\r\n"
+            + f"invoice line for {marker}\r\n" * 40).encode()
+    return body + PDF_LINE * 26000 if big else body
+
+
 @dataclass
 class Load:
     """Client threads sending one-recipient messages as fast as the relay takes them."""
 
     port: int
     big_every: int = 0      # every Nth message is large enough to be streamed to its file
+    clients: int = CLIENTS
+    reconnect: bool = False  # keep trying while the relay is down (restarted by the test)
+    big: set[str] = field(default_factory=set)            # markers of the large messages
     acked: dict[str, str] = field(default_factory=dict)   # marker -> queue id
     attempted: set[str] = field(default_factory=set)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -42,7 +56,7 @@ class Load:
     threads: list[threading.Thread] = field(default_factory=list)
 
     def start(self) -> None:
-        for n in range(CLIENTS):
+        for n in range(self.clients):
             t = threading.Thread(target=self._client, args=(n,), daemon=True)
             t.start()
             self.threads.append(t)
@@ -62,7 +76,10 @@ class Load:
             try:
                 smtp = smtplib.SMTP("127.0.0.1", self.port, timeout=10)
             except OSError:
-                return  # the relay is gone
+                if not self.reconnect:
+                    return  # the relay is gone
+                self.stop.wait(0.05)  # it is being restarted
+                continue
             try:
                 smtp.ehlo("load.test")
                 # A few messages per session, then a fresh connection, as apps do.
@@ -71,15 +88,12 @@ class Load:
                         break
                     seq += 1
                     marker = f"c{n}-m{seq}"
-                    body = (f"From: <app@invoices.test>\r\nTo: <ap@example.net>\r\n"
-                            f"Message-ID: <{marker}@invoices.test>\r\n"
-                            f"Subject: invoice {marker}\r\n"
-                            f"X-Crash-Marker: {marker}\r\n\r\n"
-                            + f"invoice line for {marker}\r\n" * 40).encode()
-                    if self.big_every and seq % self.big_every == 0:  # 1.6 MiB
-                        body += PDF_LINE * 26000
+                    big = bool(self.big_every) and seq % self.big_every == 0
+                    body = message_body(marker, big)
                     with self.lock:
                         self.attempted.add(marker)
+                        if big:
+                            self.big.add(marker)
                     smtp.mail("app@invoices.test")
                     smtp.rcpt("ap@example.net")
                     code, reply = smtp.data(body)
@@ -93,7 +107,8 @@ class Load:
                             self.errors.append(f"{marker}: {code} {reply!r}")
                 smtp.quit()
             except (OSError, smtplib.SMTPException):
-                return  # killed mid-session: that message got no 250
+                if not self.reconnect:
+                    return  # killed mid-session: that message got no 250
             finally:
                 smtp.close()
 

@@ -25,7 +25,14 @@ from relay.queue import legacy
 from relay.queue.envelope import Envelope
 from relay.queue.index import Index, SegmentRow
 from relay.queue.notices import Committed
-from relay.queue.segments import SEGMENT_SIZE, SINGLE_SUFFIX, scan, segment_files, sync_dir
+from relay.queue.segments import (
+    SEGMENT_SIZE,
+    SINGLE_SUFFIX,
+    make_spool_dir,
+    scan,
+    segment_files,
+    sync_dir,
+)
 
 
 @dataclass
@@ -42,7 +49,7 @@ class RecoveryReport:
 def recover(root: Path, db_path: Path, *, max_lifetime: float,
             segment_size: int = SEGMENT_SIZE) -> RecoveryReport:
     spool_dir = root / "spool"
-    spool_dir.mkdir(parents=True, exist_ok=True)
+    make_spool_dir(spool_dir)
     index = Index(db_path)
     report = RecoveryReport()
     now = time.time()

@@ -89,6 +89,18 @@ def sync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_spool_dir(spool_dir: Path) -> None:
+    """Create the spool folder if needed, and make it and the queue folder findable after a
+    power cut. A new folder's name is on disk only once the folder holding it is synced: `serve`
+    creates a missing queue folder, and the segments' own folder syncs cover only the spool.
+    Called once at startup, before any mail is taken."""
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    sync_dir(spool_dir.parent)
+    for folder in spool_dir.parent.resolve().parents:
+        with contextlib.suppress(OSError):  # above the queue folder: best effort (permissions)
+            sync_dir(folder)
+
+
 def write_all(fd: int, parts: Sequence[bytes | memoryview], offset: int) -> None:
     """pwritev everything at `offset` (short writes continue where they stopped; at most
     IOV_MAX buffers go into one call, as the kernel refuses more with EINVAL)."""

@@ -10,6 +10,8 @@ alone cannot show that, because the kernel's page cache survives a killed proces
 
     python crashfs.py BACKING MOUNTPOINT     # foreground; fusermount3 -u to unmount
 
+It unmounts itself when the process that started it dies (a test runner killed outright).
+
 Backing layout: `tree.json` (the durable folder entries and node kinds) and `data/<ino>`
 (each file's durable bytes).
 """
@@ -20,6 +22,7 @@ import errno
 import json
 import os
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -40,7 +43,7 @@ class Node:
     entries: dict[str, int] = field(default_factory=dict)       # folders, volatile
     dirty: list[tuple[int, int]] = field(default_factory=list)  # file ranges not yet synced
     durable_size: int = 0
-    mtime: float = field(default_factory=time.time)
+    mtime: int = field(default_factory=time.time_ns)  # ns: the class sets use_ns
     links: int = 0
     handles: int = 0
 
@@ -53,7 +56,8 @@ class CrashFS(fuse.Operations):
     use_ns = True
 
     def __init__(self, backing: Path) -> None:
-        self.backing = backing
+        # Absolute: libfuse changes the daemon's working folder to / once it is mounted.
+        self.backing = backing.resolve()
         (backing / "data").mkdir(parents=True, exist_ok=True)
         self._mutex = threading.RLock()
         self.nodes: dict[int, Node] = {}
@@ -157,7 +161,7 @@ class CrashFS(fuse.Operations):
         self.next_ino += 1
         self.nodes[node.ino] = node
         parent.entries[name] = node.ino
-        parent.mtime = time.time()
+        parent.mtime = time.time_ns()
         if node.is_dir:
             parent.links += 1
         return node
@@ -165,8 +169,17 @@ class CrashFS(fuse.Operations):
     def _drop_link(self, ino: int) -> None:
         node = self.nodes[ino]
         node.links -= 1
-        if node.links <= 0 and node.handles == 0 and not self._durably_named(ino):
-            self.nodes.pop(ino, None)
+        self._discard_if_gone(node)
+
+    def _discard_if_gone(self, node: Node) -> None:
+        """Forget a file nothing can reach again, even after a crash: no name, no open handle,
+        no durable name. Its backing data goes too (a crash would orphan it anyway)."""
+        if node.ino == ROOT or node.links > 0 or node.handles > 0:
+            return
+        if self._durably_named(node.ino):
+            return
+        del self.nodes[node.ino]
+        (self.backing / "data" / str(node.ino)).unlink(missing_ok=True)
 
     def _durably_named(self, ino: int) -> bool:
         return any(ino in e.values() for e in self.durable_entries.values())
@@ -237,8 +250,7 @@ class CrashFS(fuse.Operations):
             node = self.nodes.get(fh)
             if node is not None:
                 node.handles -= 1
-                if node.links <= 0 and node.handles == 0 and not self._durably_named(fh):
-                    self.nodes.pop(fh, None)
+                self._discard_if_gone(node)
         return 0
 
     def releasedir(self, path: str, fh: int) -> int:
@@ -256,7 +268,7 @@ class CrashFS(fuse.Operations):
                 node.data.extend(b"\0" * (end - len(node.data)))
             node.data[offset:end] = data
             node.dirty.append((offset, end))
-            node.mtime = time.time()
+            node.mtime = time.time_ns()
             return len(data)
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> int:
@@ -270,7 +282,7 @@ class CrashFS(fuse.Operations):
         else:
             node.dirty.append((len(node.data), length))
             node.data.extend(b"\0" * (length - len(node.data)))
-        node.mtime = time.time()
+        node.mtime = time.time_ns()
 
     def fallocate(self, path: str, mode: int, offset: int, size: int, fh: int) -> int:
         with self._mutex:
@@ -285,7 +297,7 @@ class CrashFS(fuse.Operations):
             ino = parent.entries.pop(name, None)
             if ino is None:
                 raise fuse.FuseOSError(errno.ENOENT)
-            parent.mtime = time.time()
+            parent.mtime = time.time_ns()
             self._drop_link(ino)
         return 0
 
@@ -314,7 +326,7 @@ class CrashFS(fuse.Operations):
 
     def utimens(self, path: str, times: Any = None) -> int:
         with self._mutex:
-            self._lookup(path).mtime = time.time()
+            self._lookup(path).mtime = time.time_ns()
         return 0
 
     def flush(self, path: str, fh: int) -> int:
@@ -334,11 +346,28 @@ class CrashFS(fuse.Operations):
                 if child.is_dir:
                     self.durable_entries.setdefault(ino, {})
             self._save_tree()
+            self._forget_unlinked()
         return 0
+
+    def _forget_unlinked(self) -> None:
+        """Files whose removal just became durable: otherwise every removed spool segment
+        would stay in memory for good."""
+        for node in [n for n in self.nodes.values() if n.links <= 0]:
+            self._discard_if_gone(node)
+
+
+def unmount_when_orphaned(mountpoint: str) -> None:
+    """A test runner killed outright tears nothing down: then the mount goes with it."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    subprocess.run(["fusermount3", "-uz", mountpoint], check=False)
+    os._exit(1)
 
 
 def main() -> None:
     backing, mountpoint = Path(sys.argv[1]), sys.argv[2]
+    threading.Thread(target=unmount_when_orphaned, args=(mountpoint,), daemon=True).start()
     fuse.FUSE(CrashFS(backing), mountpoint, foreground=True, nothreads=False,
               default_permissions=True, attr_timeout=0, entry_timeout=0,
               negative_timeout=0)
