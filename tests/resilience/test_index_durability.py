@@ -1,19 +1,16 @@
 """Index.make_durable() under a power cut: what the relay relies on before it removes a segment.
 
-Known bug, kept as an executable reproduction (strict xfail: it fails loudly once fixed).
 With another connection reading the index (an operator's `invoice-relay queue list`, a
-monitoring or backup job holding a snapshot), `PRAGMA wal_checkpoint(PASSIVE)` can neither copy
-nor sync anything and still reports busy=0, so make_durable() returns as if the commits were on
-disk. The delivery process then removes the segment; after a power cut the index has the
-messages pending again, their segment is gone, and recovery closes them as expired with
-`spool_missing` (they had been delivered: no mail is lost, but the states and logs are wrong).
+monitoring or backup job holding a snapshot), a checkpoint can neither copy nor sync anything;
+make_durable() once relied on one, returned as if the commits were on disk, and a power cut
+then took back final states whose segment was already removed. It now syncs the write-ahead
+log itself.
 """
 
 from __future__ import annotations
 
 import sqlite3
 
-import pytest
 from mount import CrashMount
 
 from relay.queue.index import Index
@@ -46,12 +43,5 @@ def test_make_durable_commits_survive_a_power_cut(crash_mount: CrashMount) -> No
     assert rows_after_cut(crash_mount, with_reader=False) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="make_durable() does not notice a reader that kept "
-                   "the PASSIVE checkpoint from syncing anything (see module docstring)")
 def test_make_durable_with_a_reader_present(crash_mount: CrashMount) -> None:
-    # Either the commit is on disk, or make_durable() raises (and the removal waits).
-    try:
-        rows = rows_after_cut(crash_mount, with_reader=True)
-    except OSError:
-        return
-    assert rows == 1
+    assert rows_after_cut(crash_mount, with_reader=True) == 1
