@@ -41,6 +41,7 @@ INTERNALS: tuple[tuple[object, str], ...] = (
     (SMTP, "_set_post_data_state"),
     (SMTP, "smtp_STARTTLS"),               # wrapped: the handshake machinery is aiosmtpd's
     (SMTP, "line_length_limit"),
+    (SMTP, "smtp_HELP"),                   # replaced: aiosmtpd's reads the table we leave empty
 )
 # Instance attributes set by SMTP.__init__ / connection_made that we read or write.
 INSTANCE_INTERNALS = ("_reader", "_writer", "_tls_protocol", "_timeout_duration",
@@ -72,6 +73,10 @@ def _method_signature(func: Callable[..., Any]) -> _inspect.Signature:
 
 
 def _dir(obj: Any = None) -> list[str]:
+    if isinstance(obj, AiosmtpdSession):
+        # Our command loop dispatches by command_names(); aiosmtpd's table of bound methods
+        # (built per connection from this list) would only feed its HELP, which we replace.
+        return []
     return list(_class_dir(type(obj)))
 
 

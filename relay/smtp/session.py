@@ -216,6 +216,11 @@ class RelaySMTP(AiosmtpdSession):
             except asyncio.LimitOverrunError as exc:
                 consumed = exc.consumed
 
+    async def smtp_HELP(self, arg: str | None) -> None:
+        commands = " ".join(sorted(c for c in command_names(type(self))
+                                   if c != "STARTTLS" or self.tls_context is not None))
+        await self.push(f"{'501' if arg else '250'} Supported commands: {commands}")
+
     # --- HELO, EHLO, STARTTLS ------------------------------------------------------------------
 
     async def smtp_HELO(self, hostname: str | None) -> None:
