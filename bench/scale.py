@@ -732,6 +732,10 @@ def render(results: dict) -> str:
                      f"{p['p50']:.1f} / {p['p95']:.1f} / {p['p99']:.1f} ms",
                      f"p99 < {TARGET_P99_MS:.0f} ms", verdict(p["p99"] < TARGET_P99_MS)))
         rows.append(("  max; messages timed", f"{p['max']:.1f} ms; {lat['samples']:,}", "", ""))
+        # the relay's intake threads, runnable but without a CPU (neighbours, load generators)
+        wait = lat["window"]["relay_runqueue_wait_s"]["intake"]
+        rows.append(("  intake threads waiting for a CPU, per message",
+                     f"{1000 * wait / max(1, lat['samples']):.1f} ms", "", ""))
     w = max(len(r[0]) for r in rows) if rows else 40
     lines = [f"{'measure':<{w}}  {'figure':>26}  {'target':>13}  result",
              "-" * (w + 52)]
