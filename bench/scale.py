@@ -16,7 +16,7 @@ against the real relay process. Three measurements, each with its target:
    half that rate offered by bench/paced.py (open loop), timing final dot -> 250 of every
    message. Target: p99 < 50 ms.
 
-    bench/scale            # full run, about 10 minutes on 2 cores
+    bench/scale            # full run, about 7-8 minutes on 2 cores
     bench/scale --quick    # about 2 minutes: 20,000 queued, K up to 100k, shorter loads
 
 Prints a table with PASS/FAIL per target and writes bench/out/scale-<timestamp>.json. Needs
@@ -735,7 +735,7 @@ def render(results: dict) -> str:
         rows.append(("  pending recipients in the index at the stop",
                      f"{mem['pending_at_stop']:,}", "", ""))
         if mem["numpy_loaded"]:
-            rows.append(("  numpy loaded in the relay (by sqlite_utils; see README)", "yes",
+            rows.append(("  numpy loaded in the relay (by sqlite_utils; bench/README.md)", "yes",
                          "", ""))
     sched = results.get("scheduler")
     if sched:
