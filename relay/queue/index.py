@@ -73,6 +73,8 @@ CREATE TABLE IF NOT EXISTS recipients (
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients(next_attempt)
     WHERE state IN ('queued', 'deferred', 'unknown');
 CREATE INDEX IF NOT EXISTS recipients_domain ON recipients(domain, state);
+-- Releasing claimed recipients (each start, each graceful stop) reads only those.
+CREATE INDEX IF NOT EXISTS recipients_active ON recipients(state) WHERE state = 'active';
 CREATE TABLE IF NOT EXISTS attempts (
     msg TEXT NOT NULL,
     idx INTEGER NOT NULL,
