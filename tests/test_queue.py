@@ -179,6 +179,14 @@ def test_due_query_uses_the_partial_index(tmp_path: Path) -> None:
     assert any("recipients_due" in str(row) for row in plan), plan
 
 
+def test_releasing_claimed_recipients_uses_the_partial_index(tmp_path: Path) -> None:
+    index = Index(tmp_path / "index.sqlite")
+    plan = index.conn.execute(
+        "EXPLAIN QUERY PLAN UPDATE recipients SET state = 'queued' WHERE state = 'active'"
+    ).fetchall()
+    assert any("recipients_active" in str(row) for row in plan), plan
+
+
 def test_queue_commands(tmp_path: Path) -> None:
     (tmp_path / "relay.toml").write_text('[queue]\npath = "var"\n')
     env = _envelope("a@example.net")
