@@ -608,11 +608,18 @@ class _Stream:
         return fd
 
     async def discard(self) -> None:
-        """Remove a partly streamed file that was never handed to the committer."""
+        """Remove a partly streamed file that was never handed to the committer.
+
+        Runs to the end even when cancelled: a TLS client that hangs up cancels the session
+        twice (EOF, then connection lost), and the second cancel must not drop the removal
+        before its thread starts (the file would stay in the spool with no index row)."""
         if self.fd is not None:
             fd, self.fd = self.fd, None
             os.close(fd)
-            await asyncio.to_thread(self.ctx.committer.spool.remove, self.queue_id)
+            _, cancelled = await _run_to_end(
+                functools.partial(self.ctx.committer.spool.remove, self.queue_id))
+            if cancelled:
+                raise asyncio.CancelledError
 
 
 async def _run_to_end(fn: Callable[[], _T]) -> tuple[_T, bool]:

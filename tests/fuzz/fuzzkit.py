@@ -421,11 +421,13 @@ class Oracle:
         if state.active:
             problems.append(f"recipients still active once idle: {state.active[:10]}")
         if state.spool - state.pending_msgs:
-            problems.append(f"spool files without a pending index row: "
-                            f"{sorted(state.spool - state.pending_msgs)[:10]}")
+            orphans = sorted(state.spool - state.pending_msgs)
+            problems.append(f"spool files without a pending index row: {orphans[:10]}")
+            problems.extend(self.evidence(qid) for qid in orphans[:3])
         if state.pending_msgs - state.spool:
-            problems.append(f"pending index rows without a spool file: "
-                            f"{sorted(state.pending_msgs - state.spool)[:10]}")
+            missing = sorted(state.pending_msgs - state.spool)
+            problems.append(f"pending index rows without a spool file: {missing[:10]}")
+            problems.extend(self.evidence(qid) for qid in missing[:3])
         stuck = [r for r in state.rows if r[3] != "delivered"]
         if stuck:
             problems.append(f"recipients not delivered in time (the sink takes everything): "
@@ -433,6 +435,26 @@ class Oracle:
         problems.extend(self._delivery_problems())
         if problems:
             raise Violation("\n".join(problems))
+
+    def evidence(self, qid: str) -> str:
+        """What the relay knows about one queue id: index rows, spool file, log lines."""
+        out = [f"--- {qid}:"]
+        db = self.relay.queue_dir / "index.sqlite"
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        try:
+            for table, key in (("messages", "id"), ("recipients", "msg"), ("attempts", "msg")):
+                rows = conn.execute(f"SELECT * FROM {table} WHERE {key} = ?", (qid,)).fetchall()
+                out.append(f"  {table}: {rows}")
+        finally:
+            conn.close()
+        path = self.relay.queue_dir / "spool" / qid
+        if path.exists():
+            raw = path.read_bytes()
+            out.append(f"  spool file ({len(raw)} bytes): {raw[:400]!r} ... {raw[-200:]!r}")
+        out += [f"  log: {line}" for line in self.relay.log.splitlines() if qid in line][:10]
+        sent = self._by_id.get(qid)
+        out.append(f"  client's view: {sent!r}"[:600])
+        return "\n".join(out)
 
     def _delivery_problems(self) -> list[str]:
         problems = []
