@@ -144,7 +144,11 @@ class RelaySMTP(AiosmtpdSession):
         except TlsHandshakeFailed as exc:
             self.session_error("TLS handshake failed", exc)
         except asyncio.CancelledError:
-            raise  # the connection is gone: aiosmtpd's connection_lost cancels us
+            # aiosmtpd cancels us when the connection is lost, and also at the client's FIN
+            # (eof_received), which leaves a TCP transport half open: close it, or the socket
+            # stays in CLOSE-WAIT until the idle timeout.
+            self.close()
+            raise
         except Exception as exc:
             # A bug of ours: one line in the log, a neutral reply, and the session ends.
             self.session_error("internal error", exc, level=logging.ERROR)

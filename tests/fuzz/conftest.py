@@ -67,7 +67,7 @@ def fuzz_relay(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixture
                     "idle_timeout": "60s"},
             queue={"min_free_space": "0"})
         ledger = Ledger()
-        oracle = Oracle(relay, sink, ledger)
+        oracle = Oracle(relay, sink, ledger, ports=(relay.port, tls_port))
         with relay:
             env = FuzzRelay(relay, sink, tls_port,
                             ssl.create_default_context(cafile=str(certs.ca_cert)), oracle, ledger)

@@ -18,6 +18,7 @@ import socket
 import sqlite3
 import ssl
 import struct
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -160,6 +161,14 @@ class Client:
         self.closed = True
         with contextlib.suppress(OSError):
             self.sock.close()
+
+    def half_close(self) -> None:
+        """Send a FIN but keep reading (the relay must then hang up too)."""
+        with contextlib.suppress(OSError):
+            raw = self.sock
+            if isinstance(raw, ssl.SSLSocket):
+                self.sock = raw = socket.socket(fileno=raw.detach())  # no close_notify
+            raw.shutdown(socket.SHUT_WR)
 
     def abort(self) -> None:
         """Close with a TCP RST rather than a FIN."""
@@ -344,8 +353,10 @@ def after_received(data: bytes) -> bytes:
 class Oracle:
     """Checks a module's relay: alive, clean log, queue consistent, deliveries as promised."""
 
-    def __init__(self, relay: RelayProcess, sink: Sink, ledger: Ledger) -> None:
+    def __init__(self, relay: RelayProcess, sink: Sink, ledger: Ledger,
+                 ports: Sequence[int]) -> None:
         self.relay = relay
+        self.ports = ports
         self.sink = sink
         self.ledger = ledger
         self.checked_log = 0
@@ -368,6 +379,13 @@ class Oracle:
         if bad:
             raise Violation("relay.log:\n" + "\n".join(bad[:20]))
 
+    def open_sessions(self) -> list[str]:
+        """The relay's SMTP connections still open (established or half closed by the client)."""
+        ports = " or ".join(f"sport = :{p}" for p in self.ports)
+        out = subprocess.run(["ss", "-Htn", "state", "established", "state", "close-wait",
+                              f"( {ports} )"], capture_output=True, text=True, check=True).stdout
+        return out.splitlines()
+
     def settle(self, timeout: float = 30.0) -> QueueState:
         """Wait until the relay is idle: what must arrive has arrived, nothing is active, every
         spool file belongs to a pending message and every pending message has its file."""
@@ -375,7 +393,8 @@ class Oracle:
         while True:
             self.alive()
             state = queue_state(self.relay.queue_dir)
-            if state.agree() and not state.pending_msgs and not self._missing():
+            if state.agree() and not state.pending_msgs and not self._missing() and \
+                    not self.open_sessions():
                 return state
             if time.monotonic() > deadline:
                 return state
@@ -418,6 +437,10 @@ class Oracle:
         state = self.settle()
         self.check_log()
         problems: list[str] = []
+        lingering = self.open_sessions()
+        if lingering:
+            problems.append(f"the relay keeps {len(lingering)} SMTP connections open after "
+                            f"their clients left: {lingering[:5]}")
         if state.active:
             problems.append(f"recipients still active once idle: {state.active[:10]}")
         if state.spool - state.pending_msgs:

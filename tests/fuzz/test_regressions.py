@@ -77,6 +77,30 @@ def test_starttls_go_ahead_has_an_enhanced_code(fuzz_relay: FuzzRelay) -> None:
             client.close()
 
 
+@pytest.mark.parametrize("before", [b"", b"EHLO client.test\r\n", b"MAIL FROM:<a@sen"])
+def test_relay_hangs_up_after_the_clients_fin(fuzz_relay: FuzzRelay, before: bytes) -> None:
+    """Found by the long profile of test_sessions (over a thousand `reason="idle timeout"`
+    lines, the relay's sockets in CLOSE-WAIT): a plain-text client that sends `EHLO` (or
+    nothing, or half a command) and closes its side. aiosmtpd cancels the session at the
+    client's FIN, and our command loop re-raised the cancel without closing the half-open
+    transport, so the relay kept every such connection (and its file descriptor) until the
+    idle timeout, 5 minutes by default: a few connections a second could exhaust its
+    descriptors. Fixed in relay/smtp/session.py (the loop closes the transport, as aiosmtpd's
+    own loop does)."""
+    client = Client(fuzz_relay.port, TRUSTED)
+    try:
+        assert client.reply()[0].startswith("220 ")
+        if before:
+            client.send(before)
+            if before.endswith(b"\n"):
+                client.reply()
+        client.half_close()
+        client.sock.settimeout(5)
+        assert client.sock.recv(1000) == b"", "the relay answered instead of hanging up"
+    finally:
+        client.close()
+
+
 @pytest.mark.xfail(strict=False, reason=(
     "not fixed: the relay closes right after its 421 while pipelined lines are still unread, "
     "so the kernel answers them with a reset and drops the replies it has not sent yet, the "

@@ -315,7 +315,7 @@ class SessionMachine(RuleBasedStateMachine):
             client.send(b"STARTTLS\r\nNOOP\r\nMAIL FROM:<injected@sender.test>\r\n")
         else:
             client.send(b"STARTTLS\r\n")
-        reply = self._reply(conn, b"STARTTLS")
+        reply = self._reply(conn, b"STARTTLS", in_flight=3 if mode == "inject" else 1)
         if reply is None:
             return
         if conn.tls:
@@ -518,13 +518,14 @@ class SessionMachine(RuleBasedStateMachine):
     # --- hanging up -----------------------------------------------------------------------------
 
     @precondition(has_idle)
-    @rule(data=st.data(), how=st.sampled_from(["close", "rst", "quit", "QUIT", "quit-pipelined"]),
+    @rule(data=st.data(), how=st.sampled_from(["close", "rst", "half-close", "quit", "QUIT",
+                                                "quit-pipelined"]),
           partial=st.one_of(st.just(b""), st.sampled_from([b"MAIL FROM:<a@sender.test>", b"\r",
                                                           b"RCPT TO:<b@exa", b"DATA"]),
                             fuzz_bytes))
     def hang_up(self, data: st.DataObject, how: str, partial: bytes) -> None:
         """The client leaves: QUIT (and nothing after it is answered), or a FIN or an RST,
-        maybe in the middle of a command."""
+        maybe in the middle of a command. After a FIN the relay must hang up too."""
         self.env.oracle.tally[f"hang up: {how}"] += 1
         conn = self._pick(data)
         if how.lower() == "quit":
@@ -534,10 +535,14 @@ class SessionMachine(RuleBasedStateMachine):
         else:
             if partial:
                 conn.client.send(partial)
-            (conn.client.close if how == "close" else conn.client.abort)()
+            if how == "half-close":
+                conn.client.half_close()
+                conn.client.wait_closed()
+            else:
+                (conn.client.close if how == "close" else conn.client.abort)()
             return
-        reply = self._reply(conn, b"QUIT")  # None: 221 (or 421) and the relay hung up
-        if reply is not None:
+        reply = self._reply(conn, b"QUIT", in_flight=3 if how == "quit-pipelined" else 1)
+        if reply is not None:  # None: 221 (or 421) and the relay hung up
             raise Violation(f"QUIT answered {reply!r}\n{conn.client.dump()}")
 
     # --- another client must not suffer ---------------------------------------------------------
