@@ -168,14 +168,16 @@ def auth_plans(draw: st.DrawFn) -> AuthPlan:
     if mech.upper() == b"PLAIN":
         blob = draw(st.one_of(st.just(plain_blob(user, password)),
                               st.just(plain_blob(user, password, authzid=user)), garbage))
-        good = good and blob in (plain_blob(user, password), plain_blob(user, password, user))
+        good = good and blob.strip() in (plain_blob(user, password),
+                                         plain_blob(user, password, user))
         if draw(st.booleans()):
             return AuthPlan(mech + b" " + blob, (), good)
         return AuthPlan(mech, (blob,), good)
     if mech.upper() == b"LOGIN":
         user_answer = draw(st.one_of(st.just(b64(user)), garbage))
         pass_answer = draw(st.one_of(st.just(b64(password)), garbage))
-        good = good and user_answer == b64(user) and pass_answer == b64(password)
+        # The relay strips white space (a trailing CR too) around an answer before decoding.
+        good = good and user_answer.strip() == b64(user) and pass_answer.strip() == b64(password)
         if draw(st.booleans()):
             return AuthPlan(mech + b" " + user_answer, (pass_answer,), good)
         return AuthPlan(mech, (user_answer, pass_answer), good)
