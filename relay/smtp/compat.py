@@ -161,7 +161,10 @@ class FastAddressParsing:
                     if self.local_part_limit and len(local) > self.local_part_limit:
                         return None, None
                     return inner, text[end + 1:]
-        return super()._getaddr(arg)  # type: ignore[misc]
+        try:
+            return super()._getaddr(arg)  # type: ignore[misc]
+        except IndexError:  # email's parser on an empty quoted string, `"` (bpo-27931)
+            return None, None
 
 
 class AiosmtpdSession(CheapIdleTimer, FastAddressParsing, SMTP):

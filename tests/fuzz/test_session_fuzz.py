@@ -47,6 +47,7 @@ from fuzzkit import (
     plain_path,
     rcpt_line,
     simple_line,
+    syntax_bytes,
 )
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
@@ -780,3 +781,47 @@ def test_data_bytes_survive_any_chunking(fuzz_relay: FuzzRelay, data: st.DataObj
         client.close()
     env.oracle.check()
 
+
+
+# --- every command with any argument -----------------------------------------------------------
+
+ARGUMENT_VERBS = [b"EHLO", b"HELO", b"MAIL FROM:", b"RCPT TO:", b"VRFY", b"EXPN", b"NOOP", b"HELP",
+                  b"RSET", b"AUTH", b"MAIL FROM:<", b"RCPT TO:<", b"STARTTLS", b"DATA", b"QUIT"]
+
+
+@settings(max_examples=settings.default.max_examples)
+@given(arg=st.one_of(syntax_bytes, arg_bytes), trusted=st.booleans())
+def test_every_command_takes_any_argument(fuzz_relay: FuzzRelay, arg: bytes,
+                                          trusted: bool) -> None:
+    """The same hostile argument after every verb, pipelined in one session (after EHLO and a
+    MAIL, so that RCPT parses its argument too): each gets one well-formed reply, the fixed
+    501 5.5.4 for bad bytes, never an internal error, and the session goes on."""
+    env = fuzz_relay
+    env.oracle.examples += 1
+    env.oracle.sessions += 1
+    lines = [b"EHLO client.test", b"MAIL FROM:<a@sender.test>"]
+    for verb in ARGUMENT_VERBS:
+        sep = b"" if verb.endswith((b":", b"<")) else b" "
+        if verb in (b"STARTTLS", b"DATA", b"QUIT") and not arg.strip():
+            continue  # these would start TLS, a message or the goodbye
+        lines.append(verb + sep + arg)
+    lines.append(b"NOOP")
+    client = Client(env.port, TRUSTED if trusted else UNTRUSTED)
+    try:
+        client.reply()
+        client.send(b"".join(line + b"\r\n" for line in lines))
+        for i, line in enumerate(lines):
+            reply = client.reply()
+            check_reply(reply, after_ehlo=i > 0, exempt_250=verb_of(line) in ("EHLO", "HELO"),
+                        client=client)
+            text = reply[0]
+            if len(line) < LINE_LIMIT - 10 and argument_is_bad(line) and text != BAD_ARGUMENT:
+                raise Violation(f"{line!r} answered {text!r}\n{client.dump()}")
+            if text.startswith(("354", "220", "334", "221", "421")):
+                raise Violation(f"{line!r} answered {text!r}\n{client.dump()}")
+        if reply != ["250 2.0.0 OK"]:
+            raise Violation(f"the session did not go on: {reply!r}\n{client.dump()}")
+    finally:
+        client.close()
+    env.oracle.alive()
+    env.oracle.check_log()
