@@ -163,7 +163,10 @@ class FastAddressParsing:
                     return inner, text[end + 1:]
         try:
             return super()._getaddr(arg)  # type: ignore[misc]
-        except IndexError:  # email's parser on an empty quoted string, `"` (bpo-27931)
+        except Exception:
+            # aiosmtpd catches only HeaderParseError, but email's parser raises more on hostile
+            # input: IndexError on an empty quoted string `"` (bpo-27931), AttributeError on an
+            # unterminated address literal `a@[`. To us they all mean "not an address".
             return None, None
 
 

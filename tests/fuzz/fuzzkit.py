@@ -547,8 +547,10 @@ fragment = st.one_of(
     st.text(min_size=1, max_size=4).map(lambda s: s.encode("utf-8", "surrogatepass")),
 )
 fuzz_bytes = st.lists(fragment, max_size=6).map(lambda parts: no_newlines(b"".join(parts)))
-# Short runs of the characters that address parsers trip on: `"`, `<@`, `\\`, `(`, ...
-syntax_bytes = st.lists(st.sampled_from([*SYNTAX, b"a", b"b.c", b"@", b"<", b">"]), min_size=1,
+# Short runs of the characters and pieces that address parsers trip on: `"`, `@[`, `<@`, ...
+ADDRESS_BITS = [b"a", b"b.c", b"@", b"<", b">", b"@[", b"[IPv6:", b"@[1.2.3.4]", b'""', b"<@",
+                b"@a:", b"a@b", b"\\\""]
+syntax_bytes = st.lists(st.sampled_from(SYNTAX + ADDRESS_BITS), min_size=1,
                         max_size=4).map(b"".join)
 long_bytes = st.sampled_from([63, 64, 65, 255, 256, 257, 600, 990, 1200]).map(lambda n: b"x" * n)
 arg_bytes = st.one_of(fuzz_bytes, fuzz_bytes, syntax_bytes, syntax_bytes, long_bytes)

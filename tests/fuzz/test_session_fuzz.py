@@ -789,7 +789,7 @@ ARGUMENT_VERBS = [b"EHLO", b"HELO", b"MAIL FROM:", b"RCPT TO:", b"VRFY", b"EXPN"
                   b"RSET", b"AUTH", b"MAIL FROM:<", b"RCPT TO:<", b"STARTTLS", b"DATA", b"QUIT"]
 
 
-@settings(max_examples=settings.default.max_examples)
+@settings(max_examples=settings.default.max_examples * 5)  # a few ms each
 @given(arg=st.one_of(syntax_bytes, arg_bytes), trusted=st.booleans())
 def test_every_command_takes_any_argument(fuzz_relay: FuzzRelay, arg: bytes,
                                           trusted: bool) -> None:
