@@ -36,7 +36,7 @@ from relay.smtp.auth import hash_password
 _SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
          HealthCheck.large_base_example]
 settings.register_profile(
-    "ci", derandomize=True, database=None, deadline=None, max_examples=200,
+    "ci", derandomize=True, database=None, deadline=None, max_examples=240,
     stateful_step_count=25, suppress_health_check=_SLOW, print_blob=True)
 settings.register_profile(
     "long", derandomize=False, deadline=None, max_examples=5000, stateful_step_count=50,
