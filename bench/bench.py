@@ -15,13 +15,14 @@ Topology (all on 127.0.0.1):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import math
 import os
 import pwd
-import resource
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -42,6 +44,23 @@ PUBLISHED_PNG = BENCH_DIR / "results.png"
 
 class BenchError(Exception):
     pass
+
+
+def write_results(out: Path, name: str, results: dict) -> Path:
+    """The run's results as JSON in `out` (created if needed); the file written."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return path
+
+
+def run_cli(main: Callable[[], int], prog: str) -> None:
+    """Exit with main()'s status; a BenchError is one line on stderr and status 2."""
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def log(msg: str) -> None:
@@ -176,15 +195,11 @@ def kill_tree(name: str, root_pids: list[int], pgids: list[int], grace: float) -
         return
     groups = set(pgids) | {p["pgid"] for p in procs if p["pid"] in root_pids}
     for g in groups:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(g, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
     for p in procs:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(p["pid"], signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         left = [p for p in tree(root_pids, list(groups)) if p["state"] != "Z"]
@@ -195,15 +210,11 @@ def kill_tree(name: str, root_pids: list[int], pgids: list[int], grace: float) -
     log(f"{name}: still running after {grace:.0f}s, SIGKILL to "
         f"{', '.join(str(p['pid']) + ':' + p['comm'] for p in left)}")
     for g in groups:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(g, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
     for p in left:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(p["pid"], signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def tail(path: Path, lines: int = 30) -> str:
@@ -251,10 +262,11 @@ class Sink:
         self.errlog = workdir / f"{name}.stderr"
         # -c: running counters on stdout ("sess=N quit=N mesg=N\r"), updated when "." is
         # received. 1000: listen backlog.  -u postfix: required when started as root.
-        self.proc = subprocess.Popen(
-            [smtp_sink, "-c", "-u", "postfix", f"127.0.0.1:{self.port}", "1000"],
-            stdout=subprocess.PIPE, stderr=open(self.errlog, "wb"), stdin=subprocess.DEVNULL,
-            start_new_session=True)
+        with open(self.errlog, "wb") as errlog:  # the child keeps its own copy
+            self.proc = subprocess.Popen(
+                [smtp_sink, "-c", "-u", "postfix", f"127.0.0.1:{self.port}", "1000"],
+                stdout=subprocess.PIPE, stderr=errlog, stdin=subprocess.DEVNULL,
+                start_new_session=True)
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
         wait_smtp_banner(self.port, 10, self.proc, name)
@@ -340,10 +352,8 @@ class Sink:
 
     def stop(self) -> None:
         kill_tree(self.name, [self.proc.pid], [self.proc.pid], 5)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 class RealisticSink:
@@ -357,11 +367,12 @@ class RealisticSink:
         self.title = f"bench/sink.py ({temp_pct:g}% 451 once, {perm_pct:g}% 550)"
         self.temp_pct, self.perm_pct = temp_pct, perm_pct
         self.errlog = workdir / "bench-sink.stderr"
-        self.proc = subprocess.Popen(
-            [python, str(BENCH_DIR / "sink.py"), "--temp-pct", str(temp_pct),
-             "--perm-pct", str(perm_pct), "--dsn-domain", "bench.test"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.errlog, "wb"),
-            start_new_session=True)
+        with open(self.errlog, "wb") as errlog:
+            self.proc = subprocess.Popen(
+                [python, str(BENCH_DIR / "sink.py"), "--temp-pct", str(temp_pct),
+                 "--perm-pct", str(perm_pct), "--dsn-domain", "bench.test"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errlog,
+                start_new_session=True)
         self.cond = threading.Condition()
         self.wlock = threading.Lock()
         self.stats: dict = {}
@@ -597,9 +608,11 @@ queue_run_delay = 1s
         (etc / "main.cf").write_text(main_cf)
         self.logfile = self.dir / "postfix.log"
         env = dict(os.environ, MAIL_CONFIG=str(etc))
-        self.proc = subprocess.Popen(
-            [postfix_bin, "-c", str(etc), "start-fg"], stdout=open(self.logfile, "ab"),
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        with open(self.logfile, "ab") as logfile:
+            self.proc = subprocess.Popen(
+                [postfix_bin, "-c", str(etc), "start-fg"], stdout=logfile,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True)
         self.pgids = [self.proc.pid]
         try:
             wait_smtp_banner(self.port, 60, self.proc, "postfix")
@@ -631,10 +644,8 @@ queue_run_delay = 1s
 
     def stop(self) -> None:
         kill_tree("postfix", [self.proc.pid], self.pgids, 30)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 class Relay(System):
@@ -668,10 +679,10 @@ path = "policies"
         self.stderr_log = self.dir / "relay.stderr"
         self.cmd = [*relay_cmd, "serve", "--config", str(self.dir / "relay.toml")]
         log(f"starting relay: {' '.join(self.cmd)} (cwd {self.dir})")
-        self.proc = subprocess.Popen(
-            self.cmd, cwd=self.dir, stdout=open(self.stdout_log, "ab"),
-            stderr=open(self.stderr_log, "ab"), stdin=subprocess.DEVNULL,
-            start_new_session=True)
+        with open(self.stdout_log, "ab") as out, open(self.stderr_log, "ab") as err:
+            self.proc = subprocess.Popen(
+                self.cmd, cwd=self.dir, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                start_new_session=True)
         self.pgids = [self.proc.pid]
         try:
             wait_smtp_banner(self.port, 60, self.proc, "invoice-relay")
@@ -722,15 +733,13 @@ path = "policies"
         notable = [ln for ln in lines if not routine.search(ln)]
         return (f"invoice-relay is {st}\n--- {self.stderr_log}: last 40 lines other than "
                 f"received/delivered events ---\n" + "\n".join(notable[-40:]) +
-                f"\n--- last 5 lines ---\n" + "\n".join(lines[-5:]) +
+                "\n--- last 5 lines ---\n" + "\n".join(lines[-5:]) +
                 f"\n--- {self.stdout_log} (tail) ---\n{tail(self.stdout_log, 20)}")
 
     def stop(self) -> None:
         kill_tree("relay", [self.proc.pid], self.pgids, 30)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 # --------------------------------------------------------------------------------------
@@ -985,7 +994,8 @@ def summarize(rounds: list[dict]) -> list[dict]:
             pairs = [a["e2e_per_s"] / b["e2e_per_s"] for a, b in zip(rel, pfx, strict=False)]
             cell["relay_postfix_e2e_ratio"] = {"median": statistics.median(pairs),
                                                "per_round": pairs}
-            acc = [a["accepted_per_s"] / b["accepted_per_s"] for a, b in zip(rel, pfx, strict=False)]
+            acc = [a["accepted_per_s"] / b["accepted_per_s"]
+                   for a, b in zip(rel, pfx, strict=False)]
             cell["relay_postfix_accepted_ratio"] = {"median": statistics.median(acc),
                                                     "per_round": acc}
         if "direct" in cell:
@@ -1343,7 +1353,8 @@ def main() -> int:
         if "relay" in systems_wanted:
             systems["relay"] = Relay(workdir, routes, relay_cmd)
             started.append(systems["relay"])
-            log(f"invoice-relay on 127.0.0.1:{systems['relay'].port} (pid {systems['relay'].proc.pid})")
+            relay_sys = systems["relay"]
+            log(f"invoice-relay on 127.0.0.1:{relay_sys.port} (pid {relay_sys.proc.pid})")
         all_systems = list(systems.values())
         order = [s for s in ("relay", "postfix") if s in systems]
         cells = [(mode, label, size, s) for mode in sink_modes for label, size in sizes
@@ -1504,15 +1515,9 @@ def main() -> int:
                         log(f"chart published to {PUBLISHED_PNG}")
             except Exception as e:  # a chart problem must not lose the results
                 log(f"chart failed: {type(e).__name__}: {e}")
-    path = out / f"results-{stamp}.json"
-    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    log(f"results written to {path}")
+    log(f"results written to {write_results(out, f'results-{stamp}.json', results)}")
     return status
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"bench: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, "bench")

@@ -12,6 +12,7 @@ the sender.  Stdlib only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import smtplib
@@ -71,10 +72,9 @@ def deliver_forever(spool: Path, routes: dict[str, tuple[str, int]], retry_s: fl
                     dsn = (f"From: MAILER-DAEMON\r\nTo: <{sender.decode()}>\r\n"
                            f"Subject: Undelivered Mail\r\n\r\n<{rcpt.decode()}>: {code} "
                            f"{e}\r\n").encode()
-                    try:
+                    # a stand-in: a lost DSN shows up in the harness's checks
+                    with contextlib.suppress(smtplib.SMTPException, OSError, KeyError):
                         send(routes, "", sender.decode(), dsn)
-                    except (smtplib.SMTPException, OSError, KeyError):
-                        pass  # a stand-in: a lost DSN shows up in the harness's checks
             due.pop(p, None)
             p.unlink()
 

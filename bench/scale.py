@@ -55,8 +55,10 @@ from bench import (
     kill_tree,
     machine_cpu,
     percentile,
+    run_cli,
     tree,
     wait_smtp_banner,
+    write_results,
 )
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -902,17 +904,10 @@ def main() -> int:
     if "host_busy_pct_before" in results:
         results["table"] = header + "\n" + render(results)
         print("\n" + results["table"], end="")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"scale-{stamp}.json"
-    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    path = write_results(Path(args.out), f"scale-{stamp}.json", results)
     log(f"results written to {path}")
     return status
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"scale: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, "scale")

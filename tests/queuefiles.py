@@ -12,11 +12,21 @@ from relay.queue.notices import Committed
 from relay.queue.segments import (
     SINGLE_SUFFIX,
     Location,
+    Record,
     SegmentWriter,
     read_at,
     scan,
     segment_files,
 )
+
+
+def _records(path: Path) -> list[Record]:
+    """The intact records of one segment; none if it was recycled since it was listed (a
+    running relay removes segments whose messages are all final)."""
+    try:
+        return list(scan(path))
+    except FileNotFoundError:
+        return []
 
 
 def stored_ids(root: Path) -> list[str]:
@@ -25,7 +35,7 @@ def stored_ids(root: Path) -> list[str]:
     if not spool.is_dir():
         return []
     return sorted(json.loads(r.envelope)["id"]
-                  for name in segment_files(spool) for r in scan(spool / name))
+                  for name in segment_files(spool) for r in _records(spool / name))
 
 
 def partial_streams(root: Path) -> list[str]:
@@ -33,8 +43,8 @@ def partial_streams(root: Path) -> list[str]:
     spool = root / "spool"
     if not spool.is_dir():
         return []
-    return [name for name in segment_files(spool)
-            if name.endswith(SINGLE_SUFFIX) and not list(scan(spool / name))]
+    return [name for name in segment_files(spool) if name.endswith(SINGLE_SUFFIX)
+            and (spool / name).exists() and not _records(spool / name)]
 
 
 def stored_message(root: Path, queue_id: str) -> bytes:

@@ -166,7 +166,13 @@ class FastAddressParsing:
                     if self.local_part_limit and len(local) > self.local_part_limit:
                         return None, None
                     return inner, text[end + 1:]
-        return super()._getaddr(arg)  # type: ignore[misc]
+        try:
+            return super()._getaddr(arg)  # type: ignore[misc]
+        except Exception:
+            # aiosmtpd catches only HeaderParseError, but email's parser raises more on hostile
+            # input: IndexError on an empty quoted string `"` (bpo-27931), AttributeError on an
+            # unterminated address literal `a@[`. To us they all mean "not an address".
+            return None, None
 
 
 class AiosmtpdSession(CheapIdleTimer, FastAddressParsing, SMTP):

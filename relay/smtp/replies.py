@@ -57,6 +57,7 @@ _DEFAULT = {
     "554": "5.0.0", "555": "5.5.4",
 }
 _REWRITE = {
+    "220 Ready to start TLS": "220 2.0.0 Ready to start TLS",  # aiosmtpd's STARTTLS go-ahead
     "552 Error: message size exceeds fixed maximum message size":
         "552 5.3.4 Message size exceeds fixed limit",
     "552 Error: Too much mail data": "552 5.3.4 Message size exceeds fixed limit",

@@ -43,6 +43,7 @@ SPILL_BYTES = 1 << 20      # larger messages are streamed to their spool file wh
 READ_CHUNK = 1 << 18
 WRITE_BUFFER_HIGH = 64 * 1024
 HEAD_BYTES = 64 * 1024     # enough of the message to find its header block
+LINGER = 1.0               # seconds a closing session keeps reading after its 421
 
 _T = TypeVar("_T")
 _RECEIVED = re.compile(rb"(?im)^received:")
@@ -135,8 +136,27 @@ class RelaySMTP(AiosmtpdSession):
 
     async def _close_with(self, reply: str) -> None:
         await self.push(reply)
-        self.close()
+        await self._linger_close()
         raise _EndSession
+
+    async def _linger_close(self) -> None:
+        """Close after a final reply without losing it. Closing a socket that still has unread
+        input makes the kernel send a reset, and the client's kernel then drops the replies
+        it has not read yet, this 421 among them (a client that pipelines into an error
+        flood never learns why it was cut off). So: shut down our side, read and drop what
+        the client still sends for a moment, then close."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.can_write_eof():  # plain TCP; TLS has no half close
+            transport.write_eof()
+            try:
+                async with asyncio.timeout(LINGER):
+                    while await self._reader.read(READ_CHUNK):
+                        pass
+            except (TimeoutError, ConnectionError, OSError):
+                pass
+        self.close()
 
     # --- the command loop --------------------------------------------------------------------
 
