@@ -6,6 +6,8 @@ the final dot moves on to the next address; RCPT and DATA replies decide per rec
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import ipaddress
 import random
 import ssl
@@ -27,11 +29,13 @@ from relay.delivery.client import (
     Transaction,
 )
 from relay.delivery.nexthop import NextHop
+from relay.policy.content import needs_repair, repair
 from relay.queue.index import DueRecipient
 
 TLS_BROKEN_MEMORY = 3600.0  # after a failed handshake, talk plain text to that host for an hour
 _UNKNOWN_LOST = "connection lost after the final dot: outcome unknown"
 _UNKNOWN_STOPPING = "relay stopped before the reply to the final dot: outcome unknown"
+REPAIR_INLINE_MAX = 256 * 1024  # larger messages are repaired in a thread, off the event loop
 
 
 @dataclass(slots=True)
@@ -142,6 +146,7 @@ class Attempter:
                 ordered.insert(0, conn.hop)
         last: tuple[str, str, NextHop | None] = ("451 4.4.1 No next hop answered", "4.4.1", None)
         lacked_utf8 = False
+        repaired: dict[bool, bytes] = {}  # per 8BITMIME or not: hops of one attempt share it
         try:
             for hop in ordered:
                 if self.draining:
@@ -167,11 +172,14 @@ class Attempter:
                     _close(conn)
                     conn = None
                     continue
+                payload = await self._repaired(job, data, conn.client.supports("8BITMIME"),
+                                               repaired)
                 job.client = conn.client
                 try:
                     tx = await conn.client.send(job.first.sender,
-                                                [r.rcpt for r in job.recipients], data,
-                                                mail_params=self._params(job, conn.client))
+                                                [r.rcpt for r in job.recipients], payload,
+                                                mail_params=self._params(job, conn.client,
+                                                                         payload))
                 except ConnectionLost as exc:
                     if self.draining or isinstance(exc, Abandoned):
                         # Cut off by a graceful stop before the final dot: nothing was
@@ -201,9 +209,27 @@ class Attempter:
                              " this message needs", "5.6.7", None), None
         return self._all(job, "temporary", last[0], last[1], last[2]), None
 
-    def _params(self, job: Job, client: SmtpClient) -> list[str]:
+    async def _repaired(self, job: Job, data: bytes, eight_bit_ok: bool,
+                        cache: dict[bool, bytes]) -> bytes:
+        """The message as this hop may take it (relay/policy/content.py): the same bytes in
+        the common case, else re-encoded parts, charsets and encoded-words."""
+        if eight_bit_ok not in cache:
+            if not needs_repair(data):
+                cache[eight_bit_ok] = data
+            else:
+                domain = job.first.sender.rpartition("@")[2].lower()
+                policy = self.config.sender_for(domain) if domain else None
+                # SenderPolicy.charset arrives with the config part of issue 7
+                fix = functools.partial(repair, data, eight_bit_ok=eight_bit_ok,
+                                        smtputf8=job.first.smtputf8,
+                                        fallback_charset=getattr(policy, "charset", None))
+                cache[eight_bit_ok] = fix() if len(data) <= REPAIR_INLINE_MAX \
+                    else await asyncio.to_thread(fix)
+        return cache[eight_bit_ok]
+
+    def _params(self, job: Job, client: SmtpClient, payload: bytes) -> list[str]:
         params = []
-        if job.first.body == "8BITMIME" and client.supports("8BITMIME"):
+        if client.supports("8BITMIME") and not payload.isascii():
             params.append("BODY=8BITMIME")
         if job.first.smtputf8:
             params.append("SMTPUTF8")
