@@ -293,9 +293,15 @@ def test_display_names_are_encoded_addresses_never() -> None:
     assert b"<billing@sender.test>" in out and b"<ap@example.net>" in out
 
 
-def test_smtputf8_message_keeps_utf8_headers_raw() -> None:
-    data = plain("发票 INV-1".encode(), b"body\r\n")
+def test_smtputf8_message_keeps_utf8_headers_and_body_raw() -> None:
+    data = plain("发票 INV-1".encode(), INVOICE_TEXT.encode())
     assert repair(data, eight_bit_ok=True, smtputf8=True, fallback_charset=None) == data
+
+
+def test_smtputf8_message_to_a_seven_bit_hop_gets_a_charset_with_its_encoding() -> None:
+    msg = parse(fixed(plain(b"x", INVOICE_TEXT.encode()), smtputf8=True))
+    assert msg.get_content_charset() == "utf-8"
+    assert crlf(msg.get_content()) == crlf(INVOICE_TEXT)
 
 
 def test_smtputf8_message_still_gets_non_utf8_headers_encoded() -> None:

@@ -58,26 +58,29 @@ def needs_repair(data: bytes) -> bool:
 def has_long_line(data: bytes, start: int = 0, end: int | None = None) -> bool:
     """Whether a line in data[start:end] is over 998 octets (a CR before the LF not counted).
 
-    C-speed: from the last LF seen, the last LF within the next 999 octets is found with one
-    rfind, so a run of short lines is skipped ~1,000 octets at a time."""
+    C-speed: from the last LF seen, one rfind finds the last LF within the next 1,000 octets,
+    so runs of short lines are skipped ~1,000 octets a step (~200 steps for 200 KiB)."""
     end = len(data) if end is None else end
+    rfind = data.rfind
     lf = start - 1  # a virtual LF before the start
-    while lf + 1 < end:
-        window_end = min(lf + 1 + LIMIT + 1, end)  # an LF here ends a line of <= 998 + CR
-        nxt = data.rfind(b"\n", lf + 1, window_end)
-        if nxt >= 0:
+    while True:
+        # hot loop: an LF within the next 999 octets ends a line of at most 998 (CR included)
+        while lf + LIMIT + 2 <= end:
+            nxt = rfind(b"\n", lf + 1, lf + LIMIT + 2)
+            if nxt < 0:
+                break
             lf = nxt
-            continue
+        if lf + 1 >= end:
+            return False
         nxt = data.find(b"\n", lf + 1, end)
         line_end = end if nxt < 0 else nxt
-        if line_end > lf + 1 and data[line_end - 1] == 13:  # CR of a CRLF
+        if data[line_end - 1] == 13 and line_end > lf + 1:  # the CR of a CRLF
             line_end -= 1
         if line_end - (lf + 1) > LIMIT:
             return True
         if nxt < 0:
             return False
         lf = nxt
-    return False
 
 
 # ----------------------------------------------------------------------------- structure
@@ -329,8 +332,10 @@ class _Repair:
         reencode = has_long_line(self.data, leaf.body_start, leaf.end) or \
             (eight_bit and not self.eight_bit_ok)
         charset = None
+        # RFC 6532: in an SMTPUTF8 message UTF-8 is at home; left alone unless re-encoded
+        utf8_at_home = self.smtputf8 and not reencode and _is_utf8(body)
         if eight_bit and leaf.cte not in ("base64", "quoted-printable") and \
-                self._undeclared(leaf):
+                self._undeclared(leaf) and not utf8_at_home:
             charset = self.charsets.of(body)
             self._set_charset(leaf, charset)
         if reencode and not leaf.ctype.startswith(("multipart/", "message/")):
