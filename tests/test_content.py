@@ -314,3 +314,16 @@ def test_encoded_words_stay_short_and_round_trip() -> None:
     words = encoded_words(text)
     assert all(len(line.strip()) <= 75 for line in words.split(b"\r\n"))
     assert str(parse(b"Subject: " + words + b"\r\n\r\n")["Subject"]) == text
+
+
+@pytest.mark.parametrize("charset", ["utf-8", "gbk"])
+def test_raw_8bit_file_name_becomes_rfc2231(charset: str) -> None:
+    name = "发票-2024年3月.pdf"
+    data = plain(b"x", b"", b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=q\r\n")
+    data += (b"--q\r\nContent-Type: application/pdf; name=\"" + name.encode(charset) + b"\"\r\n"
+             b"Content-Disposition: attachment; filename=\"" + name.encode(charset) + b"\"\r\n"
+             b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(PDF) + b"--q--\r\n")
+    data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    [pdf] = parse(fixed(data)).iter_parts()
+    assert pdf.get_filename() == name
+    assert pdf.get_content() == PDF

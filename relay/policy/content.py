@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -305,7 +306,9 @@ class _Repair:
         if colon < 0:
             return  # not a field (a stray line): leave it
         name, value = raw[:colon], raw[colon + 1:]
-        if eight_bit and f.name not in STRUCTURED_FIELDS:
+        if eight_bit and f.name in ("content-type", "content-disposition"):
+            raw = _encode_params(raw, self.charsets)
+        elif eight_bit and f.name not in STRUCTURED_FIELDS:
             text = _decode_value(value, self.charsets.of(value))
             new = _encode_addresses(text) if f.name in ADDRESS_FIELDS else encoded_words(text)
             raw = name + b": " + new + b"\r\n"
@@ -409,6 +412,24 @@ def _textual(ctype: str) -> bool:
     """Lines of text a person may read (e-invoice XML included): worth quoted-printable."""
     return ctype.startswith("text/") or ctype in ("application/xml", "application/json") \
         or ctype.endswith("+xml")
+
+
+_RAW_PARAM = re.compile(rb'(;\s*)([!#-\'*+.0-9A-Z^-~-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)')
+
+
+def _encode_params(raw: bytes, charsets: _Charsets) -> bytes:
+    """8-bit parameter values (a file name) as RFC 2231 `name*=utf-8''%XX...`."""
+    def encode(match: re.Match[bytes]) -> bytes:
+        value = match.group(3)
+        if value.isascii():
+            return match.group(0)
+        if value.startswith(b'"'):
+            value = re.sub(rb"\\(.)", rb"\1", value[1:-1])
+        text = value.decode(codec_name(charsets.of(value)) or "latin-1", "replace")
+        quoted = urllib.parse.quote(text.encode("utf-8"), safe="")
+        return match.group(1) + match.group(2) + b"*=utf-8''" + quoted.encode("ascii")
+
+    return _RAW_PARAM.sub(encode, raw)
 
 
 def _ascii_count(data: bytes) -> int:
