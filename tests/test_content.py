@@ -327,3 +327,73 @@ def test_raw_8bit_file_name_becomes_rfc2231(charset: str) -> None:
     [pdf] = parse(fixed(data)).iter_parts()
     assert pdf.get_filename() == name
     assert pdf.get_content() == PDF
+
+
+def test_forwarded_message_inside_gets_repaired_too() -> None:
+    inner = plain("发票".encode("gbk"), INVOICE_TEXT.encode("gbk"))
+    data = plain(b"Fwd: invoice", b"", b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed;"
+                 b" boundary=f\r\n")
+    data += (b"--f\r\nContent-Type: text/plain\r\n\r\nforwarded\r\n--f\r\n"
+             b"Content-Type: message/rfc822\r\n\r\n" + inner + b"\r\n--f--\r\n")
+    _, forwarded = parse(fixed(data)).iter_parts()
+    message = forwarded.get_content()
+    assert message["Subject"] == "发票"
+    assert crlf(message.get_content()) == crlf(INVOICE_TEXT)
+
+
+TEXTS = [INVOICE_TEXT, INVOICE_TEXT_TRAD, "Rechnung 2024-0042, Grüße\r\n", "plain ascii\r\n",
+         "x" * 1500 + "\r\n", "发" * 700 + "\r\n", ".leading dot\r\n", "", "a\r\n\r\n--\r\n"]
+CHARSETS = ["utf-8", "gbk", "big5", "gb18030"]
+
+
+@st.composite
+def leaf_parts(draw: st.DrawFn) -> tuple[bytes, str, str]:
+    text = "".join(draw(st.lists(st.sampled_from(TEXTS), min_size=1, max_size=4)))
+    charset = draw(st.sampled_from(CHARSETS))
+    try:
+        raw = text.encode(charset)
+    except UnicodeEncodeError:
+        charset, raw = "utf-8", text.encode()
+    declared = draw(st.booleans())
+    ctype = draw(st.sampled_from(["text/plain", "text/html", "application/xml"]))
+    header = b"Content-Type: " + ctype.encode()
+    header += (b"; charset=" + charset.encode()) if declared else b""
+    cte = draw(st.sampled_from([b"", b"Content-Transfer-Encoding: 8bit\r\n",
+                                b"Content-Transfer-Encoding: 7bit\r\n"]))
+    part = header + b"\r\n" + cte + b"\r\n" + raw
+    # what a reader must get back: the text, when its charset was declared or is findable
+    return part, text, charset if declared or charset == "utf-8" else ""
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(leaf_parts(), min_size=1, max_size=4), st.booleans(),
+       st.sampled_from(["发票通知", "發票", "Invoice", "Rechnung Grüße"]),
+       st.sampled_from(CHARSETS))
+def test_any_mix_of_parts_arrives_readable(parts: list[tuple[bytes, str, str]], eight_bit_ok: bool,
+                                           subject: str, subject_charset: str) -> None:
+    try:
+        raw_subject = subject.encode(subject_charset)
+    except UnicodeEncodeError:
+        raw_subject = subject.encode()
+    body = b"".join(b"--=_b\r\n" + part + b"\r\n" for part, _, _ in parts) + b"--=_b--\r\n"
+    data = plain(raw_subject, body, b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed;"
+                 b" boundary=\"=_b\"\r\n")
+    out = fixed(data, eight_bit_ok=eight_bit_ok, fallback=subject_charset)
+    msg = parse(out)
+    if subject_charset == "utf-8" or raw_subject.isascii():
+        assert msg["Subject"] == subject
+    for got, (_, text, charset) in zip(msg.iter_parts(), parts, strict=True):
+        if charset or text.isascii():
+            content = got.get_content()
+            content = content.decode(charset or "ascii") if isinstance(content, bytes) \
+                else content
+            assert crlf(content) == crlf(text).removesuffix("\n") or \
+                crlf(content) == crlf(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2000), st.booleans(), st.booleans())
+def test_repair_never_raises(data: bytes, eight_bit_ok: bool, smtputf8: bool) -> None:
+    data = data.replace(b"\r", b"").replace(b"\n", b"\r\n")  # as the spool keeps it
+    for message in (data, b"Content-Type: multipart/mixed; boundary=a\r\n\r\n--a\r\n" + data):
+        repair(message, eight_bit_ok=eight_bit_ok, smtputf8=smtputf8, fallback_charset="gbk")

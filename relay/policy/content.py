@@ -147,6 +147,7 @@ def _content_type(text: str) -> tuple[str, dict[str, str]]:
 
 
 def _parse(data: bytes, start: int, end: int, default: str, depth: int) -> _Entity:
+    """The entity in data[start:end] with its parts (offsets only; nothing is copied)."""
     if data.startswith(b"\r\n", start):
         header_end, body_start = start, start + 2
     else:
@@ -161,7 +162,8 @@ def _parse(data: bytes, start: int, end: int, default: str, depth: int) -> _Enti
             ctype, params = default, {}
     cte_field = next((f for f in fields if f.name == "content-transfer-encoding"), None)
     cte = _unfold(_value(data, cte_field)).lower() if cte_field is not None else ""
-    entity = _Entity(start, header_end, body_start, end, fields, ctype, params, cte)
+    entity = _Entity(start, header_end, body_start, end, fields, ctype, params, cte,
+                     top=depth == 0)
     if depth >= MAX_DEPTH or cte in ("base64", "quoted-printable"):
         return entity
     if ctype.startswith("multipart/") and params.get("boundary"):
@@ -169,7 +171,9 @@ def _parse(data: bytes, start: int, end: int, default: str, depth: int) -> _Enti
         entity.children = [_parse(data, s, e, child_default, depth + 1)
                            for s, e in _parts(data, body_start, end, params["boundary"])]
     elif ctype in ("message/rfc822", "message/global"):
-        entity.children = [_parse(data, body_start, end, "text/plain", depth + 1)]
+        inner = _parse(data, body_start, end, "text/plain", depth + 1)
+        inner.top = True  # a message of its own: it gets a MIME-Version when it needs one
+        entity.children = [inner]
     return entity
 
 
@@ -251,7 +255,6 @@ class _Repair:
         self.eight_bit_ok = eight_bit_ok
         self.smtputf8 = smtputf8
         self.root = _parse(data, 0, len(data), "text/plain", 0)
-        self.root.top = True
         self.edits: list[tuple[int, int, bytes]] = []
         self.charsets = _Charsets(self.root, self._undeclared_text(), fallback)
 
