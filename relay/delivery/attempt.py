@@ -29,6 +29,7 @@ from relay.delivery.client import (
     Transaction,
 )
 from relay.delivery.nexthop import NextHop
+from relay.policy import charsets
 from relay.policy.content import needs_repair, repair
 from relay.queue.index import DueRecipient
 
@@ -223,6 +224,8 @@ class Attempter:
                 fix = functools.partial(repair, data, eight_bit_ok=eight_bit_ok,
                                         smtputf8=job.first.smtputf8,
                                         fallback_charset=getattr(policy, "charset", None))
+                if not charsets.ready():
+                    await asyncio.to_thread(charsets.warm)
                 cache[eight_bit_ok] = fix() if len(data) <= REPAIR_INLINE_MAX \
                     else await asyncio.to_thread(fix)
         return cache[eight_bit_ok]

@@ -66,6 +66,15 @@ def _tables() -> dict[str, tuple[frozenset[str], frozenset[str]]]:
     return {GB: (gb_level1, gb_all), BIG5: (big5_level1, big5_all)}
 
 
+def ready() -> bool:
+    """Whether the tables are built (building them takes tens of ms, once per process)."""
+    return _tables.cache_info().currsize > 0
+
+
+def warm() -> None:
+    _tables()
+
+
 def _is_punctuation(ch: str) -> bool:
     # CJK symbols and punctuation, full-width forms, general punctuation
     return "\u3000" <= ch <= "\u303f" or "\uff00" <= ch <= "\uffef" or "\u2010" <= ch <= "\u205e"
