@@ -279,6 +279,14 @@ def test_sender_charset_decides_when_detection_is_unsure() -> None:
     assert parse(fixed(plain(hello, hello), fallback=None)).get_content_charset() == "gb18030"
 
 
+def test_latin1_without_any_charset_is_not_taken_for_chinese() -> None:
+    text = "Rechnung Nr. 42: Grüße aus München, zahlbar binnen 14 Tagen.\r\n"
+    msg = parse(fixed(plain("Grüße".encode("latin-1"), text.encode("latin-1"))))
+    assert msg.get_content_charset() == "windows-1252"
+    assert msg["Subject"] == "Grüße"
+    assert crlf(msg.get_content()) == crlf(text)
+
+
 def test_display_names_are_encoded_addresses_never() -> None:
     data = (b"From: " + "财务部".encode("gbk") + b" <billing@sender.test>\r\n"
             b"To: \"" + "应付账款".encode("gbk") + b"\" <ap@example.net>, plain@example.net\r\n"

@@ -22,12 +22,14 @@ _FAMILY = {"gb18030": GB, "gbk": GB, "gb2312": GB, "euc_cn": GB, "hz": GB,
            "big5": BIG5, "cp950": BIG5, "big5hkscs": BIG5}
 SURE = 0.75     # the best candidate scores at least this ...
 MARGIN = 0.15   # ... and this much above the runner-up
+PLAUSIBLE = 0.5  # below this even the best candidate is likely wrong (Latin-1 read as GBK)
 
 
 @dataclass(frozen=True, slots=True)
 class Guess:
     charset: str | None   # None: no candidate decodes the text
     sure: bool
+    score: float = 0.0    # share of plausible characters with that charset (0..1)
 
 
 def codec_name(charset: str) -> str | None:
@@ -120,4 +122,4 @@ def detect(pieces: Sequence[bytes], extra: str | None = None) -> Guess:
     scores.sort(key=lambda s: -s[0])  # stable: GB18030 wins a tie, then Big5
     best, charset = scores[0]
     runner_up = scores[1][0] if len(scores) > 1 else 0.0
-    return Guess(charset, best >= SURE and best - runner_up >= MARGIN)
+    return Guess(charset, best >= SURE and best - runner_up >= MARGIN, best)

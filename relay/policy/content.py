@@ -21,10 +21,11 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from relay.policy.charsets import codec_name, detect
+from relay.policy.charsets import PLAUSIBLE, codec_name, detect
 
 LIMIT = 998  # octets in a line, without its CRLF (RFC 5322 2.1.1)
 MAX_DEPTH = 30  # nested multiparts deeper than this are left alone
+LAST_RESORT = "windows-1252"
 QP_MAX_8BIT = 1 / 6  # up to this share of 8-bit octets, quoted-printable is the smaller form
 
 ADDRESS_FIELDS = frozenset({
@@ -219,7 +220,7 @@ class _Charsets:
     """The charset of undeclared 8-bit text, in the contract's fixed order: a declared charset
     is trusted; valid UTF-8 is UTF-8; else the charset another part declares; else detection
     over all such text of the message (GB18030, Big5, the sender's charset), when sure; else
-    the sender's charset; else detection's best guess."""
+    the sender's charset; else detection's best guess when plausible; else windows-1252."""
 
     def __init__(self, root: _Entity, unknown: list[bytes], fallback: str | None) -> None:
         declared = [e.params["charset"].lower() for e in _entities(root)
@@ -243,8 +244,14 @@ class _Charsets:
                 guess = detect(self.unknown, self.fallback)
                 if guess.sure and guess.charset:
                     self._decided = guess.charset
+                elif self.fallback:
+                    self._decided = self.fallback
+                elif guess.charset and guess.score >= PLAUSIBLE:
+                    self._decided = guess.charset
                 else:
-                    self._decided = self.fallback or guess.charset or "unknown-8bit"
+                    # Not Chinese after all (European text without a charset, most often):
+                    # the legacy default of Western mail clients, which decodes any octet
+                    self._decided = LAST_RESORT
         return self._decided
 
 
