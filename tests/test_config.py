@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from relay import config as config_module
@@ -49,6 +49,15 @@ def run_relay(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != config_module.ENV_CONFIG}
     return subprocess.run([sys.executable, "-m", "relay", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=30, check=False)
+
+
+def write_dkim_key(path: Path) -> Path:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    return path
 
 
 def make_cert(folder: Path) -> tuple[Path, Path]:
@@ -173,6 +182,7 @@ users_file = "users"
 max_message_size = "10MiB"
 max_connections = 200
 max_connections_per_client = 5
+max_messages_per_client = "600/min"
 
 [queue]
 path = "spool"
@@ -189,9 +199,11 @@ nameservers = ["127.0.0.1:5353", "192.0.2.53"]
 [delivery]
 port = 2525
 source_addresses = [ { address = "192.0.2.10", hostname = "out1.example.com", weight = 3 },
-                     { address = "2001:db8::10" } ]
+                     { address = "2001:db8::10", warmup = { start = 2026-12-01, per_day = [50] } } ]
 fallback_relays = ["smarthost.example.net:587", "[2001:db8::25]"]
 connect_timeout = "10s"
+tls_ca_file = "tls/relay.pem"
+spf = "enforce"
 
 [http]
 listen = "127.0.0.1:9025"
@@ -227,6 +239,7 @@ burst = 20
 domain = "invoices.example.com"
 dkim = [ { selector = "s2026", key = "keys/s2026.pem" } ]
 priority = "high"
+charset = "GB18030"
 webhook = { url = "http://127.0.0.1:9000/mail-events", secret_file = "secrets/webhook.key" }
 
 [[recipient]]
@@ -238,6 +251,7 @@ encryption = "required"
 
 def test_full_config_every_key(tmp_path: Path) -> None:
     make_cert(write(tmp_path / "tls" / ".keep", "").parent)
+    write_dkim_key(tmp_path / "keys" / "s2026.pem")
     write(tmp_path / "users", f"erp:{hash_password('pw', ln=4)}\n")
     write(tmp_path / "pol" / "main.toml", FULL_POLICY)
     config = load_config(write(tmp_path / "relay.toml", FULL))
@@ -254,6 +268,7 @@ def test_full_config_every_key(tmp_path: Path) -> None:
     assert s.users_file == tmp_path / "users"
     assert (s.max_message_size, s.max_connections, s.max_connections_per_client) == (
         10 << 20, 200, 5)
+    assert s.max_messages_per_client == Rate(600, 60.0)
     q = config.queue
     assert q.path == tmp_path / "spool" and q.retry_schedule == (90.0, 7200.0)
     assert [q.retry_delay(n) for n in (1, 2, 3)] == [90.0, 7200.0, 7200.0]
@@ -267,6 +282,10 @@ def test_full_config_every_key(tmp_path: Path) -> None:
         "192.0.2.10", "out1.example.com", 3)
     assert (str(second.address), second.hostname, second.weight) == (
         "2001:db8::10", "relay.example.com", 1)
+    assert first.warmup is None and second.warmup is not None
+    assert second.warmup.start == datetime.date(2026, 12, 1)
+    assert second.warmup.per_day == (50,)
+    assert d.tls_ca_file == tmp_path / "tls/relay.pem" and d.spf == "enforce"
     assert d.fallback_relays == (HostPort("smarthost.example.net", 587),
                                  HostPort("2001:db8::25", 25))
     assert config.http.listen == HostPort("127.0.0.1", 9025) and config.http.token == "s3cret"
@@ -283,7 +302,8 @@ def test_full_config_every_key(tmp_path: Path) -> None:
     assert (org.rate, org.burst, org.tls) == (Rate(5, 1.0), 20, "opportunistic")
     (sender,) = config.senders
     assert sender.priority == "high"
-    assert sender.dkim[0].selector == "s2026"
+    assert sender.dkim[0].selector == "s2026" and sender.dkim[0].algorithm == "rsa"
+    assert sender.charset == "gb18030"
     # Policy paths are relative to the main config's folder, not the policy file's.
     assert sender.dkim[0].key == tmp_path / "keys/s2026.pem"
     assert sender.webhook is not None
@@ -482,15 +502,22 @@ def test_tls_and_auth_cross_checks(tmp_path: Path) -> None:
 
 
 def test_referenced_files_checked_only_for_check_config(tmp_path: Path) -> None:
-    policy = write(tmp_path / "policies" / "s.toml", "[[sender]]\ndomain = 'a.example'\n"
-                   "dkim = [{ selector = 's1', key = 'keys/a.pem' }]\n"
+    policy = write(tmp_path / "policies" / "s.toml",
                    "[[recipient]]\nmatch = 'a.example'\nsmime_certificate = 'certs/a.pem'\n")
     path = write(tmp_path / "relay.toml", "")
-    assert len(load_config(path).senders) == 1  # serve does not need them yet
+    assert len(load_config(path).recipients) == 1  # serve does not read it yet
     assert problems(path, check_files=True) == [
-        f"{policy}: sender[0].dkim[0].key: file not found: {tmp_path}/keys/a.pem",
         f"{policy}: recipient[0].smime_certificate: file not found: {tmp_path}/certs/a.pem",
     ]
+
+
+def test_dkim_keys_are_checked_on_every_load(tmp_path: Path) -> None:
+    # Signing is real: serve (and every other load) must see a missing key, not sign nothing.
+    policy = write(tmp_path / "policies" / "s.toml", "[[sender]]\ndomain = 'a.example'\n"
+                   "dkim = [{ selector = 's1', key = 'keys/a.pem' }]\n")
+    path = write(tmp_path / "relay.toml", "")
+    assert problems(path) == [
+        f"{policy}: sender[0].dkim[0].key: file not found: {tmp_path}/keys/a.pem"]
 
 
 # ---------------------------------------------------------------------------- command line
@@ -533,6 +560,7 @@ def test_check_config_unreadable_utf8(tmp_path: Path) -> None:
 def test_shipped_examples_pass_check_config() -> None:
     result = run_relay("--config", "relay.toml.example", "check-config", cwd=REPO)
     assert result.returncode == 0, result.stdout
+    assert result.stderr == ""  # the examples promise only what runs: no "not enforced yet"
     policy_files = len(list((REPO / "policies").glob("*.toml")))
     assert policy_files >= 1
     config = load_config(REPO / "relay.toml.example")
