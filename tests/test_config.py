@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from relay import config as config_module
@@ -573,3 +573,90 @@ def test_load_or_exit_uses_ex_config(tmp_path: Path, capsys: pytest.CaptureFixtu
         config_module.load_or_exit(str(bad))
     assert caught.value.code == 78
     assert capsys.readouterr().err == f"{bad}: server.lisen: unknown key\n"
+
+
+# ---------------------------------------------------------------------------- [[sender]] dkim
+
+
+def _pem(key: object) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM,  # type: ignore[attr-defined]
+                             serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def test_dkim_key_problems(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    good = write_dkim_key(keys / "good.pem")
+    (keys / "folder.pem").mkdir()  # exists, cannot be read as a file
+    write(keys / "text.pem", "not a key\n")
+    public = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    (keys / "public.pem").write_bytes(public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    (keys / "locked.pem").write_bytes(
+        rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase")))
+    (keys / "ec.pem").write_bytes(_pem(ec.generate_private_key(ec.SECP256R1())))
+    (keys / "small.pem").write_bytes(subprocess.run(
+        ["openssl", "genrsa", "768"], capture_output=True, check=True).stdout)
+    (keys / "ed.pem").write_bytes(_pem(ed25519.Ed25519PrivateKey.generate()))
+    entries = ", ".join(f'{{ selector = "s{n}", key = "keys/{name}" }}' for n, name in
+                        enumerate(["good.pem", "folder.pem", "text.pem", "public.pem",
+                                   "locked.pem", "ec.pem", "small.pem", "ed.pem", "none.pem"]))
+    policy = write(tmp_path / "policies" / "s.toml",
+                   f'[[sender]]\ndomain = "a.example"\ndkim = [{entries}]\n'
+                   '[[sender]]\ndomain = "b.example"\ndkim = [{ selector = "s1", key = '
+                   '"keys/good.pem" }, { selector = "S1", key = "keys/ed.pem" }]\n'
+                   '[[sender]]\ndomain = "*"\ndkim = [{ selector = "s1", key = '
+                   '"keys/good.pem" }]\n'
+                   '[[sender]]\ndomain = "c.example"\ncharset = "klingon"\n'
+                   '[[sender]]\ndomain = "d.example"\ncharset = "base64"\n')
+    found = problems(write(tmp_path / "relay.toml", ""))
+    k = f"{policy}: sender[0].dkim"
+    assert found == [
+        f"{k}[1].key: {keys}/folder.pem: cannot read: Is a directory",
+        f"{k}[2].key: {keys}/text.pem: not a PEM file (make one with `invoice-relay dkim "
+        "keygen`)",
+        f"{k}[3].key: {keys}/public.pem: not a private key (a public key or certificate?)",
+        f"{k}[4].key: {keys}/locked.pem: the key is encrypted with a passphrase; the relay "
+        "needs it unencrypted, readable only by its own user",
+        f"{k}[5].key: {keys}/ec.pem: not an RSA or Ed25519 key; DKIM signs with those two only",
+        f"{k}[6].key: {keys}/small.pem: an RSA key of 768 bits; DKIM verifiers reject keys "
+        "under 1024 bits (use 2048)",
+        f"{k}[8].key: file not found: {keys}/none.pem",
+        f'{policy}: sender[1].dkim[1].selector: "s1" is already used at sender[1].dkim[0]',
+        f'{policy}: sender[2].dkim: not allowed under domain = "*": a signature needs a '
+        "domain of its own (d=)",
+        f'{policy}: sender[3].charset: "klingon" is not a charset Python knows, such as '
+        '"gb18030", "big5" or "iso-8859-1"',
+        f'{policy}: sender[4].charset: "base64" is not a charset Python knows, such as '
+        '"gb18030", "big5" or "iso-8859-1"',
+    ]
+    assert good.is_file()
+    # No key material in the config object or in any message: only paths.
+    assert all("BEGIN" not in line for line in found)
+
+
+def test_dkim_keys_and_charset_parsed(tmp_path: Path) -> None:
+    write_dkim_key(tmp_path / "keys" / "rsa.pem")
+    (tmp_path / "keys" / "ed.pem").write_bytes(_pem(ed25519.Ed25519PrivateKey.generate()))
+    write(tmp_path / "policies" / "s.toml",
+          '[[sender]]\ndomain = "*.example.com"\ncharset = "GBK"\n'
+          'dkim = [{ selector = "r2026", key = "keys/rsa.pem" }, '
+          '{ selector = "e2026", key = "keys/ed.pem" }]\n')
+    (sender,) = load_config(write(tmp_path / "relay.toml", "")).senders
+    assert [(k.selector, k.algorithm) for k in sender.dkim] == [("r2026", "rsa"),
+                                                                ("e2026", "ed25519")]
+    assert sender.dkim[0].key == tmp_path / "keys" / "rsa.pem"
+    assert sender.charset == "gbk"
+
+
+def test_serve_refuses_a_bad_dkim_key(tmp_path: Path) -> None:
+    write(tmp_path / "keys" / "k.pem", "-----BEGIN PRIVATE KEY-----\ngarbage\n")
+    policy = write(tmp_path / "policies" / "s.toml", '[[sender]]\ndomain = "a.example"\n'
+                   'dkim = [{ selector = "s1", key = "keys/k.pem" }]\n')
+    path = write(tmp_path / "relay.toml", '[server]\nlisten = ["127.0.0.1:1"]\n')
+    line = f"{policy}: sender[0].dkim[0].key: {tmp_path}/keys/k.pem: not a valid PEM private key"
+    result = run_relay("serve", "--config", str(path), cwd=tmp_path)
+    assert (result.returncode, result.stderr) == (78, line + "\n")
+    result = run_relay("check-config", "--config", str(path), cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (1, line + "\n")
