@@ -154,3 +154,15 @@ def test_serve_logs_each_warning_once_and_runs(tmp_path: Path) -> None:
         f"{config}: http.listen: not enforced yet",
         f"{config}: server.max_connections_per_client: not enforced yet",
     ]
+
+
+def test_packaged_config_sets_nothing_unenforced(tmp_path: Path) -> None:
+    # /etc/invoice-relay/relay.toml as shipped, its absolute paths moved into tmp_path.
+    text = (Path(__file__).resolve().parent.parent / "systemd" / "relay.toml").read_text()
+    text = text.replace("/var/lib/invoice-relay", str(tmp_path / "var"))
+    text = text.replace("/etc/invoice-relay/policies", str(tmp_path / "policies"))
+    (tmp_path / "policies").mkdir()
+    path = tmp_path / "relay.toml"
+    path.write_text(text)
+    config = load_config(path, check_files=True, strict=True)
+    assert (config.unenforced, config.warnings) == ((), ())
