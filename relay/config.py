@@ -1229,6 +1229,8 @@ def load_config(path: Path | None, *, check_files: bool = False,
         report.add("", f"unexpected error: {type(exc).__name__}: {exc}")
         raise ConfigError(lines, report.warnings) from exc
     for item in config.unenforced:
+        if any(line.startswith(f"{item.file}: {item.key}") for line in lines):
+            continue  # the value (or one inside it) is wrong anyway: its own line says so
         if not item.security:
             report.warnings.append(item.line)
         elif strict:

@@ -166,3 +166,14 @@ def test_packaged_config_sets_nothing_unenforced(tmp_path: Path) -> None:
     path.write_text(text)
     config = load_config(path, check_files=True, strict=True)
     assert (config.unenforced, config.warnings) == ((), ())
+
+
+def test_a_wrong_value_gets_one_line_not_two(tmp_path: Path) -> None:
+    path, policy = write_config(tmp_path, "", '[[destination]]\ndomain = "example.net"\n'
+                                             'tls = "dane"\nrate = "1/min"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, strict=True)
+    assert caught.value.problems == [
+        f'{policy}: destination[0].tls: "dane" is not one of opportunistic | required | '
+        "verify | mta-sts"]
+    assert caught.value.warnings == [f"{policy}: destination[0].rate: not enforced yet"]
