@@ -660,3 +660,18 @@ def test_serve_refuses_a_bad_dkim_key(tmp_path: Path) -> None:
     assert (result.returncode, result.stderr) == (78, line + "\n")
     result = run_relay("check-config", "--config", str(path), cwd=tmp_path)
     assert (result.returncode, result.stdout) == (1, line + "\n")
+
+
+def test_damaged_rsa_key_is_refused(tmp_path: Path) -> None:
+    # Well-formed PEM whose numbers do not belong together: it would sign, and nothing would
+    # ever verify. The check must catch it at load, not at the receiver.
+    n = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_numbers()
+    damaged = rsa.RSAPrivateNumbers(n.p, n.q, n.d + 2, n.dmp1 + 2, n.dmq1, n.iqmp,
+                                    n.public_numbers)
+    key = damaged.private_key(unsafe_skip_rsa_key_validation=True)
+    write(tmp_path / "keys" / "k.pem", _pem(key).decode())
+    policy = write(tmp_path / "policies" / "s.toml", '[[sender]]\ndomain = "a.example"\n'
+                   'dkim = [{ selector = "s1", key = "keys/k.pem" }]\n')
+    assert problems(write(tmp_path / "relay.toml", "")) == [
+        f"{policy}: sender[0].dkim[0].key: {tmp_path}/keys/k.pem: the RSA key is damaged: its "
+        "signatures do not verify"]
