@@ -22,6 +22,7 @@ import os
 import re
 import socket
 import ssl
+import stat
 import sys
 import tomllib
 from collections.abc import Callable, Iterable
@@ -1097,6 +1098,9 @@ def _dkim_key(t: _Table, ctx: _PolicyContext) -> DkimKey | None:
     except ValueError as exc:
         t.report.add(t.key("key"), str(exc))
         return None
+    if key.stat().st_mode & stat.S_IROTH:
+        t.report.warn(t.key("key"), f"{key} is readable by every user: chmod 0600, or 0640 "
+                                    "with the service's group")
     return DkimKey(selector, key, algorithm) if selector is not None else None
 
 

@@ -675,3 +675,16 @@ def test_damaged_rsa_key_is_refused(tmp_path: Path) -> None:
     assert problems(write(tmp_path / "relay.toml", "")) == [
         f"{policy}: sender[0].dkim[0].key: {tmp_path}/keys/k.pem: the RSA key is damaged: its "
         "signatures do not verify"]
+
+
+def test_world_readable_dkim_key_is_a_warning(tmp_path: Path) -> None:
+    key = write_dkim_key(tmp_path / "keys" / "k.pem")
+    policy = write(tmp_path / "policies" / "s.toml", '[[sender]]\ndomain = "a.example"\n'
+                   'dkim = [{ selector = "s1", key = "keys/k.pem" }]\n')
+    path = write(tmp_path / "relay.toml", "")
+    key.chmod(0o644)
+    assert load_config(path).warnings == (
+        f"{policy}: sender[0].dkim[0].key: {key} is readable by every user: chmod 0600, or "
+        "0640 with the service's group",)
+    key.chmod(0o640)
+    assert load_config(path).warnings == ()
