@@ -908,6 +908,7 @@ class _PolicyContext:
     check_files: bool
     seen: dict[tuple[str, str], str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    users: frozenset[str] | None = None  # users_file names, for check-config; None: no file
 
     def claim(self, t: _Table, kind: str, name: str, value: str | None) -> bool:
         """Record `value` for `kind`; report and return False when it is taken."""
@@ -992,7 +993,7 @@ def _sender(t: _Table, ctx: _PolicyContext) -> SenderPolicy | None:
         dkim=tuple(k for k in keys if k is not None),
         priority=t.value("priority", _choice(PRIORITIES), "normal"),
         webhook=webhook,
-        clients=_sender_clients(t),
+        clients=_sender_clients(t, ctx),
     )
     t.finish()
     if "dkim" in t.data and policy.clients is None:
@@ -1017,15 +1018,46 @@ def _client_entry(value: object) -> str | IPNetwork:
                          "10.1.2.0/24 or ::1/128") from None
 
 
-def _sender_clients(t: _Table) -> SenderClients | None:
+def _sender_clients(t: _Table, ctx: _PolicyContext) -> SenderClients | None:
     entries = t.items("clients", _client_entry)
     if "clients" not in t.data:
         return None
     if t.data["clients"] == []:
         t.report.add(t.key("clients"), "empty: list user:NAME entries or networks, or leave "
                                        "the key out to let any client send as this domain")
+    if ctx.check_files:
+        _warn_unknown_users(t, ctx)
     return SenderClients(users=frozenset(e for e in entries if isinstance(e, str)),
                          networks=tuple(e for e in entries if not isinstance(e, str)))
+
+
+def _warn_unknown_users(t: _Table, ctx: _PolicyContext) -> None:
+    """A `user:NAME` nobody can log in as is harmless (it lets no one in) but surely a typo."""
+    raw = t.data["clients"]
+    for index, item in enumerate(raw if isinstance(raw, list) else []):
+        try:
+            entry = _client_entry(item)
+        except ValueError:
+            continue  # reported as an error already
+        if not isinstance(entry, str):
+            continue
+        key = f"{t.key('clients')}[{index}]"
+        if ctx.users is None:
+            ctx.warnings.append(f"{t.report.file}: {key}: no server.users_file: nobody can "
+                                f"log in as {_q(entry)}")
+        elif entry not in ctx.users:
+            ctx.warnings.append(f"{t.report.file}: {key}: {_q(entry)} is not a user of "
+                                "server.users_file")
+
+
+def _user_names(server: ServerConfig) -> frozenset[str] | None:
+    """The user names of users_file (its problems are reported with the server section)."""
+    if server.users_file is None:
+        return None
+    try:
+        return frozenset(load_users(server.users_file))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return frozenset()
 
 
 def _recipient(t: _Table, ctx: _PolicyContext) -> RecipientPolicy | None:
@@ -1138,6 +1170,8 @@ def _build(data: dict[str, Any], path: Path | None, base: Path, report: _Report,
     root.finish()
     ctx = _PolicyContext(base, frozenset(s.address for s in delivery.source_addresses),
                          check_files)
+    if check_files:
+        ctx.users = _user_names(server)
     found = _read_policies(policies.path, ctx, report.lines)
     return Config(
         source=path.resolve() if path is not None else None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import smtplib
+import socket
 import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from queuefiles import partial_streams, stored_ids
 from rawsmtp import QUEUED, Raw
-from relayproc import RelayProcess
+from relayproc import RelayProcess, free_port
 from sink import Sink
 from test_config import problems, run_relay, write
 
@@ -136,17 +137,33 @@ def ed25519_pem(path: Path) -> Path:
 
 def test_check_config_warns_on_dkim_without_clients(tmp_path: Path) -> None:
     ed25519_pem(tmp_path / "keys" / "k.pem")
+    certs = make_certs(tmp_path / "pki")
+    write(tmp_path / "users", f"billing:{hash_password(PASSWORD, ln=4)}\n")
     dkim = 'dkim = [{ selector = "s1", key = "keys/k.pem" }]\n'
     policy = write(tmp_path / "policies" / "p.toml",
                    f'[[sender]]\ndomain = "signed.example"\n{dkim}'
-                   f'[[sender]]\ndomain = "guarded.example"\n{dkim}clients = ["user:billing"]\n'
+                   f'[[sender]]\ndomain = "guarded.example"\n{dkim}'
+                   'clients = ["user:billing", "10.0.0.0/8", "user:bilIing"]\n'
                    '[[sender]]\ndomain = "plain.example"\n')
-    path = write(tmp_path / "relay.toml", "")
+    path = write(tmp_path / "relay.toml", f'[server]\ntls_cert = "{certs.cert}"\n'
+                                          f'tls_key = "{certs.key}"\nusers_file = "users"\n')
     result = run_relay("--config", str(path), "check-config", cwd=tmp_path)
     assert result.returncode == 0, result.stdout
-    assert result.stderr == (f"{policy}: sender[0]: dkim without clients: any client may send "
-                             "(and get signed) as this domain\n")
+    assert result.stderr.splitlines() == [
+        f"{policy}: sender[0]: dkim without clients: any client may send (and get signed) as "
+        "this domain",
+        f'{policy}: sender[1].clients[2]: "bilIing" is not a user of server.users_file',
+    ]
     assert result.stdout.startswith(f"OK: {path}:")
+    # without a users_file nobody can log in as a listed user
+    write(tmp_path / "relay.toml", "")
+    result = run_relay("--config", str(path), "check-config", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout
+    assert f'{policy}: sender[1].clients[0]: no server.users_file: nobody can log in as ' \
+        '"billing"' in result.stderr.splitlines()
+    assert load_config(path).warnings == (  # serve reads no users_file: only the dkim warning
+        f"{policy}: sender[0]: dkim without clients: any client may send (and get signed) as "
+        "this domain",)
     bad = write(tmp_path / "policies" / "p.toml",
                 '[[sender]]\ndomain = "a.example"\nclients = ["nobody"]\n')
     result = run_relay("--config", str(path), "check-config", cwd=tmp_path)
@@ -321,6 +338,26 @@ def test_from_header_forgery_gets_550_and_nothing_is_queued(
     assert all(e["id"] and e["client"] == "127.0.0.3" for e in events)
     assert events[0]["domain"] == PROTECTED
     assert len(relay.events("received")) == 2
+
+
+def test_ipv6_client_network(relay_factory: RelayFactory, sink: Sink) -> None:
+    port = free_port()
+    with socket.socket(socket.AF_INET6) as probe:
+        probe.bind(("::1", 0))
+        port6 = probe.getsockname()[1]
+    relay = relay_factory(
+        routes={"example.net": [sink.address]}, port=port,
+        policies=f'[[sender]]\ndomain = "{PROTECTED}"\nclients = ["::1/128"]\n',
+        server={"listen": [f"127.0.0.1:{port}", f"[::1]:{port6}"],
+                "trusted_networks": ["::1/128", "127.0.0.3/32"]}).start()
+    with Raw(port6, host="::1") as raw:
+        raw.ehlo()
+        assert QUEUED.match(transaction(raw, f"ar@{PROTECTED}", message(f"ar@{PROTECTED}")))
+    with Raw(port, source="127.0.0.3") as raw:
+        raw.ehlo()
+        assert transaction(raw, f"ar@{PROTECTED}", b"") == refused_553(f"ar@{PROTECTED}")
+    sink.wait_for(1)
+    assert [e["client"] for e in relay.events("sender_refused")] == ["127.0.0.3"]
 
 
 def test_no_clients_anywhere_changes_nothing(relay_factory: RelayFactory, sink: Sink) -> None:
