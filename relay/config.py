@@ -540,12 +540,28 @@ class Webhook:
 
 
 @dataclass(frozen=True)
+class SenderClients:
+    """`[[sender]] clients`: the AUTH users and client networks that may send as a domain."""
+
+    users: frozenset[str] = frozenset()
+    networks: tuple[IPNetwork, ...] = ()
+
+    def allows(self, user: str | None, address: str | IPAddress) -> bool:
+        """True for a listed AUTH user, or a client inside a listed network (an IPv4-mapped
+        IPv6 address counts as IPv4)."""
+        if user is not None and user in self.users:
+            return True
+        return in_networks(str(address), self.networks)
+
+
+@dataclass(frozen=True)
 class SenderPolicy:
     domain: str
     dkim: tuple[DkimKey, ...] = ()
     priority: str = "normal"
     webhook: Webhook | None = None
     charset: str | None = None  # Python codec name for undeclared 8-bit text, when unsure
+    clients: SenderClients | None = None  # None: any client may send as this domain
 
 
 @dataclass(frozen=True)
@@ -633,6 +649,11 @@ class Config:
     def sender_for(self, domain: str) -> SenderPolicy | None:
         """The policy for an envelope-sender domain, matched like destinations."""
         return self._sender_index.lookup(domain)
+
+    @property
+    def sender_clients_in_force(self) -> bool:
+        """True when some `[[sender]]` restricts its clients (else intake skips the checks)."""
+        return any(s.clients is not None for s in self.senders)
 
     def recipient_for(self, address: str) -> RecipientPolicy | None:
         """The policy for a recipient: the exact address first, then by its domain."""
@@ -975,6 +996,8 @@ class _PolicyContext:
     source_addresses: frozenset[IPAddress]
     check_files: bool
     seen: dict[tuple[str, str], str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    users: frozenset[str] | None = None  # users_file names, for check-config; None: no file
 
     def claim(self, t: _Table, kind: str, name: str, value: str | None) -> bool:
         """Record `value` for `kind`; report and return False when it is taken."""
@@ -1146,9 +1169,71 @@ def _sender(t: _Table, ctx: _PolicyContext) -> SenderPolicy | None:
         priority=t.value("priority", _choice(PRIORITIES), "normal"),
         webhook=webhook,
         charset=t.value("charset", parse_charset, None),
+        clients=_sender_clients(t, ctx),
     )
     t.finish()
+    if "dkim" in t.data and policy.clients is None:
+        ctx.warnings.append(f"{t.report.file}: {t.path}: dkim without clients: any client may "
+                            "send (and get signed) as this domain")
     return policy if ctx.claim(t, "sender", "domain", domain) else None
+
+
+def _client_entry(value: object) -> str | IPNetwork:
+    """One `clients` entry: `user:NAME` (the AUTH user name) or a network."""
+    text = _string(value).strip()
+    if text.startswith("user:"):
+        name = text[len("user:"):].strip()
+        if not name or ":" in name or any(ch.isspace() for ch in name):
+            raise ValueError(f"{_q(text)}: write user:NAME with the name from users_file")
+        return name
+    try:
+        # strict=False: "10.1.2.3/24" means the /24 it lies in, as for trusted_networks.
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"{_q(text)} is neither user:NAME nor a network such as "
+                         "10.1.2.0/24 or ::1/128") from None
+
+
+def _sender_clients(t: _Table, ctx: _PolicyContext) -> SenderClients | None:
+    entries = t.items("clients", _client_entry)
+    if "clients" not in t.data:
+        return None
+    if t.data["clients"] == []:
+        t.report.add(t.key("clients"), "empty: list user:NAME entries or networks, or leave "
+                                       "the key out to let any client send as this domain")
+    if ctx.check_files:
+        _warn_unknown_users(t, ctx)
+    return SenderClients(users=frozenset(e for e in entries if isinstance(e, str)),
+                         networks=tuple(e for e in entries if not isinstance(e, str)))
+
+
+def _warn_unknown_users(t: _Table, ctx: _PolicyContext) -> None:
+    """A `user:NAME` nobody can log in as is harmless (it lets no one in) but surely a typo."""
+    raw = t.data["clients"]
+    for index, item in enumerate(raw if isinstance(raw, list) else []):
+        try:
+            entry = _client_entry(item)
+        except ValueError:
+            continue  # reported as an error already
+        if not isinstance(entry, str):
+            continue
+        key = f"{t.key('clients')}[{index}]"
+        if ctx.users is None:
+            ctx.warnings.append(f"{t.report.file}: {key}: no server.users_file: nobody can "
+                                f"log in as {_q(entry)}")
+        elif entry not in ctx.users:
+            ctx.warnings.append(f"{t.report.file}: {key}: {_q(entry)} is not a user of "
+                                "server.users_file")
+
+
+def _user_names(server: ServerConfig) -> frozenset[str] | None:
+    """The user names of users_file (its problems are reported with the server section)."""
+    if server.users_file is None:
+        return None
+    try:
+        return frozenset(load_users(server.users_file))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return frozenset()
 
 
 def _recipient(t: _Table, ctx: _PolicyContext) -> RecipientPolicy | None:
@@ -1272,8 +1357,11 @@ def _build(data: dict[str, Any], path: Path | None, base: Path, report: _Report,
     dns, http, cluster, log = _simple_sections(root)
     policies = _policies_section(root, base, path is not None)
     root.finish()
+    # Policy warnings go to the same list as the rest (check-config prints, serve logs them).
     ctx = _PolicyContext(base, frozenset(s.address for s in delivery.source_addresses),
-                         check_files)
+                         check_files, warnings=report.warnings)
+    if check_files:
+        ctx.users = _user_names(server)
     found = _read_policies(policies.path, ctx, report)
     unenforced = find_unenforced(report.file, data) + found.unenforced
     return Config(

@@ -232,6 +232,7 @@ async def _intake_main(config: Config, slot: int, notice_fd: int,
     processes: if one dies unexpectedly, the relay stops so that the service manager restarts
     it and startup recovery runs."""
     from relay.smtp.auth import Users, load_users
+    from relay.smtp.senderauth import SenderAuth
     from relay.smtp.server import Intake, IntakeContext
 
     stop = asyncio.Event()
@@ -253,7 +254,7 @@ async def _intake_main(config: Config, slot: int, notice_fd: int,
                         error_soft_limit=server.error_soft_limit,
                         error_hard_limit=server.error_hard_limit,
                         error_delay=server.error_delay, idle_timeout=server.idle_timeout,
-                        auth_limiter=auth_limiter)
+                        auth_limiter=auth_limiter, sender_auth=SenderAuth.from_config(config))
     committer.may_allocate = ctx.space.ok if ctx.space is not None else None
     intake = Intake(ctx, config.server.listen, config.server.listen_tls)
     await intake.start(listeners)

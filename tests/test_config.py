@@ -57,6 +57,7 @@ def write_dkim_key(path: Path) -> Path:
     path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                        serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption()))
+    path.chmod(0o600)
     return path
 
 
@@ -653,7 +654,7 @@ def test_dkim_keys_and_charset_parsed(tmp_path: Path) -> None:
 def test_serve_refuses_a_bad_dkim_key(tmp_path: Path) -> None:
     write(tmp_path / "keys" / "k.pem", "-----BEGIN PRIVATE KEY-----\ngarbage\n")
     policy = write(tmp_path / "policies" / "s.toml", '[[sender]]\ndomain = "a.example"\n'
-                   'dkim = [{ selector = "s1", key = "keys/k.pem" }]\n')
+                   'dkim = [{ selector = "s1", key = "keys/k.pem" }]\nclients = ["::1/128"]\n')
     path = write(tmp_path / "relay.toml", '[server]\nlisten = ["127.0.0.1:1"]\n')
     line = f"{policy}: sender[0].dkim[0].key: {tmp_path}/keys/k.pem: not a valid PEM private key"
     result = run_relay("serve", "--config", str(path), cwd=tmp_path)
@@ -680,7 +681,7 @@ def test_damaged_rsa_key_is_refused(tmp_path: Path) -> None:
 def test_world_readable_dkim_key_is_a_warning(tmp_path: Path) -> None:
     key = write_dkim_key(tmp_path / "keys" / "k.pem")
     policy = write(tmp_path / "policies" / "s.toml", '[[sender]]\ndomain = "a.example"\n'
-                   'dkim = [{ selector = "s1", key = "keys/k.pem" }]\n')
+                   'dkim = [{ selector = "s1", key = "keys/k.pem" }]\nclients = ["::1/128"]\n')
     path = write(tmp_path / "relay.toml", "")
     key.chmod(0o644)
     assert load_config(path).warnings == (
