@@ -50,6 +50,8 @@ STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 def serve(cli_config: str | None) -> int:
     config = load_or_exit(cli_config)
     log.setup()
+    for line in config.warnings:  # keys set but not enforced yet: said once, at start
+        log.event("config_warning", level=30, warning=line)
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # the forked child inherits this
     root = config.queue.path
     try:

@@ -132,6 +132,7 @@ def ed25519_pem(path: Path) -> Path:
     path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                        serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption()))
+    path.chmod(0o600)  # a key readable by every user is a warning of its own
     return path
 
 
