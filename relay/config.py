@@ -475,6 +475,9 @@ class DestinationPolicy:
 class DkimKey:
     selector: str
     key: Path
+    # `FILE: KEY` of this entry (e.g. `policies/a.toml: sender[1].dkim[0].key`), for the
+    # signer's problem lines when the key fails to load at start.
+    where: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -946,7 +949,8 @@ def _dkim_key(t: _Table, ctx: _PolicyContext) -> DkimKey | None:
     key = t.required("key", _required_path(ctx.base))
     t.finish()
     ctx.file(t, "key", key)
-    return DkimKey(selector, key) if selector is not None and key is not None else None
+    where = f"{t.report.file}: {t.key('key')}"
+    return DkimKey(selector, key, where) if selector is not None and key is not None else None
 
 
 def _webhook(t: _Table, ctx: _PolicyContext) -> Webhook | None:
