@@ -249,3 +249,13 @@ def test_prepare_signs_and_hashes_what_goes_out(keys: tuple[Config, DnsServer]) 
     plain = prepare(INVOICE, sender="", signer=None)
     assert plain.data is INVOICE and plain.signed_by == ()
     assert plain.sha256 == hashlib.sha256(INVOICE).hexdigest()
+
+
+def test_an_internationalised_from_domain_finds_its_policy(tmp_path: Path) -> None:
+    write_ed25519(tmp_path / "k.pem")
+    a_label = "发票.test".encode("idna").decode()
+    signer = Signer.from_config(Config(senders=(
+        SenderPolicy(a_label, dkim=(DkimKey("s", tmp_path / "k.pem"),)),)))
+    data = "From: 开票 <开票@发票.test>\r\nSubject: s\r\n\r\nbody\r\n".encode()
+    assert signer.sign(data, "")[1] == (f"{a_label}/s",)
+    assert signer.sign(b"Subject: s\r\n\r\nbody\r\n", "ar@发票.test")[1] == (f"{a_label}/s",)

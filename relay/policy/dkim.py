@@ -25,7 +25,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
-from relay.config import Config, DkimKey, DomainIndex
+from relay.config import Config, DkimKey, DomainIndex, normalize_domain
 
 # Signed when present, in this order. From and Reply-To are oversigned (listed once more than
 # they occur), so a From or a Reply-To added after signing breaks the signature: a forged
@@ -134,10 +134,10 @@ class Signer:
 
     def domain_for(self, from_domain: str | None, envelope_sender: str) -> SigningDomain | None:
         """The policy that signs: the From domain's, else the envelope sender's."""
-        found = self._index.lookup(from_domain) if from_domain else None
+        found = self._index.lookup(_a_label(from_domain)) if from_domain else None
         if found is None or found.pattern == "*":
             _, at, domain = envelope_sender.rpartition("@")
-            found = self._index.lookup(domain) if at and domain else None
+            found = self._index.lookup(_a_label(domain)) if at and domain else None
         return found if found is not None and found.keys else None
 
     def sign(self, data: bytes, envelope_sender: str, now: float | None = None
@@ -154,6 +154,16 @@ class Signer:
         stamp = int(time.time() if now is None else now)
         headers = [_signature(key, domain.d, stamp, h_names, bh, signed) for key in domain.keys]
         return b"".join(headers) + data, tuple(f"{domain.d}/{k.selector}" for k in domain.keys)
+
+
+def _a_label(domain: str) -> str:
+    """The domain as policies spell it (xn-- form); as it is when it is no valid name."""
+    if domain.isascii():
+        return domain
+    try:
+        return normalize_domain(domain)
+    except ValueError:
+        return domain
 
 
 # ---------------------------------------------------------------------------- the message
