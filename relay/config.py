@@ -531,6 +531,9 @@ class DkimKey:
     selector: str
     key: Path
     algorithm: str | None = None  # None: built by hand, not read from a file
+    # `FILE: KEY` of this entry (e.g. `policies/a.toml: sender[1].dkim[0].key`), for the
+    # signer's problem lines when the key fails to load at start.
+    where: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -1124,7 +1127,8 @@ def _dkim_key(t: _Table, ctx: _PolicyContext) -> DkimKey | None:
     if key.stat().st_mode & stat.S_IROTH:
         t.report.warn(t.key("key"), f"{key} is readable by every user: chmod 0600, or 0640 "
                                     "with the service's group")
-    return DkimKey(selector, key, algorithm) if selector is not None else None
+    where = f"{t.report.file}: {t.key('key')}"
+    return DkimKey(selector, key, algorithm, where) if selector is not None else None
 
 
 def _dkim_keys(t: _Table, ctx: _PolicyContext, domain: str | None) -> tuple[DkimKey, ...]:

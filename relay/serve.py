@@ -31,6 +31,7 @@ import uvloop
 
 from relay import log
 from relay.config import Config, load_or_exit
+from relay.policy.dkim import DkimKeyError, Signer
 from relay.queue.committer import Committer
 from relay.queue.notices import Committed, NoticeWriter, read_pipes
 from relay.queue.recovery import recover
@@ -49,6 +50,14 @@ STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 def serve(cli_config: str | None) -> int:
     config = load_or_exit(cli_config)
+    try:
+        # Keys are loaded once, before the fork (the delivery process inherits them); one
+        # that fails stops the start: a relay must never sign nothing silently.
+        signer = Signer.from_config(config)
+    except DkimKeyError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return EXIT_CONFIG
     log.setup()
     for line in config.warnings:  # keys set but not enforced yet: said once, at start
         log.event("config_warning", level=30, warning=line)
@@ -97,7 +106,7 @@ def serve(cli_config: str | None) -> int:
     read_ends, write_ends = [r for r, _ in pipes], [w for _, w in pipes]
     parent = os.getpid()
     ready_read, ready_write = os.pipe()
-    delivery = _fork(lambda: _delivery_main(config, read_ends, ready_write), parent,
+    delivery = _fork(lambda: _delivery_main(config, read_ends, ready_write, signer), parent,
                      "relay-delivery",
                      close=[*write_ends, ready_read, *(sock.fileno() for sock, _ in listeners)])
     for fd in (*read_ends, ready_write):
@@ -298,7 +307,8 @@ def _poll_child(pid: int) -> tuple[int, int]:
 
 # --- delivery (child process) ----------------------------------------------------------------
 
-async def _delivery_main(config: Config, notice_fds: Sequence[int], ready_fd: int) -> int:
+async def _delivery_main(config: Config, notice_fds: Sequence[int], ready_fd: int,
+                         signer: Signer | None = None) -> int:
     from relay.delivery.attempt import Attempter
     from relay.delivery.engine import DeliveryEngine
     from relay.delivery.nexthop import NextHopResolver
@@ -313,7 +323,7 @@ async def _delivery_main(config: Config, notice_fds: Sequence[int], ready_fd: in
     await store.start()
     listeners = {(hp.host, hp.port) for hp in (*config.server.listen, *config.server.listen_tls)}
     engine = DeliveryEngine(config, store, NextHopResolver(config.dns.nameservers),
-                            Attempter(config, listeners))
+                            Attempter(config, listeners, signer=signer))
 
     def on_notices(messages: list[Committed], sealed: list[str]) -> None:
         if messages:
