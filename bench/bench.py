@@ -1154,7 +1154,7 @@ def check_signatures(kind: str, system: System | None, d: dict) -> dict:
     who = f"{kind}: {system.name if system else 'direct'}"
     if d["expected"] and (d["signed"] < d["n"] or not d["sampled"]
                           or d["verified"] < d["sampled"]):
-        raise BenchError(f"{who}: {d['signed']} of {d['n']} messages reached the sink with a "
+        raise BenchError(f"{kind}: {d['signed']} of {d['n']} messages reached the sink with a "
                          f"DKIM-Signature; {d['verified']} of {d['sampled']} sampled verified "
                          f"with dkimpy (failed: {', '.join(d['failed']) or '-'})")
     if not d["expected"] and d["signed"]:
