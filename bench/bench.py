@@ -665,6 +665,7 @@ RequireSafeKeys         no
         deadline = time.monotonic() + 15
         while not self.socket.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
                 raise BenchError(f"opendkim did not create {self.socket}\n--- {self.log} ---\n"
                                  f"{tail(self.log)}")
             time.sleep(0.05)
