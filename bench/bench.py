@@ -10,11 +10,17 @@ Topology (all on 127.0.0.1):
     bench/probe.py -> (same system) --+                    and the DSNs to bench.test)
                                       +--> smtp-sink      (probe@probe.test: probe messages)
     smtp-source ----> the sink directly  (direct round: ceiling of load generator and sink)
+
+The signed scenario (--signed): a second relay with an RSA-2048 `[[sender]] dkim` policy for
+bench.test and a second Postfix with OpenDKIM as a milter on a unix socket, same key, next to
+the unsigned relay, deliver to@signed.test into bench/sink.py accepting everything; the sink
+counts DKIM-Signature fields and keeps a sample that the harness verifies with dkimpy.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import datetime as _dt
 import json
@@ -43,6 +49,15 @@ PUBLISHED_PNG = BENCH_DIR / "results.png"
 
 
 STALL_KICK_S = 5.0  # no progress at the sink this long after a round's last message: kick
+
+# The signed scenario: sender domain and selector both systems sign with, and the recipient
+# domain routed to the signed sink
+SIGN_DOMAIN, SIGN_SELECTOR, SIGNED_RCPT = "bench.test", "bench", "to@signed.test"
+SAMPLES_PER_ROUND = 6
+# systems in the order rounds alternate and tables list them; the signed ones run only in
+# the signed cells
+SYSTEMS = ("relay", "relay-signed", "postfix", "postfix-dkim", "direct")
+SIGNED_SYSTEMS = ("relay-signed", "postfix-dkim")
 
 
 class BenchError(Exception):
@@ -365,15 +380,19 @@ class RealisticSink:
     messages accepted or refused with 550, each Message-Id once."""
     kind = "realistic"
 
-    def __init__(self, workdir: Path, python: str, temp_pct: float, perm_pct: float):
-        self.name = "bench-sink"
+    extra_args: tuple[str, ...] = ()
+
+    def __init__(self, workdir: Path, python: str, temp_pct: float, perm_pct: float,
+                 name: str = "bench-sink"):
+        self.name = name
         self.title = f"bench/sink.py ({temp_pct:g}% 451 once, {perm_pct:g}% 550)"
         self.temp_pct, self.perm_pct = temp_pct, perm_pct
-        self.errlog = workdir / "bench-sink.stderr"
+        self.errlog = workdir / f"{name}.stderr"
         with open(self.errlog, "wb") as errlog:
             self.proc = subprocess.Popen(
                 [python, str(BENCH_DIR / "sink.py"), "--temp-pct", str(temp_pct),
-                 "--perm-pct", str(perm_pct), "--dsn-domain", "bench.test"],
+                 "--perm-pct", str(perm_pct), "--dsn-domain", "bench.test",
+                 *self.extra_args],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errlog,
                 start_new_session=True)
         self.cond = threading.Condition()
@@ -407,7 +426,11 @@ class RealisticSink:
                     self.crossings.append((d["reached"], d["what"], d["t"]))
                 if "shares" in d:
                     self.shares = d["shares"]
+                self._read_extra(d)
                 self.cond.notify_all()
+
+    def _read_extra(self, d: dict) -> None:
+        """A subclass's own answers."""
 
     def _send(self, line: str) -> None:
         with self.wlock:
@@ -491,6 +514,168 @@ class RealisticSink:
         self.reader.join(2)
 
 
+class SignedSink(RealisticSink):
+    """bench/sink.py accepting every message, for the signed cells: counts the messages that
+    carry a DKIM-Signature and keeps a sample of each round in full, which verify_samples()
+    checks with dkimpy against the bench key."""
+    kind = "signed"
+
+    def __init__(self, workdir: Path, python: str, key: DkimKey):
+        self.sample_dir = workdir / "signed-samples"
+        self.sample_dir.mkdir()
+        self.key = key
+        self.sampling: list | None = None
+        self.extra_args = ("--sample-dir", str(self.sample_dir))
+        super().__init__(workdir, python, 0, 0, name="signed-sink")
+        self.title = "bench/sink.py (accepts all, checks DKIM)"
+
+    def _read_extra(self, d: dict) -> None:
+        if "sampling" in d:
+            self.sampling = d["sampling"]
+
+    def start_sampling(self, n: int) -> None:
+        """Keep SAMPLES_PER_ROUND messages spread over the next n."""
+        for f in self.sample_dir.iterdir():
+            f.unlink()
+        every = max(1, n // SAMPLES_PER_ROUND)
+        self._send(f"sample {every} {SAMPLES_PER_ROUND}")
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.sampling == [every, SAMPLES_PER_ROUND], 5):
+                raise BenchError("bench/sink.py does not answer `sample`")
+
+    def check_round(self, before: dict, after: dict, n: int) -> dict:
+        """How many of the round's n messages were signed, and the sample's verification."""
+        self._send("sample 0 0")
+        files = sorted(self.sample_dir.iterdir())
+        return {"n": n, "signed": after["dkim_signed"] - before["dkim_signed"],
+                **verify_samples(files, self.key)}
+
+
+def unstuff(wire: bytes) -> bytes:
+    """SMTP dot-unstuffing of message data as it was on the wire (RFC 5321 4.5.2)."""
+    if wire.startswith(b"."):
+        wire = wire[1:]
+    return wire.replace(b"\r\n.", b"\r\n")
+
+
+def first_signature_tags(msg: bytes) -> dict[str, str]:
+    """The tags of the message's first DKIM-Signature field (unfolded), {} without one."""
+    head = msg.split(b"\r\n\r\n", 1)[0]
+    m = re.search(rb"(?im)^dkim-signature:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)", head)
+    if not m:
+        return {}
+    value = re.sub(rb"\s+", b"", m.group(1)).decode(errors="replace")
+    return dict(t.split("=", 1) for t in value.split(";") if "=" in t)
+
+
+def verify_samples(files: list[Path], key: DkimKey) -> dict:
+    """Verify the first DKIM-Signature of each sampled message with stock dkimpy, its DNS
+    lookup answered with the bench key's TXT record; count the passes."""
+    try:
+        import dkim  # dkimpy: a relay dependency, in the venv bench/run uses
+    except ImportError as e:
+        raise BenchError(f"the signed scenario verifies signatures with dkimpy ({e}): run "
+                         f"bench/run with the relay's venv (PYTHON=.venv/bin/python)") from e
+    record = f"{key.selector}._domainkey.{key.domain}.".encode()
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes | None:
+        return key.txt.encode() if name == record else None
+
+    out = {"sampled": len(files), "verified": 0, "failed": []}
+    for f in files:
+        msg = unstuff(f.read_bytes())
+        ok = False
+        with contextlib.suppress(dkim.DKIMException):
+            ok = bool(dkim.verify(msg, dnsfunc=dnsfunc))
+        if ok and first_signature_tags(msg).get("d", "").lower() == key.domain:
+            out["verified"] += 1
+        else:
+            out["failed"].append(f.name)
+    return out
+
+
+class DkimKey:
+    """The RSA-2048 key both signed systems use, made with openssl (the harness stays stdlib):
+    the private key as PKCS#8 PEM and the TXT record to publish at SEL._domainkey.DOMAIN."""
+
+    def __init__(self, workdir: Path, domain: str = SIGN_DOMAIN, selector: str = SIGN_SELECTOR):
+        self.domain, self.selector = domain, selector
+        self.dir = workdir / "dkim"
+        self.dir.mkdir(mode=0o700)
+        self.pem = self.dir / f"{domain}.{selector}.pem"
+        openssl = shutil.which("openssl")
+        if not openssl:
+            raise BenchError("the signed scenario needs openssl: apt-get install openssl")
+        subprocess.run([openssl, "genpkey", "-algorithm", "RSA", "-pkeyopt",
+                        "rsa_keygen_bits:2048", "-out", str(self.pem)],
+                       check=True, capture_output=True, timeout=60)
+        self.pem.chmod(0o600)
+        der = subprocess.run([openssl, "pkey", "-in", str(self.pem), "-pubout", "-outform",
+                              "DER"], check=True, capture_output=True, timeout=30).stdout
+        self.txt = f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+
+    def copy_to(self, path: Path, owner: str | None = None) -> Path:
+        """A copy of the private key at `path` (mode 0600, owned by `owner`)."""
+        shutil.copyfile(self.pem, path)
+        path.chmod(0o600)
+        if owner:
+            pw = pwd.getpwnam(owner)
+            os.chown(path, pw.pw_uid, pw.pw_gid)
+        return path
+
+
+class OpenDkim:
+    """Debian's opendkim as a signing milter on a unix socket, running as user postfix (whose
+    smtpd connects to it), foreground, no syslog."""
+
+    def __init__(self, home: Path, key: DkimKey):
+        self.dir = home
+        self.dir.mkdir(mode=0o700)
+        pw = pwd.getpwnam("postfix")
+        os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+        binary = shutil.which("opendkim") or "/usr/sbin/opendkim"
+        if not os.access(binary, os.X_OK):
+            raise BenchError("opendkim not found: apt-get install -y opendkim opendkim-tools "
+                             "(see bench/README.md)")
+        keyfile = key.copy_to(self.dir / "bench.private", owner="postfix")
+        self.socket = self.dir / "opendkim.sock"
+        conf = self.dir / "opendkim.conf"
+        conf.write_text(f"""\
+# sign only: mail from 127.0.0.1 (InternalHosts' default) with From: @{key.domain}
+Mode                    s
+Domain                  {key.domain}
+Selector                {key.selector}
+KeyFile                 {keyfile}
+Socket                  local:{self.socket}
+UserID                  postfix
+UMask                   007
+Canonicalization        relaxed/relaxed
+SignatureAlgorithm      rsa-sha256
+OversignHeaders         From
+Syslog                  no
+# the key is 0600 and owned by postfix, but it lives under /tmp (world-writable), and
+# OpenDKIM refuses a key on such a path unless told not to check
+RequireSafeKeys         no
+""")
+        self.log = self.dir / "opendkim.log"
+        with open(self.log, "ab") as log_f:
+            self.proc = subprocess.Popen([binary, "-f", "-x", str(conf)], stdout=log_f,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        deadline = time.monotonic() + 15
+        while not self.socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise BenchError(f"opendkim did not create {self.socket}\n--- {self.log} ---\n"
+                                 f"{tail(self.log)}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        kill_tree("opendkim", [self.proc.pid], [self.proc.pid], 10)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+
+
 class Probe:
     """bench/probe.py during one round: open-loop sessions, final dot -> 250 per message."""
 
@@ -543,11 +728,14 @@ class System:
 class Postfix(System):
     name = "postfix"
 
-    def __init__(self, workdir: Path, routes: dict[str, int], postfix_bin: str):
+    def __init__(self, workdir: Path, routes: dict[str, int], postfix_bin: str,
+                 name: str = "postfix", dkim_key: DkimKey | None = None):
         """routes: recipient domain -> sink port; "example.net" is the relayhost (everything
-        else), the others go through transport_maps."""
-        self.dir = workdir / "postfix"
+        else), the others go through transport_maps.  dkim_key: sign through OpenDKIM."""
+        self.name = name
+        self.dir = workdir / name
         self.postfix_bin = postfix_bin
+        self.opendkim = OpenDkim(workdir / f"{name}-opendkim", dkim_key) if dkim_key else None
         etc, spool, data = self.dir / "etc", self.dir / "spool", self.dir / "data"
         for d in (etc, spool, data):
             d.mkdir(parents=True)
@@ -613,6 +801,11 @@ minimal_backoff_time = 1s
 maximal_backoff_time = 1s
 queue_run_delay = 1s
 """
+        if self.opendkim:
+            # a unix socket: over TCP the milter conversation stalls on delayed ACKs (~176
+            # msg/s on 2 cores), which would understate Postfix
+            main_cf += (f"smtpd_milters = unix:{self.opendkim.socket}\n"
+                        "milter_default_action = tempfail\n")
         (etc / "main.cf").write_text(main_cf)
         self.logfile = self.dir / "postfix.log"
         env = dict(os.environ, MAIL_CONFIG=str(etc))
@@ -625,20 +818,28 @@ queue_run_delay = 1s
         try:
             wait_smtp_banner(self.port, 60, self.proc, "postfix")
         except BenchError as e:
-            raise BenchError(f"{e}\n--- {self.logfile} (tail) ---\n{tail(self.logfile)}") from e
+            self.stop()
+            raise BenchError(f"{e}\n{self.describe_failure()}") from e
         # `master -s` makes itself a session leader: remember its group too
         for p in tree([self.proc.pid]):
             if p["comm"] == "master":
                 self.pgids.append(p["pgid"])
 
     def procs(self) -> list[dict]:
-        return tree([self.proc.pid], self.pgids)
+        return tree([self.proc.pid, *self.milter_pids()], self.pgids)
+
+    def milter_pids(self) -> list[int]:
+        return [self.opendkim.proc.pid] if self.opendkim else []
 
     def cpu_snapshot(self) -> dict:
         procs = self.procs()
         # per-daemon split is not meaningful: smtpd/cleanup/smtp exit after max_use (100)
-        # requests and their CPU moves into master's cutime/cstime; report the total only
-        return {"total": sum(cpu_ticks(p) for p in procs), "processes": len(procs)}
+        # requests and their CPU moves into master's cutime/cstime; report the total (with
+        # OpenDKIM's, which is part of the cost of signing) and OpenDKIM's apart
+        snap = {"total": sum(cpu_ticks(p) for p in procs), "processes": len(procs)}
+        if self.opendkim:
+            snap["opendkim"] = sum(cpu_ticks(p) for p in tree(self.milter_pids()))
+        return snap
 
     def peak_rss(self) -> dict:
         ps = [p for p in self.procs() if p["state"] != "Z"]
@@ -659,19 +860,27 @@ queue_run_delay = 1s
         return True
 
     def describe_failure(self) -> str:
-        return f"--- {self.logfile} (tail) ---\n{tail(self.logfile)}"
+        text = f"--- {self.logfile} (tail) ---\n{tail(self.logfile)}"
+        if self.opendkim:
+            text += f"\n--- {self.opendkim.log} (tail) ---\n{tail(self.opendkim.log)}"
+        return text
 
     def stop(self) -> None:
-        kill_tree("postfix", [self.proc.pid], self.pgids, 30)
+        kill_tree(self.name, [self.proc.pid], self.pgids, 30)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
+        if self.opendkim:
+            self.opendkim.stop()
 
 
 class Relay(System):
     name = "relay"
 
-    def __init__(self, workdir: Path, routes: dict[str, int], relay_cmd: list[str]):
-        self.dir = workdir / "relay"
+    def __init__(self, workdir: Path, routes: dict[str, int], relay_cmd: list[str],
+                 name: str = "relay", dkim_key: DkimKey | None = None):
+        """dkim_key: sign mail from SIGN_DOMAIN with it (a [[sender]] dkim policy)."""
+        self.name = name
+        self.dir = workdir / name
         (self.dir / "policies").mkdir(parents=True)
         (self.dir / "var").mkdir()
         self.port = free_port()
@@ -694,10 +903,16 @@ path = "policies"
         (self.dir / "policies" / "bench.toml").write_text("".join(
             f'[[destination]]\ndomain = "{dom}"\nroutes = ["127.0.0.1:{port}"]\n'
             for dom, port in routes.items()))
+        if dkim_key:
+            (self.dir / "keys").mkdir(mode=0o700)
+            pem = dkim_key.copy_to(self.dir / "keys" / dkim_key.pem.name)
+            (self.dir / "policies" / "signing.toml").write_text(
+                f'[[sender]]\ndomain = "{dkim_key.domain}"\n'
+                f'dkim = [{{ selector = "{dkim_key.selector}", key = "{pem}" }}]\n')
         self.stdout_log = self.dir / "relay.stdout"
         self.stderr_log = self.dir / "relay.stderr"
         self.cmd = [*relay_cmd, "serve", "--config", str(self.dir / "relay.toml")]
-        log(f"starting relay: {' '.join(self.cmd)} (cwd {self.dir})")
+        log(f"starting {name}: {' '.join(self.cmd)} (cwd {self.dir})")
         with open(self.stdout_log, "ab") as out, open(self.stderr_log, "ab") as err:
             self.proc = subprocess.Popen(
                 self.cmd, cwd=self.dir, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
@@ -756,7 +971,7 @@ path = "policies"
                 f"\n--- {self.stdout_log} (tail) ---\n{tail(self.stdout_log, 20)}")
 
     def stop(self) -> None:
-        kill_tree("relay", [self.proc.pid], self.pgids, 30)
+        kill_tree(self.name, [self.proc.pid], self.pgids, 30)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
 
@@ -772,6 +987,9 @@ def run_round(kind: str, system: System | None, sink, smtp_source: str, n: int, 
     probe next to smtp-source, into the same port."""
     port = system.port if system else sink.port
     realistic = sink.kind == "realistic"
+    signed = sink.kind == "signed"
+    if signed:
+        sink.start_sampling(n)
     snap0 = sink.snapshot()
     base = snap0["count"]
     sess0, open0 = snap0["sessions"], sink.open_connections()
@@ -906,10 +1124,12 @@ def run_round(kind: str, system: System | None, sink, smtp_source: str, n: int, 
         r["drain_tail_seconds"] = round(e2e_s - accepted_s, 3)
         if dsn_done:
             r["dsn_done_seconds"] = round(dsn_done - t0, 3)
+    if signed:
+        r["dkim"] = check_signatures(kind, system, sink.check_round(snap0, snap1, n))
     if system:
         us = 1e6 / CLK_TCK / handled
         cpu = {k: (snap_after[k] - snap_before[k]) * us
-               for k in ("intake", "delivery", "total") if k in snap_after}
+               for k in ("intake", "delivery", "total", "opendkim") if k in snap_after}
         r["cpu_us_per_msg"] = {k: round(v, 1) for k, v in cpu.items()}
         # how busy each stage was over the round, in cores (1.0 = one core flat out; a single
         # Python process cannot go beyond ~1.0)
@@ -925,6 +1145,23 @@ def run_round(kind: str, system: System | None, sink, smtp_source: str, n: int, 
     if idle:
         r["idle_systems_cpu_s"] = idle
     return r
+
+
+def check_signatures(kind: str, system: System | None, d: dict) -> dict:
+    """A signed system's round must have every message signed and every sample verified:
+    otherwise the bench would compare unsigned with signed output (a BenchError).  An unsigned
+    round (the relay without the policy, a direct round) must have none."""
+    d["expected"] = bool(system and system.name in SIGNED_SYSTEMS)
+    who = f"{kind}: {system.name if system else 'direct'}"
+    if d["expected"] and (d["signed"] < d["n"] or not d["sampled"]
+                          or d["verified"] < d["sampled"]):
+        raise BenchError(f"{kind}: {d['signed']} of {d['n']} messages reached the sink with a "
+                         f"DKIM-Signature; {d['verified']} of {d['sampled']} sampled verified "
+                         f"with dkimpy (failed: {', '.join(d['failed']) or '-'})")
+    if not d["expected"] and d["signed"]:
+        log(f"warning: {who}: {d['signed']} of {d['n']} messages carry a DKIM-Signature "
+            f"although this system does not sign")
+    return d
 
 
 def percentile(sorted_vals: list, p: float) -> float:
@@ -970,6 +1207,14 @@ def cell_key(r: dict) -> tuple[str, str, int]:
     return (r["sink"], r["label"], r["sessions"])
 
 
+# the signed cells' ratios (end to end, median of paired rounds): name -> (numerator,
+# denominator), and the targets of issue 7 for signed / unsigned
+SIGNED_RATIOS = {"signed_unsigned_ratio": ("relay-signed", "relay"),
+                 "signed_postfix_dkim_ratio": ("relay-signed", "postfix-dkim")}
+SIGNED_TARGETS = {"4k": 0.85, "200k": 0.80}
+POSTFIX_DKIM_GOAL = 4.5
+
+
 def summarize(rounds: list[dict]) -> list[dict]:
     keys: list[tuple[str, str, int]] = []
     for r in rounds:
@@ -980,7 +1225,7 @@ def summarize(rounds: list[dict]) -> list[dict]:
         sink, label, sessions = key
         cell: dict = {"sink": sink, "size": label, "sessions": sessions}
         mine = [r for r in rounds if cell_key(r) == key]
-        for system in ("relay", "postfix", "direct"):
+        for system in SYSTEMS:
             rs = [r for r in mine if r["system"] == system and r["kind"] in ("measure", "direct")]
             if not rs:
                 continue
@@ -1015,6 +1260,9 @@ def summarize(rounds: list[dict]) -> list[dict]:
                     r["drain_tail_seconds"] for r in rs)
                 entry["realistic_totals"] = {
                     k: sum(r["realistic"][k] for r in rs) for k in rs[0]["realistic"]}
+            if any("dkim" in r for r in rs):
+                entry["dkim"] = {k: sum(r["dkim"][k] for r in rs)
+                                 for k in ("n", "signed", "sampled", "verified")}
             kicks = sum(len(r.get("queue_kicks_at_s", ())) for r in rs)
             if kicks:
                 entry["queue_kicks"] = kicks
@@ -1032,9 +1280,15 @@ def summarize(rounds: list[dict]) -> list[dict]:
                    for a, b in zip(rel, pfx, strict=False)]
             cell["relay_postfix_accepted_ratio"] = {"median": statistics.median(acc),
                                                     "per_round": acc}
+        for name, (a, b) in SIGNED_RATIOS.items():
+            ra = [r for r in mine if r["system"] == a and r["kind"] == "measure"]
+            rb = [r for r in mine if r["system"] == b and r["kind"] == "measure"]
+            if ra and rb:
+                pairs = [x["e2e_per_s"] / y["e2e_per_s"] for x, y in zip(ra, rb, strict=False)]
+                cell[name] = {"median": statistics.median(pairs), "per_round": pairs}
         if "direct" in cell:
             ceiling = cell["direct"]["accepted_per_s"]["median"]
-            for system in ("relay", "postfix"):
+            for system in SYSTEMS[:-1]:
                 if system in cell:
                     cell[system]["share_of_loadgen_ceiling"] = (
                         cell[system]["accepted_per_s"]["median"] / ceiling)
@@ -1047,6 +1301,47 @@ def _lat(e: dict | None) -> str:
     if not lat:
         return "-"
     return f"{lat['p50']:.1f} / {lat['p99']:.1f}"
+
+
+def render_signed(cells: list[dict], title: str) -> list[str]:
+    """The SIGNED section: the relay with a DKIM policy against itself unsigned and against
+    Postfix signing through OpenDKIM, with the targets of issue 7 and the DKIM check."""
+    lines = [f"SIGNED: DKIM RSA-2048, destination {title}; relay signed (a [[sender]] dkim "
+             f"policy) vs the same relay unsigned and vs Postfix + OpenDKIM (milter, unix "
+             f"socket)"]
+    hdr = (f"{'size':>5} {'sess':>4}  {'relay':>7} {'signed':>7} {'pfx+dkim':>8}  "
+           f"{'signed/unsigned (target)':>26}  {'signed/pfx+dkim (goal)':>23}  "
+           f"{'signed p50/p99 ms':>17}  {'pfx+dkim p50/p99 ms':>19}  "
+           f"{'DKIM at the sink: signed, verified':>34}")
+    lines += [hdr, "-" * len(hdr)]
+    for c in cells:
+        rate = {s: fmt_rate(c[s]["e2e_per_s"]["median"]) if s in c else "-"
+                for s in ("relay", "relay-signed", "postfix-dkim")}
+        su = c.get("signed_unsigned_ratio", {}).get("median")
+        target = SIGNED_TARGETS.get(c["size"])
+        su_s = "-"
+        if su is not None:
+            verdict = "" if target is None else (" PASS" if su >= target else " FAIL")
+            su_s = f"{su:.2f}x (>= {target}){verdict}" if target else f"{su:.2f}x"
+        sp = c.get("signed_postfix_dkim_ratio", {}).get("median")
+        sp_s = f"{sp:.2f}x ({POSTFIX_DKIM_GOAL}x)" if sp is not None else "-"
+        checks = []
+        for s in SIGNED_SYSTEMS:
+            d = (c.get(s) or {}).get("dkim")
+            if d:
+                who = "relay" if s == "relay-signed" else "pfx"
+                checks.append(f"{who} {d['signed']}/{d['n']}, {d['verified']}/{d['sampled']}")
+        lines.append(f"{c['size']:>5} {c['sessions']:>4}  {rate['relay']:>7} "
+                     f"{rate['relay-signed']:>7} {rate['postfix-dkim']:>8}  {su_s:>26}  "
+                     f"{sp_s:>23}  {_lat(c.get('relay-signed')):>17}  "
+                     f"{_lat(c.get('postfix-dkim')):>19}  {'; '.join(checks) or '-':>34}")
+    lines += ["", "SIGNED: msg/s end to end, medians; ratios: medians of paired rounds (relay, "
+              "relay signed, Postfix + OpenDKIM alternate); targets (issue 7): signed/unsigned "
+              ">= 0.85 at 4k, >= 0.8 at 200k; the project's goal against Postfix + OpenDKIM is "
+              f"{POSTFIX_DKIM_GOAL}x.  DKIM at the sink: messages that arrived with a "
+              "DKIM-Signature / messages sent, and sampled messages whose signature stock "
+              "dkimpy verified against the published key / sampled.", ""]
+    return lines
 
 
 def render_table(cells: list[dict], results: dict) -> str:
@@ -1089,29 +1384,35 @@ def render_table(cells: list[dict], results: dict) -> str:
                  "final dot -> 250 from the latency probe, pooled over the rounds; ceiling: "
                  "smtp-source straight into that sink (msg/s).")
     lines.append("")
+    signed = [c for c in cells if c["sink"] == "signed"]
+    if signed:
+        lines.extend(render_signed(signed, titles.get("signed", "signed")))
     # 2. details per cell
-    hdr = (f"{'sink':<9} {'size':>5} {'sess':>4}  {'system':<8} {'rounds':>6}  "
+    hdr = (f"{'sink':<9} {'size':>5} {'sess':>4}  {'system':<12} {'rounds':>6}  "
            f"{'accepted msg/s':>14} {'(min-max)':>15}  {'end-to-end msg/s':>16} "
            f"{'(min-max)':>15}  {'host CPU':>8}  {'CPU us/msg':>28}")
     lines.append(hdr)
     lines.append("-" * len(hdr))
     for c in cells:
-        for system in ("relay", "postfix", "direct"):
+        for system in SYSTEMS:
             e = c.get(system)
             if not e:
                 continue
             a, b = e["accepted_per_s"], e["e2e_per_s"]
             cpu = e.get("cpu_us_per_msg_median", {})
-            if system == "relay":
+            if system.startswith("relay"):
                 cpu_s = (f"intake {cpu.get('intake', 0):,.0f} + deliv "
                          f"{cpu.get('delivery', 0):,.0f}")
-            elif system == "postfix":
+            elif "opendkim" in cpu:
+                cpu_s = (f"total {cpu.get('total', 0):,.0f} (opendkim "
+                         f"{cpu['opendkim']:,.0f})")
+            elif system.startswith("postfix"):
                 cpu_s = f"total {cpu.get('total', 0):,.0f}"
             else:
                 cpu_s = "(load-gen ceiling)"
             name = "sink" if system == "direct" else system
             lines.append(
-                f"{c['sink']:<9} {c['size']:>5} {c['sessions']:>4}  {name:<8} {e['rounds']:>6}  "
+                f"{c['sink']:<9} {c['size']:>5} {c['sessions']:>4}  {name:<12} {e['rounds']:>6}  "
                 f"{fmt_rate(a['median']):>14} "
                 f"{'(' + fmt_rate(a['min']) + '-' + fmt_rate(a['max']) + ')':>15}  "
                 f"{fmt_rate(b['median']):>16} "
@@ -1145,7 +1446,7 @@ def render_table(cells: list[dict], results: dict) -> str:
     # 4. the rest, as before, per cell
     conn = [f"{c['sink']} {c['size']} s{c['sessions']} {system} "
             f"{c[system]['sink_sessions_per_msg_median']:.2f}"
-            for c in cells for system in ("relay", "postfix") if system in c]
+            for c in cells for system in SYSTEMS[:-1] if system in c]
     if conn:
         lines.append("")
         lines.append("delivery connections per message (sink sessions / messages, median): "
@@ -1154,31 +1455,34 @@ def render_table(cells: list[dict], results: dict) -> str:
                  "sink, probe) us/msg | irq+softirq us/msg | anything else (neighbours, kernel "
                  "threads) in cores | smtp-source, sink busy cores")
     for c in cells:
-        for system in ("relay", "postfix", "direct"):
+        for system in SYSTEMS:
             e = c.get(system)
             if e:
                 lines.append(f"  {c['sink']:<9} {c['size']:>5} {c['sessions']:>4} "
-                             f"{'sink' if system == 'direct' else system:<8} "
+                             f"{'sink' if system == 'direct' else system:<12} "
                              f"{e['loadgen_cpu_us_per_msg_median']:>8,.0f} | "
                              f"{e['softirq_cpu_us_per_msg_median']:>8,.0f} | "
                              f"{e['other_cpu_cores_median']:>5.2f} | "
                              f"{e['smtp_source_cores_median']:.2f}, {e['sink_cores_median']:.2f}")
-    rss = results.get("relay_peak_rss")
-    if rss:
-        parts = ", ".join(f"pid {pid} {v['vm_hwm_kib'] / 1024:.1f} MiB"
-                          for pid, v in rss["processes"].items())
-        lines.append(f"relay peak RSS (sum of VmHWM): {rss['sum_kib'] / 1024:.1f} MiB  [{parts}]")
+    for name in ("relay", "relay-signed"):
+        rss = results.get(f"{name.replace('-', '_')}_peak_rss")
+        if rss:
+            parts = ", ".join(f"pid {pid} {v['vm_hwm_kib'] / 1024:.1f} MiB"
+                              for pid, v in rss["processes"].items())
+            lines.append(f"{name} peak RSS (sum of VmHWM): {rss['sum_kib'] / 1024:.1f} MiB  "
+                         f"[{parts}]")
     prss = results.get("postfix_peak_rss")
     if prss:
         lines.append(f"postfix: sum of VmHWM over its {prss['processes']} processes alive at the "
                      f"end: {prss['sum_kib'] / 1024:.1f} MiB (shared pages counted per process)")
-    for c in cells:
-        e, p = c.get("relay"), c.get("postfix")
+    for c, relay, postfix in [(c, r, p) for c in cells
+                              for r, p in (("relay", "postfix"), ("relay-signed", "postfix-dkim"))]:
+        e, p = c.get(relay), c.get(postfix)
         if e and "cpu_us_per_msg_median" in e:
             cc = e["cpu_us_per_msg_median"]
             parts = cc.get("intake", 0) + cc.get("delivery", 0)
             if parts:
-                line = (f"relay CPU {c['sink']} {c['size']} s{c['sessions']}: "
+                line = (f"{relay} CPU {c['sink']} {c['size']} s{c['sessions']}: "
                         f"{cc.get('total', 0):,.0f} us/msg; intake "
                         f"{cc['intake']:,.0f} ({100 * cc['intake'] / parts:.0f}%) + delivery "
                         f"{cc['delivery']:,.0f} ({100 * cc['delivery'] / parts:.0f}%)")
@@ -1188,13 +1492,13 @@ def render_table(cells: list[dict], results: dict) -> str:
                              f"{cores.get('delivery', 0):.2f}")
                 ptot = (p or {}).get("cpu_us_per_msg_median", {}).get("total")
                 if ptot:
-                    line += (f"; postfix {ptot:,.0f} us/msg; relay/postfix "
+                    line += (f"; {postfix} {ptot:,.0f} us/msg; {relay}/{postfix} "
                              f"{cc.get('total', 0) / ptot:.2f}x")
                 lines.append(line)
     warnings = list(results.get("warnings", []))
     for c in cells:
         where = f"{c['sink']} {c['size']} {c['sessions']} sessions"
-        for system in ("relay", "postfix", "direct"):
+        for system in SYSTEMS:
             e = c.get(system)
             if not e:
                 continue
@@ -1250,6 +1554,16 @@ def main() -> int:
                     help="seconds between latency probe messages (default 0.04); 0 = no probe")
     ap.add_argument("--timeout", type=float, default=float(env("BENCH_TIMEOUT", 0)),
                     help="seconds per round (default: max(120, N/20))")
+    ap.add_argument("--signed", default=env("BENCH_SIGNED"),
+                    help="sizes of the signed cells (relay with a DKIM policy vs Postfix with "
+                         "OpenDKIM, all-accepting sink), comma-separated, or 'none'; default: "
+                         "the --sizes")
+    ap.add_argument("--no-signed", action="store_true", help="same as --signed none")
+    ap.add_argument("--signed-sessions", type=int,
+                    default=int(env("BENCH_SIGNED_SESSIONS", 16)),
+                    help="smtp-source sessions in the signed cells (default 16)")
+    ap.add_argument("--signed-only", action="store_true",
+                    help="run only the signed cells (not the unsigned matrix)")
     ap.add_argument("--no-direct", action="store_true",
                     help="skip the smtp-source->sink rounds (the load generator's ceiling)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, spools)")
@@ -1283,6 +1597,21 @@ def main() -> int:
     if not session_list or min(session_list) < 1:
         ap.error("--sessions: at least one count, each >= 1")
     sink_modes = ["all", "realistic"] if args.sink == "both" else [args.sink]
+    signed_spec = "none" if args.no_signed else (args.signed or ",".join(lb for lb, _ in sizes))
+    signed_sizes = []
+    for x in signed_spec.split(","):
+        x = x.strip().lower()
+        if x in ("", "none"):
+            continue
+        if x not in SIZES:
+            ap.error(f"--signed: unknown size {x!r} (choose from {', '.join(SIZES)}, or none)")
+        signed_sizes.append((x, SIZES[x]))
+    if args.signed_only and not signed_sizes:
+        ap.error("--signed-only with no signed cells (--signed none)")
+    if args.signed_sessions < 1:
+        ap.error("--signed-sessions: at least 1")
+    if args.signed_only:
+        sink_modes = []
     override = {"4k": args.n_small, "200k": args.n_large}
 
     def n_of(label: str, sessions: int) -> int:
@@ -1329,6 +1658,9 @@ def main() -> int:
                                   "quick": args.quick,
                                   "n": {f"{label}/{s}": n_of(label, s)
                                         for label, _ in sizes for s in session_list},
+                                  "signed": {"sizes": [label for label, _ in signed_sizes],
+                                             "sessions": args.signed_sessions,
+                                             "only": args.signed_only},
                                   "probe_interval_s": args.probe_interval,
                                   "realistic_shares_pct": {"451_once": args.temp_pct,
                                                            "550": args.perm_pct},
@@ -1368,6 +1700,16 @@ def main() -> int:
             sinks.append(rsink)
             log(f"bench/sink.py on 127.0.0.1:{rsink.port} (example.org, DSNs to bench.test; "
                 f"{args.temp_pct:g}% 451 once, {args.perm_pct:g}% 550; {rsink.loop} loop)")
+        ssink, key = None, None
+        if signed_sizes:
+            key = DkimKey(workdir)
+            results["dkim"] = {"domain": key.domain, "selector": key.selector,
+                               "txt": key.txt, "bits": 2048}
+            ssink = SignedSink(workdir, sys.executable, key)
+            sinks.append(ssink)
+            log(f"bench/sink.py on 127.0.0.1:{ssink.port} (signed.test: accepts all, counts "
+                f"DKIM signatures, verifies a sample; key {key.selector}._domainkey."
+                f"{key.domain}, RSA-2048)")
         psink = None
         if probe_on:
             psink = Sink(workdir, tools["smtp-sink"], name="probe-sink")
@@ -1376,25 +1718,43 @@ def main() -> int:
         results["sink_titles"] = {"all": Sink.title}
         if rsink:
             results["sink_titles"]["realistic"] = rsink.title
+        if ssink:
+            results["sink_titles"]["signed"] = ssink.title
         # both systems route by recipient domain to the same sinks
         routes = {"example.net": sink.port,
                   "example.org": rsink.port if rsink else sink.port,
                   "bench.test": rsink.port if rsink else sink.port,
                   "probe.test": psink.port if psink else sink.port}
+        if ssink:
+            routes["signed.test"] = ssink.port
         systems: dict[str, System] = {}
-        if "postfix" in systems_wanted:
+        if "postfix" in systems_wanted and sink_modes:
             systems["postfix"] = Postfix(workdir, routes, tools["postfix"])
             started.append(systems["postfix"])
             log(f"postfix on 127.0.0.1:{systems['postfix'].port}")
+        if "postfix" in systems_wanted and key:
+            pd = Postfix(workdir, routes, tools["postfix"], name="postfix-dkim", dkim_key=key)
+            systems["postfix-dkim"] = pd
+            started.append(pd)
+            log(f"postfix-dkim on 127.0.0.1:{pd.port} (OpenDKIM milter on unix:"
+                f"{pd.opendkim.socket})")
         if "relay" in systems_wanted:
             systems["relay"] = Relay(workdir, routes, relay_cmd)
             started.append(systems["relay"])
             relay_sys = systems["relay"]
             log(f"invoice-relay on 127.0.0.1:{relay_sys.port} (pid {relay_sys.proc.pid})")
+        if "relay" in systems_wanted and key:
+            rs = Relay(workdir, routes, relay_cmd, name="relay-signed", dkim_key=key)
+            systems["relay-signed"] = rs
+            started.append(rs)
+            log(f"invoice-relay with a DKIM policy for {key.domain} on 127.0.0.1:{rs.port} "
+                f"(pid {rs.proc.pid})")
         all_systems = list(systems.values())
-        order = [s for s in ("relay", "postfix") if s in systems]
+        unsigned_order = [s for s in ("relay", "postfix") if s in systems]
+        signed_order = [s for s in ("relay", "relay-signed", "postfix-dkim") if s in systems]
         cells = [(mode, label, size, s) for mode in sink_modes for label, size in sizes
                  for s in session_list]
+        cells += [("signed", label, size, args.signed_sessions) for label, size in signed_sizes]
         log(f"{len(cells)} cells (sink x size x sessions), {rounds_n} measured round(s) per "
             f"system each; N per round: " + ", ".join(
                 f"{k}={v}" for k, v in results["settings"]["n"].items()))
@@ -1431,9 +1791,13 @@ def main() -> int:
             dest.settle(quiet=0.3, limit=3)
             return r
 
+        dests = {"all": (sink, "to@example.net"), "realistic": (rsink, "to@example.org"),
+                 "signed": (ssink, SIGNED_RCPT)}
         for mode, label, size, sessions in cells:
-            dest = sink if mode == "all" else rsink
-            rcpt = "to@example.net" if mode == "all" else "to@example.org"
+            dest, rcpt = dests[mode]
+            order = signed_order if mode == "signed" else unsigned_order
+            # warm-ups go to the all-accepting sink of the cell
+            warm_dest, warm_rcpt = dests["signed" if mode == "signed" else "all"]
             n = n_of(label, sessions)
             if not args.no_direct:
                 if mode == "realistic":
@@ -1446,8 +1810,8 @@ def main() -> int:
             # warm-up into the all-accepting sink (no retry tail): processes for this many
             # sessions exist, caches are warm
             for name in order:
-                do("warmup", systems[name], sink, max(50, n // 4), size, label, sessions,
-                   "to@example.net", False)
+                do("warmup", systems[name], warm_dest, max(50, n // 4), size, label, sessions,
+                   warm_rcpt, False)
             for _ in range(rounds_n):
                 for name in order:
                     do("measure", systems[name], dest, n, size, label, sessions, rcpt, probe_on)
@@ -1476,6 +1840,14 @@ def main() -> int:
                 results["warnings"].append(
                     f"bench/sink.py: {st['accepted_dup']} messages accepted twice, "
                     f"{st['perm_repeat']} refused messages tried again")
+        if ssink:
+            ssink.settle(quiet=1.0, limit=5)
+            st = ssink.fresh_stats()
+            exp = sum(r["n"] for r in results["rounds"] if r["sink"] == "signed")
+            checks["signed-sink"] = {"expected_outcomes": exp, **st}
+            if st["outcomes"] != exp or st["accepted_dup"]:
+                results["warnings"].append(f"signed sink has {st['outcomes']} outcomes "
+                                           f"({st['accepted_dup']} duplicates), expected {exp}")
         if psink:
             got = psink.settle(quiet=1.0, limit=10)
             exp = sum(r["probe"]["ok"] for r in results["rounds"] if "probe" in r)
@@ -1490,6 +1862,8 @@ def main() -> int:
             results["relay_peak_rss"] = systems["relay"].rss()
             results["relay_processes"] = {str(k): v for k, v in
                                           systems["relay"].seen_procs.items()}
+        if "relay-signed" in systems:
+            results["relay_signed_peak_rss"] = systems["relay-signed"].rss()
         if "postfix" in systems:
             results["postfix_peak_rss"] = systems["postfix"].peak_rss()
     except BenchError as e:

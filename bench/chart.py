@@ -5,7 +5,9 @@
 bench/bench.py calls render() at the end of a run; this command redraws a saved run.
 Panels: end-to-end msg/s relay vs Postfix per size and session count (min-max whiskers,
 paired-round ratio above each pair), one panel per destination (smtp-sink, realistic sink),
-then accept latency (final dot -> 250) p99 bars with p50 marks.
+then the signed cells (relay unsigned, relay signed, Postfix + OpenDKIM, with the signed/unsigned
+and signed/Postfix+OpenDKIM ratios), then accept latency (final dot -> 250) p99 bars with p50
+marks.
 """
 
 from __future__ import annotations
@@ -20,46 +22,55 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-COLORS = {"relay": "#1f77b4", "postfix": "#ff7f0e"}
+COLORS = {"relay": "#1f77b4", "postfix": "#ff7f0e", "relay-signed": "#2ca02c",
+          "postfix-dkim": "#d62728"}
+LABELS = {"relay-signed": "relay signed", "postfix-dkim": "postfix + opendkim"}
+# per panel kind: the systems drawn, and the ratios written above each group (key, prefix)
+UNSIGNED = (("relay", "postfix"), (("relay_postfix_e2e_ratio", ""),))
+SIGNED = (("relay", "relay-signed", "postfix-dkim"),
+          (("signed_unsigned_ratio", "signed/unsigned "),
+           ("signed_postfix_dkim_ratio", "signed/pfx+dkim ")))
 SIZE_NAMES = {"4k": "4 KiB", "200k": "200 KiB"}
 
 
 def _groups(cells: list[dict], sink: str) -> list[dict]:
-    return [c for c in cells if c["sink"] == sink and ("relay" in c or "postfix" in c)]
+    return [c for c in cells if c["sink"] == sink and any(s in c for s in COLORS)]
 
 
-def _throughput(ax, cells: list[dict], title: str) -> None:
-    width = 0.38
+def _throughput(ax, cells: list[dict], title: str, kind: tuple = UNSIGNED) -> None:
+    systems, ratios = kind
+    width = 0.76 / len(systems)
     xs = range(len(cells))
     top = 0.0
-    for j, system in enumerate(("relay", "postfix")):
+    for j, system in enumerate(systems):
         med, lo, hi, pos = [], [], [], []
         for i, c in enumerate(cells):
             e = c.get(system)
             if not e:
                 continue
             v = e["e2e_per_s"]
-            pos.append(i + (j - 0.5) * width)
+            pos.append(i + (j - (len(systems) - 1) / 2) * width)
             med.append(v["median"])
             lo.append(v["median"] - v["min"])
             hi.append(v["max"] - v["median"])
             top = max(top, v["max"])
         if pos:
-            ax.bar(pos, med, width, color=COLORS[system], label=system,
+            ax.bar(pos, med, width, color=COLORS[system], label=LABELS.get(system, system),
                    yerr=[lo, hi], capsize=3, error_kw={"elinewidth": 1, "alpha": 0.7})
     for i, c in enumerate(cells):
-        r = c.get("relay_postfix_e2e_ratio")
-        if r:
-            ax.annotate(f"{r['median']:.2f}x", (i, top * 1.04), ha="center", fontsize=9,
+        text = "\n".join(f"{prefix}{c[key]['median']:.2f}x" for key, prefix in ratios if key in c)
+        if text:
+            ax.annotate(text, (i, top * 1.04), ha="center", fontsize=9,
                         fontweight="bold", color="#333")
-    ax.set_ylim(0, top * 1.45 if top else 1)  # room for the ratios, and the legend above them
+    # room for the ratios (one line each), and the legend above them
+    ax.set_ylim(0, top * (1.45 + 0.45 * (len(ratios) - 1)) if top else 1)
     ax.set_xticks(list(xs))
     ax.set_xticklabels([f"{SIZE_NAMES.get(c['size'], c['size'])}\n{c['sessions']} sess."
                         for c in cells])
     ax.set_ylabel("msg/s end to end")
     ax.set_title(title, fontsize=10, loc="left")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8, ncol=2)
+    ax.legend(loc="upper right", fontsize=8, ncol=len(systems))
 
 
 def _latency(ax, cells: list[dict], title: str) -> None:
@@ -97,7 +108,7 @@ def render(results: dict, path: Path) -> None:
     cells = results.get("summary") or []
     titles = results.get("sink_titles", {})
     panels = []
-    for sink in ("all", "realistic"):
+    for sink in ("all", "realistic", "signed"):
         g = _groups(cells, sink)
         if g:
             panels.append(("tp", sink, g))
@@ -112,7 +123,11 @@ def render(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(len(panels), 1, figsize=(width, 3.2 * len(panels)), squeeze=False)
     for ax, (what, sink, g) in zip(axes[:, 0], panels, strict=True):
         name = titles.get(sink, sink)
-        if what == "tp":
+        if what == "tp" and sink == "signed":
+            _throughput(ax, g, f"Signed (DKIM RSA-2048), end-to-end msg/s, destination {name}\n"
+                               "(bars: median, whiskers: min-max; above: relay signed / unsigned "
+                               "and / Postfix+OpenDKIM, medians of paired rounds)", SIGNED)
+        elif what == "tp":
             _throughput(ax, g, f"End-to-end msg/s, destination {name}\n(bars: median, "
                                "whiskers: min-max; above: relay/postfix, median of paired rounds)")
         else:

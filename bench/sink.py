@@ -1,6 +1,7 @@
 """A fast SMTP sink that refuses a deterministic share of messages: the realistic destination.
 
     python3 bench/sink.py [--port 0] [--temp-pct 5] [--perm-pct 2] [--dsn-domain bench.test]
+                          [--sample-dir DIR]
 
 smtp-sink accepts everything, which hides queue build-up and retry cost.  This sink decides
 per message, from a hash of its Message-Id header (smtp-source writes a unique one, and both
@@ -26,13 +27,21 @@ Control (one line per command on stdin; answers are JSON lines on stdout):
     shares off|on            off: accept every message (a direct smtp-source round measures
                              the sink's ceiling that way: smtp-source stops at the first
                              refusal); on: the refusing shares again (the default)
+    sample EVERY MAX         keep every EVERY-th non-DSN message in full (dot-stuffed, as on the
+                             wire) as --sample-dir/NNNNNN.eml, at most MAX files from now on;
+                             `sample 0 0` stops; answers {"sampling": [EVERY, MAX]}
+
+Every non-DSN message whose header section has a DKIM-Signature field counts in `dkim_signed`
+(the signed scenario of bench/run checks that every message of a signed round was signed, and
+verifies the kept samples with dkimpy).
 
 Besides, a {"stats": {...}} line is pushed at most every 50 ms while counters change (the
 harness's "current" view), and {"ready": PORT} once listening.  time.monotonic() is the
 system-wide CLOCK_MONOTONIC, comparable with the harness's.  EOF on stdin or SIGTERM stops it.
 
 Stdlib asyncio with uvloop when it is importable.  The data phase never stores a message: it
-keeps its first 16 KiB (headers) and the last 4 bytes (to find "\\r\\n.\\r\\n" across reads).
+keeps its first 16 KiB (headers) and the last 4 bytes (to find "\\r\\n.\\r\\n" across reads),
+except for the few messages `sample` asks for.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ import time
 
 HEAD_KEEP = 16384
 MSGID = re.compile(rb"^message-id:[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
+DKIM_SIG = re.compile(rb"^dkim-signature:", re.IGNORECASE | re.MULTILINE)
 EHLO = (b"250-bench-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n"
         b"250 DSN\r\n")
 
@@ -60,9 +70,22 @@ class Stats:
         self.deferred: set[bytes] = set()      # Message-Ids answered 451 once
         self.c = {"sessions": 0, "open": 0, "accepted": 0, "accepted_dup": 0, "no_msgid": 0,
                   "temp": 0, "retried_ok": 0, "perm": 0, "perm_repeat": 0, "dsn": 0,
-                  "replies": 0, "bytes": 0}
+                  "replies": 0, "bytes": 0, "dkim_signed": 0, "sampled": 0}
         self.arms: list[tuple[int, str]] = []
         self.changed = False
+        self.sample_every = 0     # keep every N-th non-DSN message in full (0: none)
+        self.sample_left = 0
+        self.sample_seen = 0
+
+    def take_sample(self) -> bool:
+        """Whether the message whose DATA starts now is to be kept in full."""
+        if not self.sample_every or self.sample_left <= 0:
+            return False
+        self.sample_seen += 1
+        if (self.sample_seen - 1) % self.sample_every:
+            return False
+        self.sample_left -= 1
+        return True
 
     def outcomes(self) -> int:
         return len(self.accepted) + len(self.refused) + self.c["no_msgid"]
@@ -104,8 +127,9 @@ class Decider:
 
 
 class Session(asyncio.Protocol):
-    def __init__(self, stats: Stats, decider: Decider) -> None:
-        self.stats, self.decider = stats, decider
+    def __init__(self, stats: Stats, decider: Decider, sample_dir: str | None) -> None:
+        self.stats, self.decider, self.sample_dir = stats, decider, sample_dir
+        self.full: bytearray | None = None  # the whole message, when it is a sample
         self.buf = b""
         self.in_data = False
         self.head = bytearray()
@@ -181,6 +205,9 @@ class Session(asyncio.Protocol):
             self.head = bytearray()
             self.tail = b"\r\n"  # the CRLF of the DATA line: "." alone ends an empty message
             self.size = 0
+            # DSNs are never sampled; MAIL's sender is known here
+            keep = self.sample_dir and self.sender and self.stats.take_sample()
+            self.full = bytearray() if keep else None
             return b"354 End data with <CR><LF>.<CR><LF>\r\n"
         if verb == b"RSET":
             self.rcpts = []
@@ -196,6 +223,8 @@ class Session(asyncio.Protocol):
         window = self.tail + chunk
         i = window.find(b"\r\n.\r\n")
         if i < 0:
+            if self.full is not None:
+                self.full += chunk
             if len(self.head) < HEAD_KEEP:
                 self.head += chunk[:HEAD_KEEP - len(self.head)]
             self.size += len(chunk)
@@ -205,10 +234,26 @@ class Session(asyncio.Protocol):
         if body_end > 0 and len(self.head) < HEAD_KEEP:
             self.head += chunk[:min(body_end, HEAD_KEEP - len(self.head))]
         self.size += max(body_end, 0)
+        if self.full is not None:
+            self._keep_sample(chunk, body_end)
         rest = window[i + 5:]
         self.in_data = False
         self.t.write(self._decide())
         return rest
+
+    def _keep_sample(self, chunk: bytes, body_end: int) -> None:
+        """Write the sampled message (up to and including the CRLF before the final dot)."""
+        full = self.full
+        self.full = None
+        if body_end >= 0:
+            full += chunk[:body_end]
+        else:  # the message ended inside the bytes already kept
+            del full[len(full) + body_end:]
+        st = self.stats
+        st.c["sampled"] += 1
+        # a bench sink writing a few small files: blocking here costs microseconds
+        with open(os.path.join(self.sample_dir, f"{st.c['sampled']:06d}.eml"), "wb") as f:
+            f.write(full)
 
     def _decide(self) -> bytes:
         st, c = self.stats, self.stats.c
@@ -227,6 +272,8 @@ class Session(asyncio.Protocol):
             st.check_arms()
             return b"250 2.0.0 Ok: queued (no Message-Id)\r\n"
         msgid = m.group(1).strip()
+        if DKIM_SIG.search(self.head, 0, hdr_end if hdr_end >= 0 else len(self.head)):
+            c["dkim_signed"] += 1
         b = d.bucket(msgid) if d.on else 10000
         if b < d.perm:
             if msgid in st.refused:
@@ -259,12 +306,14 @@ async def main() -> None:
     ap.add_argument("--temp-pct", type=float, default=5.0)
     ap.add_argument("--perm-pct", type=float, default=2.0)
     ap.add_argument("--dsn-domain", default="bench.test")
+    ap.add_argument("--sample-dir", default=None,
+                    help="folder for the messages `sample` asks to keep in full")
     args = ap.parse_args()
     loop = asyncio.get_running_loop()
     stats = Stats()
     decider = Decider(args.temp_pct, args.perm_pct, args.dsn_domain.encode())
-    server = await loop.create_server(lambda: Session(stats, decider), args.host, args.port,
-                                      backlog=1000, reuse_address=True)
+    server = await loop.create_server(lambda: Session(stats, decider, args.sample_dir),
+                                      args.host, args.port, backlog=1000, reuse_address=True)
     stop = loop.create_future()
     loop.add_signal_handler(signal.SIGTERM, lambda: stop.done() or stop.set_result(None))
     loop.add_signal_handler(signal.SIGINT, lambda: stop.done() or stop.set_result(None))
@@ -289,6 +338,10 @@ async def main() -> None:
             elif parts[:1] == ["shares"] and len(parts) == 2:
                 decider.on = parts[1] == "on"
                 emit({"shares": decider.on})
+            elif parts[:1] == ["sample"] and len(parts) == 3:
+                stats.sample_every, stats.sample_left = int(parts[1]), int(parts[2])
+                stats.sample_seen = 0
+                emit({"sampling": [stats.sample_every, stats.sample_left]})
             elif parts[:1] == ["stats"]:
                 emit({"stats": stats.snapshot()})
 

@@ -32,6 +32,16 @@ def _parser() -> argparse.ArgumentParser:
     qshow = qverbs.add_parser("show", parents=[common], help="envelope, state and attempts")
     qshow.add_argument("id")
     qverbs.add_parser("rebuild", parents=[common], help="rebuild the index from the spool files")
+    dkim = verbs.add_parser("dkim", parents=[common], help="DKIM keys")
+    dverbs = dkim.add_subparsers(dest="dkim_verb", metavar="DKIM_COMMAND", required=True)
+    keygen = dverbs.add_parser("keygen", parents=[common],
+                               help="write a new private key, print its DNS TXT record")
+    keygen.add_argument("--domain", required=True, help="the signing domain (d=)")
+    keygen.add_argument("--selector", required=True, help="the selector (s=), e.g. s2026")
+    keygen.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa",
+                        help="rsa (2048 bits, the default) or ed25519")
+    keygen.add_argument("--out", metavar="DIR",
+                        help="folder for DOMAIN.SELECTOR.pem (default: keys/ beside the config)")
     return parser
 
 
@@ -60,6 +70,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from relay.smtp.auth import hash_password_command
 
         return hash_password_command()
+    if args.verb == "dkim":
+        from relay.ops.dkimcmd import keygen_command
+
+        return keygen_command(config_path, args.domain, args.selector, args.algorithm, args.out)
     if args.verb == "queue":
         from relay.ops.queuecmd import queue_command
 

@@ -13,20 +13,25 @@ config, so both sides agree on one folder.
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
+import datetime
 import ipaddress
 import json
 import os
 import re
 import socket
 import ssl
+import stat
 import sys
 import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TextIO, TypeVar
 
 from relay.addresses import HostPort, in_networks, parse_hostport
+from relay.config_status import Unenforced, find_unenforced
 from relay.smtp.auth import load_users
 
 T = TypeVar("T")
@@ -53,14 +58,18 @@ ENCRYPTION_MODES = ("required", "preferred")
 PRIORITIES = ("high", "normal", "bulk")
 LOG_FORMATS = ("logfmt", "json")
 ON_REPLY_ACTIONS = ("suspend",)
+SPF_MODES = ("enforce", "off")
+DKIM_MIN_RSA_BITS = 1024  # RFC 8301: verifiers reject smaller keys
 
 
 class ConfigError(Exception):
-    """The config cannot be used; `problems` holds one `FILE: KEY: what is wrong` a line."""
+    """The config cannot be used; `problems` holds one `FILE: KEY: what is wrong` a line,
+    `warnings` the warning lines found on the way (shown too, so one round shows all)."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], warnings: Iterable[str] = ()) -> None:
         super().__init__("\n".join(problems))
         self.problems = list(problems)
+        self.warnings = list(warnings)
 
 
 # ---------------------------------------------------------------------------- values
@@ -353,6 +362,36 @@ def _url(value: object) -> str:
     return text
 
 
+def _date(value: object) -> datetime.date:
+    """A TOML date (`2026-12-01`) or the same as a string (`"2026-12-01"`)."""
+    if isinstance(value, datetime.date) and not isinstance(value, datetime.datetime):
+        return value
+    text = _string(value).strip()
+    try:
+        return datetime.date.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{_q(text)} is not a date such as \"2026-12-01\"") from None
+
+
+def _count(value: object) -> int:
+    number = _int(value)
+    if number < 0:
+        raise ValueError(f"must not be negative, got {number}")
+    return number
+
+
+def parse_charset(value: object) -> str:
+    """Python's codec name for a charset (`"GBK"` -> `"gbk"`); a text codec, not base64."""
+    text = _nonempty(value)
+    try:
+        name = codecs.lookup(text).name
+        "".encode(name)  # LookupError for bytes-to-bytes codecs such as base64 or rot13
+    except LookupError:
+        raise ValueError(f"{_q(text)} is not a charset Python knows, such as \"gb18030\", "
+                         '"big5" or "iso-8859-1"') from None
+    return name
+
+
 def _redis_url(value: object) -> str:
     text = _string(value).strip()
     if text and not text.startswith(("redis://", "rediss://", "unix://")):
@@ -384,6 +423,7 @@ class ServerConfig:
     error_hard_limit: int = 20
     error_delay: float = 1.0
     auth_failure_limit: Rate | None = DEFAULT_AUTH_FAILURE_LIMIT  # None: off ("0")
+    max_messages_per_client: Rate | None = None  # None: off ("0"), as Postfix's anvil default
     idle_timeout: float = 300.0  # our addition (Postfix's smtpd_timeout): then 421 4.4.2
 
     def is_trusted(self, address: IPAddress) -> bool:
@@ -414,10 +454,20 @@ class DnsConfig:
 
 
 @dataclass(frozen=True)
+class Warmup:
+    """A new outbound address: on day N after `start` (UTC, day 0 = start) at most
+    `per_day[N]` messages per destination domain; no cap after the list ends."""
+
+    start: datetime.date
+    per_day: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class SourceAddress:
     address: IPAddress
     hostname: str
     weight: int = 1
+    warmup: Warmup | None = None
 
 
 @dataclass(frozen=True)
@@ -426,6 +476,8 @@ class DeliveryConfig:
     source_addresses: tuple[SourceAddress, ...] = ()  # empty: the kernel's choice
     fallback_relays: tuple[HostPort, ...] = ()
     connect_timeout: float = 30.0  # our addition: seconds to wait for a TCP connect
+    tls_ca_file: Path | None = None  # None: the system CAs (for tls = "verify" / "mta-sts")
+    spf: str = "off"  # enforce | off
 
 
 @dataclass(frozen=True)
@@ -473,8 +525,15 @@ class DestinationPolicy:
 
 @dataclass(frozen=True)
 class DkimKey:
+    """A selector and the path of its private key. The key itself is never kept here: the
+    signer loads it. `algorithm` ("rsa" | "ed25519") is read from the file at load time."""
+
     selector: str
     key: Path
+    algorithm: str | None = None  # None: built by hand, not read from a file
+    # `FILE: KEY` of this entry (e.g. `policies/a.toml: sender[1].dkim[0].key`), for the
+    # signer's problem lines when the key fails to load at start.
+    where: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -484,11 +543,28 @@ class Webhook:
 
 
 @dataclass(frozen=True)
+class SenderClients:
+    """`[[sender]] clients`: the AUTH users and client networks that may send as a domain."""
+
+    users: frozenset[str] = frozenset()
+    networks: tuple[IPNetwork, ...] = ()
+
+    def allows(self, user: str | None, address: str | IPAddress) -> bool:
+        """True for a listed AUTH user, or a client inside a listed network (an IPv4-mapped
+        IPv6 address counts as IPv4)."""
+        if user is not None and user in self.users:
+            return True
+        return in_networks(str(address), self.networks)
+
+
+@dataclass(frozen=True)
 class SenderPolicy:
     domain: str
     dkim: tuple[DkimKey, ...] = ()
     priority: str = "normal"
     webhook: Webhook | None = None
+    charset: str | None = None  # Python codec name for undeclared 8-bit text, when unsure
+    clients: SenderClients | None = None  # None: any client may send as this domain
 
 
 @dataclass(frozen=True)
@@ -544,6 +620,10 @@ class Config:
     destinations: tuple[DestinationPolicy, ...] = ()
     senders: tuple[SenderPolicy, ...] = ()
     recipients: tuple[RecipientPolicy, ...] = ()
+    # Keys set in the files that the relay does not enforce yet (relay/config_status.py),
+    # and the warning lines check-config prints and serve logs.
+    unenforced: tuple[Unenforced, ...] = field(default=(), compare=False)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
     _destination_index: DomainIndex[DestinationPolicy] = field(
         init=False, repr=False, compare=False)
     _sender_index: DomainIndex[SenderPolicy] = field(init=False, repr=False, compare=False)
@@ -573,6 +653,11 @@ class Config:
         """The policy for an envelope-sender domain, matched like destinations."""
         return self._sender_index.lookup(domain)
 
+    @property
+    def sender_clients_in_force(self) -> bool:
+        """True when some `[[sender]]` restricts its clients (else intake skips the checks)."""
+        return any(s.clients is not None for s in self.senders)
+
     def recipient_for(self, address: str) -> RecipientPolicy | None:
         """The policy for a recipient: the exact address first, then by its domain."""
         local, _, domain = address.rpartition("@")
@@ -585,14 +670,26 @@ class Config:
 
 
 class _Report:
-    """Collects problem lines for one file into a list shared by all files."""
+    """Collects problem and warning lines for one file into lists shared by all files."""
 
-    def __init__(self, lines: list[str], file: str) -> None:
+    def __init__(self, lines: list[str], file: str, warnings: list[str] | None = None) -> None:
         self.lines = lines
         self.file = file
+        self.warnings: list[str] = warnings if warnings is not None else []
+
+    def _line(self, key: str, message: str) -> str:
+        return f"{self.file}: {key}: {message}" if key else f"{self.file}: {message}"
+
+    def for_file(self, file: str) -> _Report:
+        """A report for another file, adding to the same lists."""
+        return _Report(self.lines, file, self.warnings)
 
     def add(self, key: str, message: str) -> None:
-        self.lines.append(f"{self.file}: {key}: {message}" if key else f"{self.file}: {message}")
+        self.lines.append(self._line(key, message))
+
+    def warn(self, key: str, message: str) -> None:
+        """A line check-config prints on stderr (exit 0) and serve logs."""
+        self.warnings.append(self._line(key, message))
 
 
 _MISSING: Any = object()
@@ -739,6 +836,7 @@ def _server(t: _Table, base: Path) -> ServerConfig:
         error_delay=t.value("error_delay", parse_duration, 1.0),
         auth_failure_limit=t.value("auth_failure_limit", _rate_or_off,
                                    DEFAULT_AUTH_FAILURE_LIMIT),
+        max_messages_per_client=t.value("max_messages_per_client", _rate_or_off, None),
         idle_timeout=t.value("idle_timeout", _positive_duration, 300.0),
     )
     t.finish()
@@ -813,18 +911,31 @@ def _segment_size(value: object) -> int:
     return size
 
 
+def _warmup(t: _Table) -> Warmup | None:
+    start = t.required("start", _date)
+    per_day = t.items("per_day", _count)
+    if "per_day" not in t.data:
+        t.report.add(t.key("per_day"), "missing (required)")
+    elif not per_day and t.data["per_day"] == []:
+        t.report.add(t.key("per_day"), "needs at least one day")
+    t.finish()
+    return Warmup(start, per_day) if start is not None and per_day else None
+
+
 def _source_address(t: _Table, hostname: str) -> SourceAddress | None:
     address = t.required("address", _ip)
+    warmup = _warmup(t.table("warmup")) if "warmup" in t.data else None
     result = SourceAddress(
         address=address if address is not None else ipaddress.ip_address("0.0.0.0"),
         hostname=t.value("hostname", normalize_domain, hostname),
         weight=t.value("weight", _positive_int, 1),
+        warmup=warmup,
     )
     t.finish()
     return result if address is not None else None
 
 
-def _delivery(t: _Table, hostname: str) -> DeliveryConfig:
+def _delivery(t: _Table, hostname: str, base: Path) -> DeliveryConfig:
     example = '{ address = "192.0.2.10", hostname = "out1.example.com", weight = 1 }'
     sources = [_source_address(s, hostname) for s in t.tables("source_addresses", example)]
     delivery = DeliveryConfig(
@@ -832,8 +943,11 @@ def _delivery(t: _Table, hostname: str) -> DeliveryConfig:
         source_addresses=tuple(s for s in sources if s is not None),
         fallback_relays=t.items("fallback_relays", _hostport(SMTP_PORT)),
         connect_timeout=t.value("connect_timeout", _positive_duration, 30.0),
+        tls_ca_file=t.value("tls_ca_file", _path_in(base), None),
+        spf=t.value("spf", _choice(SPF_MODES), "off"),
     )
     t.finish()
+    _check_file(t, "tls_ca_file", delivery.tls_ca_file)
     seen: set[IPAddress] = set()
     for index, source in enumerate(delivery.source_addresses):
         if source.address in seen:
@@ -885,6 +999,8 @@ class _PolicyContext:
     source_addresses: frozenset[IPAddress]
     check_files: bool
     seen: dict[tuple[str, str], str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    users: frozenset[str] | None = None  # users_file names, for check-config; None: no file
 
     def claim(self, t: _Table, kind: str, name: str, value: str | None) -> bool:
         """Record `value` for `kind`; report and return False when it is taken."""
@@ -941,12 +1057,100 @@ def _destination(t: _Table, ctx: _PolicyContext) -> DestinationPolicy | None:
     return policy if ctx.claim(t, "destination", "domain", domain) else None
 
 
+def dkim_key_algorithm(path: Path) -> str:
+    """"rsa" or "ed25519" for a PEM private key file; ValueError saying what is wrong.
+
+    The key is parsed to prove the signer can use it, then dropped: no key material stays in
+    the config, and none goes into a message (only the path)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"file not found: {path}") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    # Imported here: only a config with DKIM keys pays for it (queue commands stay quick).
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    if b"-----BEGIN" not in data:
+        raise ValueError(f"{path}: not a PEM file (make one with `invoice-relay dkim keygen`)")
+    if b"PRIVATE KEY-----" not in data:
+        raise ValueError(f"{path}: not a private key (a public key or certificate?)")
+    try:
+        # OpenSSL's RSA key check costs ~55 ms a key here; the probe signature below proves
+        # the same thing that matters (signatures will verify) in about 2 ms.
+        key = load_pem_private_key(data, password=None, unsafe_skip_rsa_key_validation=True)
+    except TypeError:
+        raise ValueError(f"{path}: the key is encrypted with a passphrase; the relay needs it "
+                         "unencrypted, readable only by its own user") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ValueError(f"{path}: not a valid PEM private key") from None
+    if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < DKIM_MIN_RSA_BITS:
+            raise ValueError(f"{path}: an RSA key of {key.key_size} bits; DKIM verifiers reject "
+                             f"keys under {DKIM_MIN_RSA_BITS} bits (use 2048)")
+        _probe_rsa(key, path)
+        return "rsa"
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return "ed25519"
+    raise ValueError(f"{path}: not an RSA or Ed25519 key; DKIM signs with those two only")
+
+
+def _probe_rsa(key: Any, path: Path) -> None:
+    """Sign and verify a probe: a damaged key (parts that do not belong together) fails here
+    instead of producing signatures that never verify."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    probe = b"invoice-relay dkim key probe"
+    try:
+        signature = key.sign(probe, padding.PKCS1v15(), hashes.SHA256())
+        key.public_key().verify(signature, probe, padding.PKCS1v15(), hashes.SHA256())
+    except (InvalidSignature, ValueError):
+        raise ValueError(f"{path}: the RSA key is damaged: its signatures do not verify") from None
+
+
 def _dkim_key(t: _Table, ctx: _PolicyContext) -> DkimKey | None:
     selector = t.required("selector", normalize_domain)
     key = t.required("key", _required_path(ctx.base))
     t.finish()
-    ctx.file(t, "key", key)
-    return DkimKey(selector, key) if selector is not None and key is not None else None
+    if key is None:
+        return None
+    # Checked on every load, serve included: signing is real, a bad key must stop the start.
+    try:
+        algorithm = dkim_key_algorithm(key)
+    except ValueError as exc:
+        t.report.add(t.key("key"), str(exc))
+        return None
+    if key.stat().st_mode & stat.S_IROTH:
+        t.report.warn(t.key("key"), f"{key} is readable by every user: chmod 0600, or 0640 "
+                                    "with the service's group")
+    where = f"{t.report.file}: {t.key('key')}"
+    return DkimKey(selector, key, algorithm, where) if selector is not None else None
+
+
+def _dkim_keys(t: _Table, ctx: _PolicyContext, domain: str | None) -> tuple[DkimKey, ...]:
+    example = '{ selector = "s2026", key = "keys/s2026.pem" }'
+    tables = t.tables("dkim", example)
+    if tables and domain == "*":
+        t.report.add(t.key("dkim"), 'not allowed under domain = "*": a signature needs a '
+                                    "domain of its own (d=)")
+        return ()
+    keys: list[DkimKey] = []
+    seen: dict[str, str] = {}
+    for table in tables:
+        key = _dkim_key(table, ctx)
+        if key is None:
+            continue
+        if key.selector in seen:
+            table.report.add(table.key("selector"),
+                             f"{_q(key.selector)} is already used at {seen[key.selector]}")
+            continue
+        seen[key.selector] = table.path
+        keys.append(key)
+    return tuple(keys)
 
 
 def _webhook(t: _Table, ctx: _PolicyContext) -> Webhook | None:
@@ -959,19 +1163,81 @@ def _webhook(t: _Table, ctx: _PolicyContext) -> Webhook | None:
 
 def _sender(t: _Table, ctx: _PolicyContext) -> SenderPolicy | None:
     domain = t.required("domain", parse_domain_pattern)
-    dkim_example = '{ selector = "s2026", key = "keys/s2026.pem" }'
-    keys = [_dkim_key(k, ctx) for k in t.tables("dkim", dkim_example)]
+    keys = _dkim_keys(t, ctx, domain)
     webhook = None
     if "webhook" in t.data:
         webhook = _webhook(t.table("webhook"), ctx)
     policy = SenderPolicy(
         domain=domain or "",
-        dkim=tuple(k for k in keys if k is not None),
+        dkim=keys,
         priority=t.value("priority", _choice(PRIORITIES), "normal"),
         webhook=webhook,
+        charset=t.value("charset", parse_charset, None),
+        clients=_sender_clients(t, ctx),
     )
     t.finish()
+    if "dkim" in t.data and policy.clients is None:
+        ctx.warnings.append(f"{t.report.file}: {t.path}: dkim without clients: any client may "
+                            "send (and get signed) as this domain")
     return policy if ctx.claim(t, "sender", "domain", domain) else None
+
+
+def _client_entry(value: object) -> str | IPNetwork:
+    """One `clients` entry: `user:NAME` (the AUTH user name) or a network."""
+    text = _string(value).strip()
+    if text.startswith("user:"):
+        name = text[len("user:"):].strip()
+        if not name or ":" in name or any(ch.isspace() for ch in name):
+            raise ValueError(f"{_q(text)}: write user:NAME with the name from users_file")
+        return name
+    try:
+        # strict=False: "10.1.2.3/24" means the /24 it lies in, as for trusted_networks.
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"{_q(text)} is neither user:NAME nor a network such as "
+                         "10.1.2.0/24 or ::1/128") from None
+
+
+def _sender_clients(t: _Table, ctx: _PolicyContext) -> SenderClients | None:
+    entries = t.items("clients", _client_entry)
+    if "clients" not in t.data:
+        return None
+    if t.data["clients"] == []:
+        t.report.add(t.key("clients"), "empty: list user:NAME entries or networks, or leave "
+                                       "the key out to let any client send as this domain")
+    if ctx.check_files:
+        _warn_unknown_users(t, ctx)
+    return SenderClients(users=frozenset(e for e in entries if isinstance(e, str)),
+                         networks=tuple(e for e in entries if not isinstance(e, str)))
+
+
+def _warn_unknown_users(t: _Table, ctx: _PolicyContext) -> None:
+    """A `user:NAME` nobody can log in as is harmless (it lets no one in) but surely a typo."""
+    raw = t.data["clients"]
+    for index, item in enumerate(raw if isinstance(raw, list) else []):
+        try:
+            entry = _client_entry(item)
+        except ValueError:
+            continue  # reported as an error already
+        if not isinstance(entry, str):
+            continue
+        key = f"{t.key('clients')}[{index}]"
+        if ctx.users is None:
+            ctx.warnings.append(f"{t.report.file}: {key}: no server.users_file: nobody can "
+                                f"log in as {_q(entry)}")
+        elif entry not in ctx.users:
+            ctx.warnings.append(f"{t.report.file}: {key}: {_q(entry)} is not a user of "
+                                "server.users_file")
+
+
+def _user_names(server: ServerConfig) -> frozenset[str] | None:
+    """The user names of users_file (its problems are reported with the server section)."""
+    if server.users_file is None:
+        return None
+    try:
+        return frozenset(load_users(server.users_file))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return frozenset()
 
 
 def _recipient(t: _Table, ctx: _PolicyContext) -> RecipientPolicy | None:
@@ -991,6 +1257,7 @@ class _Policies:
     destinations: list[DestinationPolicy] = field(default_factory=list)
     senders: list[SenderPolicy] = field(default_factory=list)
     recipients: list[RecipientPolicy] = field(default_factory=list)
+    unenforced: list[Unenforced] = field(default_factory=list)
 
 
 def _policy_file(root: _Table, ctx: _PolicyContext, into: _Policies) -> None:
@@ -1008,15 +1275,16 @@ def _policy_file(root: _Table, ctx: _PolicyContext, into: _Policies) -> None:
     root.finish()
 
 
-def _read_policies(folder: Path | None, ctx: _PolicyContext, lines: list[str]) -> _Policies:
+def _read_policies(folder: Path | None, ctx: _PolicyContext, main: _Report) -> _Policies:
     found = _Policies()
     if folder is None or not folder.is_dir():
         return found
     for path in sorted(folder.glob("*.toml"), key=lambda p: p.name):
-        report = _Report(lines, str(path))
+        report = main.for_file(str(path))
         data = _read_toml(path, report)
         if data is None:
             continue
+        found.unenforced.extend(find_unenforced(str(path), data))
         try:
             _policy_file(_Table(data, "", report), ctx, found)
         except Exception as exc:  # a bug here must still come out as a problem line
@@ -1046,12 +1314,15 @@ def find_config_file(cli_value: str | None) -> Path | None:
     return None
 
 
-def load_config(path: Path | None, *, check_files: bool = False) -> Config:
+def load_config(path: Path | None, *, check_files: bool = False,
+                strict: bool = False) -> Config:
     """Parse the main config (None: embedded defaults) and its policy folder.
 
-    `check_files` also reports referenced files that are not used yet (DKIM keys, S/MIME
-    certificates, webhook secrets) when they are missing; check-config asks for it.
-    Raises ConfigError with every problem found.
+    `check_files` also reports referenced files that are not used yet (S/MIME certificates,
+    webhook secrets) when they are missing; check-config asks for it. DKIM keys are always
+    read and checked. Keys the relay does not enforce yet (relay/config_status.py) become
+    warning lines in `Config.warnings`; with `strict` (check-config, serve) a security key
+    among them is a problem. Raises ConfigError with every problem found.
     """
     lines: list[str] = []
     if path is None:
@@ -1067,10 +1338,18 @@ def load_config(path: Path | None, *, check_files: bool = False) -> Config:
         config = _build(data, path, base, report, check_files)
     except Exception as exc:  # never a traceback for a config problem
         report.add("", f"unexpected error: {type(exc).__name__}: {exc}")
-        raise ConfigError(lines) from exc
+        raise ConfigError(lines, report.warnings) from exc
+    for item in config.unenforced:
+        if any(line.startswith(f"{item.file}: {item.key}") for line in lines):
+            continue  # the value (or one inside it) is wrong anyway: its own line says so
+        if not item.security:
+            report.warnings.append(item.line)
+        elif strict:
+            # `serve` never runs with a protection configured and off.
+            lines.append(item.line)
     if lines:
-        raise ConfigError(lines)
-    return config
+        raise ConfigError(lines, report.warnings)
+    return dataclasses.replace(config, warnings=tuple(report.warnings))
 
 
 def _build(data: dict[str, Any], path: Path | None, base: Path, report: _Report,
@@ -1078,19 +1357,23 @@ def _build(data: dict[str, Any], path: Path | None, base: Path, report: _Report,
     root = _Table(data, "", report)
     server = _server(root.table("server"), base)
     queue = _queue(root.table("queue"), base)
-    delivery = _delivery(root.table("delivery"), server.hostname)
+    delivery = _delivery(root.table("delivery"), server.hostname, base)
     dns, http, cluster, log = _simple_sections(root)
     policies = _policies_section(root, base, path is not None)
     root.finish()
+    # Policy warnings go to the same list as the rest (check-config prints, serve logs them).
     ctx = _PolicyContext(base, frozenset(s.address for s in delivery.source_addresses),
-                         check_files)
-    found = _read_policies(policies.path, ctx, report.lines)
+                         check_files, warnings=report.warnings)
+    if check_files:
+        ctx.users = _user_names(server)
+    found = _read_policies(policies.path, ctx, report)
+    unenforced = find_unenforced(report.file, data) + found.unenforced
     return Config(
         source=path.resolve() if path is not None else None,
         server=server, queue=queue, dns=dns, delivery=delivery, http=http,
         policies=policies, cluster=cluster, log=log,
         destinations=tuple(found.destinations), senders=tuple(found.senders),
-        recipients=tuple(found.recipients),
+        recipients=tuple(found.recipients), unenforced=tuple(unenforced),
     )
 
 
@@ -1102,31 +1385,44 @@ def _summary(config: Config, name: str) -> str:
 
 
 def check_config_command(cli_value: str | None) -> int:
-    """`invoice-relay check-config`: 0 and a summary line, or 1 and one line per problem."""
+    """`invoice-relay check-config`: 0 and a summary line, or 1 and one line per problem.
+
+    Warnings (keys not enforced yet) go to stderr either way; they do not change the status.
+    """
     name = cli_value or DEFAULTS_NAME
     try:
         path = find_config_file(cli_value)
         name = str(path) if path is not None else DEFAULTS_NAME
-        config = load_config(path, check_files=True)
+        config = load_config(path, check_files=True, strict=True)
     except ConfigError as exc:
-        for line in exc.problems:
-            print(line)
+        _print_lines(exc.warnings, sys.stderr)
+        _print_lines(exc.problems, sys.stdout)
         return 1
     except Exception as exc:  # never a traceback
         print(f"{name}: unexpected error: {type(exc).__name__}: {exc}")
         return 1
+    _print_lines(config.warnings, sys.stderr)
     print(_summary(config, name))
     return 0
 
 
+def _print_lines(lines: Iterable[str], stream: TextIO) -> None:
+    for line in lines:
+        print(line, file=stream)
+    stream.flush()  # stderr and stdout may be one file: keep the order
+
+
 def load_or_exit(cli_value: str | None) -> Config:
-    """The config for `serve`; on problems print them to stderr and exit 78 (EX_CONFIG)."""
+    """The config for `serve`; on problems print them to stderr and exit 78 (EX_CONFIG).
+
+    Strict: a security key the relay does not enforce yet is refused, never run without.
+    The caller logs `Config.warnings`."""
+    warnings: list[str] = []
     try:
-        return load_config(find_config_file(cli_value))
+        return load_config(find_config_file(cli_value), strict=True)
     except ConfigError as exc:
-        problems = exc.problems
+        problems, warnings = exc.problems, exc.warnings
     except Exception as exc:
         problems = [f"{cli_value or DEFAULTS_NAME}: unexpected error: {type(exc).__name__}: {exc}"]
-    for line in problems:
-        print(line, file=sys.stderr)
+    _print_lines([*warnings, *problems], sys.stderr)
     sys.exit(EX_CONFIG)

@@ -31,6 +31,7 @@ import uvloop
 
 from relay import log
 from relay.config import Config, load_or_exit
+from relay.policy.dkim import DkimKeyError, Signer
 from relay.queue.committer import Committer
 from relay.queue.notices import Committed, NoticeWriter, read_pipes
 from relay.queue.recovery import recover
@@ -49,7 +50,17 @@ STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 def serve(cli_config: str | None) -> int:
     config = load_or_exit(cli_config)
+    try:
+        # Keys are loaded once, before the fork (the delivery process inherits them); one
+        # that fails stops the start: a relay must never sign nothing silently.
+        signer = Signer.from_config(config)
+    except DkimKeyError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return EXIT_CONFIG
     log.setup()
+    for line in config.warnings:  # keys set but not enforced yet: said once, at start
+        log.event("config_warning", level=30, warning=line)
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # the forked child inherits this
     root = config.queue.path
     try:
@@ -95,7 +106,7 @@ def serve(cli_config: str | None) -> int:
     read_ends, write_ends = [r for r, _ in pipes], [w for _, w in pipes]
     parent = os.getpid()
     ready_read, ready_write = os.pipe()
-    delivery = _fork(lambda: _delivery_main(config, read_ends, ready_write), parent,
+    delivery = _fork(lambda: _delivery_main(config, read_ends, ready_write, signer), parent,
                      "relay-delivery",
                      close=[*write_ends, ready_read, *(sock.fileno() for sock, _ in listeners)])
     for fd in (*read_ends, ready_write):
@@ -230,6 +241,7 @@ async def _intake_main(config: Config, slot: int, notice_fd: int,
     processes: if one dies unexpectedly, the relay stops so that the service manager restarts
     it and startup recovery runs."""
     from relay.smtp.auth import Users, load_users
+    from relay.smtp.senderauth import SenderAuth
     from relay.smtp.server import Intake, IntakeContext
 
     stop = asyncio.Event()
@@ -251,7 +263,7 @@ async def _intake_main(config: Config, slot: int, notice_fd: int,
                         error_soft_limit=server.error_soft_limit,
                         error_hard_limit=server.error_hard_limit,
                         error_delay=server.error_delay, idle_timeout=server.idle_timeout,
-                        auth_limiter=auth_limiter)
+                        auth_limiter=auth_limiter, sender_auth=SenderAuth.from_config(config))
     committer.may_allocate = ctx.space.ok if ctx.space is not None else None
     intake = Intake(ctx, config.server.listen, config.server.listen_tls)
     await intake.start(listeners)
@@ -295,7 +307,8 @@ def _poll_child(pid: int) -> tuple[int, int]:
 
 # --- delivery (child process) ----------------------------------------------------------------
 
-async def _delivery_main(config: Config, notice_fds: Sequence[int], ready_fd: int) -> int:
+async def _delivery_main(config: Config, notice_fds: Sequence[int], ready_fd: int,
+                         signer: Signer | None = None) -> int:
     from relay.delivery.attempt import Attempter
     from relay.delivery.engine import DeliveryEngine
     from relay.delivery.nexthop import NextHopResolver
@@ -310,7 +323,7 @@ async def _delivery_main(config: Config, notice_fds: Sequence[int], ready_fd: in
     await store.start()
     listeners = {(hp.host, hp.port) for hp in (*config.server.listen, *config.server.listen_tls)}
     engine = DeliveryEngine(config, store, NextHopResolver(config.dns.nameservers),
-                            Attempter(config, listeners))
+                            Attempter(config, listeners, signer=signer))
 
     def on_notices(messages: list[Committed], sealed: list[str]) -> None:
         if messages:

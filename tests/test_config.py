@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from relay import config as config_module
@@ -49,6 +49,16 @@ def run_relay(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != config_module.ENV_CONFIG}
     return subprocess.run([sys.executable, "-m", "relay", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=30, check=False)
+
+
+def write_dkim_key(path: Path) -> Path:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    path.chmod(0o600)
+    return path
 
 
 def make_cert(folder: Path) -> tuple[Path, Path]:
@@ -173,6 +183,7 @@ users_file = "users"
 max_message_size = "10MiB"
 max_connections = 200
 max_connections_per_client = 5
+max_messages_per_client = "600/min"
 
 [queue]
 path = "spool"
@@ -189,9 +200,11 @@ nameservers = ["127.0.0.1:5353", "192.0.2.53"]
 [delivery]
 port = 2525
 source_addresses = [ { address = "192.0.2.10", hostname = "out1.example.com", weight = 3 },
-                     { address = "2001:db8::10" } ]
+                     { address = "2001:db8::10", warmup = { start = 2026-12-01, per_day = [50] } } ]
 fallback_relays = ["smarthost.example.net:587", "[2001:db8::25]"]
 connect_timeout = "10s"
+tls_ca_file = "tls/relay.pem"
+spf = "enforce"
 
 [http]
 listen = "127.0.0.1:9025"
@@ -227,6 +240,7 @@ burst = 20
 domain = "invoices.example.com"
 dkim = [ { selector = "s2026", key = "keys/s2026.pem" } ]
 priority = "high"
+charset = "GB18030"
 webhook = { url = "http://127.0.0.1:9000/mail-events", secret_file = "secrets/webhook.key" }
 
 [[recipient]]
@@ -238,6 +252,7 @@ encryption = "required"
 
 def test_full_config_every_key(tmp_path: Path) -> None:
     make_cert(write(tmp_path / "tls" / ".keep", "").parent)
+    write_dkim_key(tmp_path / "keys" / "s2026.pem")
     write(tmp_path / "users", f"erp:{hash_password('pw', ln=4)}\n")
     write(tmp_path / "pol" / "main.toml", FULL_POLICY)
     config = load_config(write(tmp_path / "relay.toml", FULL))
@@ -254,6 +269,7 @@ def test_full_config_every_key(tmp_path: Path) -> None:
     assert s.users_file == tmp_path / "users"
     assert (s.max_message_size, s.max_connections, s.max_connections_per_client) == (
         10 << 20, 200, 5)
+    assert s.max_messages_per_client == Rate(600, 60.0)
     q = config.queue
     assert q.path == tmp_path / "spool" and q.retry_schedule == (90.0, 7200.0)
     assert [q.retry_delay(n) for n in (1, 2, 3)] == [90.0, 7200.0, 7200.0]
@@ -267,6 +283,10 @@ def test_full_config_every_key(tmp_path: Path) -> None:
         "192.0.2.10", "out1.example.com", 3)
     assert (str(second.address), second.hostname, second.weight) == (
         "2001:db8::10", "relay.example.com", 1)
+    assert first.warmup is None and second.warmup is not None
+    assert second.warmup.start == datetime.date(2026, 12, 1)
+    assert second.warmup.per_day == (50,)
+    assert d.tls_ca_file == tmp_path / "tls/relay.pem" and d.spf == "enforce"
     assert d.fallback_relays == (HostPort("smarthost.example.net", 587),
                                  HostPort("2001:db8::25", 25))
     assert config.http.listen == HostPort("127.0.0.1", 9025) and config.http.token == "s3cret"
@@ -283,7 +303,8 @@ def test_full_config_every_key(tmp_path: Path) -> None:
     assert (org.rate, org.burst, org.tls) == (Rate(5, 1.0), 20, "opportunistic")
     (sender,) = config.senders
     assert sender.priority == "high"
-    assert sender.dkim[0].selector == "s2026"
+    assert sender.dkim[0].selector == "s2026" and sender.dkim[0].algorithm == "rsa"
+    assert sender.charset == "gb18030"
     # Policy paths are relative to the main config's folder, not the policy file's.
     assert sender.dkim[0].key == tmp_path / "keys/s2026.pem"
     assert sender.webhook is not None
@@ -482,15 +503,22 @@ def test_tls_and_auth_cross_checks(tmp_path: Path) -> None:
 
 
 def test_referenced_files_checked_only_for_check_config(tmp_path: Path) -> None:
-    policy = write(tmp_path / "policies" / "s.toml", "[[sender]]\ndomain = 'a.example'\n"
-                   "dkim = [{ selector = 's1', key = 'keys/a.pem' }]\n"
+    policy = write(tmp_path / "policies" / "s.toml",
                    "[[recipient]]\nmatch = 'a.example'\nsmime_certificate = 'certs/a.pem'\n")
     path = write(tmp_path / "relay.toml", "")
-    assert len(load_config(path).senders) == 1  # serve does not need them yet
+    assert len(load_config(path).recipients) == 1  # serve does not read it yet
     assert problems(path, check_files=True) == [
-        f"{policy}: sender[0].dkim[0].key: file not found: {tmp_path}/keys/a.pem",
         f"{policy}: recipient[0].smime_certificate: file not found: {tmp_path}/certs/a.pem",
     ]
+
+
+def test_dkim_keys_are_checked_on_every_load(tmp_path: Path) -> None:
+    # Signing is real: serve (and every other load) must see a missing key, not sign nothing.
+    policy = write(tmp_path / "policies" / "s.toml", "[[sender]]\ndomain = 'a.example'\n"
+                   "dkim = [{ selector = 's1', key = 'keys/a.pem' }]\n")
+    path = write(tmp_path / "relay.toml", "")
+    assert problems(path) == [
+        f"{policy}: sender[0].dkim[0].key: file not found: {tmp_path}/keys/a.pem"]
 
 
 # ---------------------------------------------------------------------------- command line
@@ -533,6 +561,7 @@ def test_check_config_unreadable_utf8(tmp_path: Path) -> None:
 def test_shipped_examples_pass_check_config() -> None:
     result = run_relay("--config", "relay.toml.example", "check-config", cwd=REPO)
     assert result.returncode == 0, result.stdout
+    assert result.stderr == ""  # the examples promise only what runs: no "not enforced yet"
     policy_files = len(list((REPO / "policies").glob("*.toml")))
     assert policy_files >= 1
     config = load_config(REPO / "relay.toml.example")
@@ -545,3 +574,118 @@ def test_load_or_exit_uses_ex_config(tmp_path: Path, capsys: pytest.CaptureFixtu
         config_module.load_or_exit(str(bad))
     assert caught.value.code == 78
     assert capsys.readouterr().err == f"{bad}: server.lisen: unknown key\n"
+
+
+# ---------------------------------------------------------------------------- [[sender]] dkim
+
+
+def _pem(key: object) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM,  # type: ignore[attr-defined]
+                             serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def test_dkim_key_problems(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    good = write_dkim_key(keys / "good.pem")
+    (keys / "folder.pem").mkdir()  # exists, cannot be read as a file
+    write(keys / "text.pem", "not a key\n")
+    public = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    (keys / "public.pem").write_bytes(public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    (keys / "locked.pem").write_bytes(
+        rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase")))
+    (keys / "ec.pem").write_bytes(_pem(ec.generate_private_key(ec.SECP256R1())))
+    (keys / "small.pem").write_bytes(subprocess.run(
+        ["openssl", "genrsa", "768"], capture_output=True, check=True).stdout)
+    (keys / "ed.pem").write_bytes(_pem(ed25519.Ed25519PrivateKey.generate()))
+    entries = ", ".join(f'{{ selector = "s{n}", key = "keys/{name}" }}' for n, name in
+                        enumerate(["good.pem", "folder.pem", "text.pem", "public.pem",
+                                   "locked.pem", "ec.pem", "small.pem", "ed.pem", "none.pem"]))
+    policy = write(tmp_path / "policies" / "s.toml",
+                   f'[[sender]]\ndomain = "a.example"\ndkim = [{entries}]\n'
+                   '[[sender]]\ndomain = "b.example"\ndkim = [{ selector = "s1", key = '
+                   '"keys/good.pem" }, { selector = "S1", key = "keys/ed.pem" }]\n'
+                   '[[sender]]\ndomain = "*"\ndkim = [{ selector = "s1", key = '
+                   '"keys/good.pem" }]\n'
+                   '[[sender]]\ndomain = "c.example"\ncharset = "klingon"\n'
+                   '[[sender]]\ndomain = "d.example"\ncharset = "base64"\n')
+    found = problems(write(tmp_path / "relay.toml", ""))
+    k = f"{policy}: sender[0].dkim"
+    assert found == [
+        f"{k}[1].key: {keys}/folder.pem: cannot read: Is a directory",
+        f"{k}[2].key: {keys}/text.pem: not a PEM file (make one with `invoice-relay dkim "
+        "keygen`)",
+        f"{k}[3].key: {keys}/public.pem: not a private key (a public key or certificate?)",
+        f"{k}[4].key: {keys}/locked.pem: the key is encrypted with a passphrase; the relay "
+        "needs it unencrypted, readable only by its own user",
+        f"{k}[5].key: {keys}/ec.pem: not an RSA or Ed25519 key; DKIM signs with those two only",
+        f"{k}[6].key: {keys}/small.pem: an RSA key of 768 bits; DKIM verifiers reject keys "
+        "under 1024 bits (use 2048)",
+        f"{k}[8].key: file not found: {keys}/none.pem",
+        f'{policy}: sender[1].dkim[1].selector: "s1" is already used at sender[1].dkim[0]',
+        f'{policy}: sender[2].dkim: not allowed under domain = "*": a signature needs a '
+        "domain of its own (d=)",
+        f'{policy}: sender[3].charset: "klingon" is not a charset Python knows, such as '
+        '"gb18030", "big5" or "iso-8859-1"',
+        f'{policy}: sender[4].charset: "base64" is not a charset Python knows, such as '
+        '"gb18030", "big5" or "iso-8859-1"',
+    ]
+    assert good.is_file()
+    # No key material in the config object or in any message: only paths.
+    assert all("BEGIN" not in line for line in found)
+
+
+def test_dkim_keys_and_charset_parsed(tmp_path: Path) -> None:
+    write_dkim_key(tmp_path / "keys" / "rsa.pem")
+    (tmp_path / "keys" / "ed.pem").write_bytes(_pem(ed25519.Ed25519PrivateKey.generate()))
+    write(tmp_path / "policies" / "s.toml",
+          '[[sender]]\ndomain = "*.example.com"\ncharset = "GBK"\n'
+          'dkim = [{ selector = "r2026", key = "keys/rsa.pem" }, '
+          '{ selector = "e2026", key = "keys/ed.pem" }]\n')
+    (sender,) = load_config(write(tmp_path / "relay.toml", "")).senders
+    assert [(k.selector, k.algorithm) for k in sender.dkim] == [("r2026", "rsa"),
+                                                                ("e2026", "ed25519")]
+    assert sender.dkim[0].key == tmp_path / "keys" / "rsa.pem"
+    assert sender.charset == "gbk"
+
+
+def test_serve_refuses_a_bad_dkim_key(tmp_path: Path) -> None:
+    write(tmp_path / "keys" / "k.pem", "-----BEGIN PRIVATE KEY-----\ngarbage\n")
+    policy = write(tmp_path / "policies" / "s.toml", '[[sender]]\ndomain = "a.example"\n'
+                   'dkim = [{ selector = "s1", key = "keys/k.pem" }]\nclients = ["::1/128"]\n')
+    path = write(tmp_path / "relay.toml", '[server]\nlisten = ["127.0.0.1:1"]\n')
+    line = f"{policy}: sender[0].dkim[0].key: {tmp_path}/keys/k.pem: not a valid PEM private key"
+    result = run_relay("serve", "--config", str(path), cwd=tmp_path)
+    assert (result.returncode, result.stderr) == (78, line + "\n")
+    result = run_relay("check-config", "--config", str(path), cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (1, line + "\n")
+
+
+def test_damaged_rsa_key_is_refused(tmp_path: Path) -> None:
+    # Well-formed PEM whose numbers do not belong together: it would sign, and nothing would
+    # ever verify. The check must catch it at load, not at the receiver.
+    n = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_numbers()
+    damaged = rsa.RSAPrivateNumbers(n.p, n.q, n.d + 2, n.dmp1 + 2, n.dmq1, n.iqmp,
+                                    n.public_numbers)
+    key = damaged.private_key(unsafe_skip_rsa_key_validation=True)
+    write(tmp_path / "keys" / "k.pem", _pem(key).decode())
+    policy = write(tmp_path / "policies" / "s.toml", '[[sender]]\ndomain = "a.example"\n'
+                   'dkim = [{ selector = "s1", key = "keys/k.pem" }]\n')
+    assert problems(write(tmp_path / "relay.toml", "")) == [
+        f"{policy}: sender[0].dkim[0].key: {tmp_path}/keys/k.pem: the RSA key is damaged: its "
+        "signatures do not verify"]
+
+
+def test_world_readable_dkim_key_is_a_warning(tmp_path: Path) -> None:
+    key = write_dkim_key(tmp_path / "keys" / "k.pem")
+    policy = write(tmp_path / "policies" / "s.toml", '[[sender]]\ndomain = "a.example"\n'
+                   'dkim = [{ selector = "s1", key = "keys/k.pem" }]\nclients = ["::1/128"]\n')
+    path = write(tmp_path / "relay.toml", "")
+    key.chmod(0o644)
+    assert load_config(path).warnings == (
+        f"{policy}: sender[0].dkim[0].key: {key} is readable by every user: chmod 0600, or "
+        "0640 with the service's group",)
+    key.chmod(0o640)
+    assert load_config(path).warnings == ()

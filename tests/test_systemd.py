@@ -218,7 +218,9 @@ def test_packaged_config_uses_absolute_paths_matching_the_unit() -> None:
 def test_packaged_config_listens_on_loopback_by_default() -> None:
     config = _packaged_config()
     assert config["server"]["listen"] == ["127.0.0.1:2525"]
-    assert config["http"]["listen"] == "127.0.0.1:8025"
+    # [http] is not enforced yet: commented out, on loopback when uncommented.
+    assert config.get("http", {}).get("listen", "127.0.0.1:8025") == "127.0.0.1:8025"
+    assert re.search(r'(?m)^# listen = "127\.0\.0\.1:8025"$', PACKAGED_CONFIG.read_text())
     # The LAN example is there, commented out.
     assert re.search(r'(?m)^# listen = \["127\.0\.0\.1:2525", ', PACKAGED_CONFIG.read_text())
 

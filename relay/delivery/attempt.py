@@ -30,7 +30,9 @@ from relay.delivery.client import (
 )
 from relay.delivery.nexthop import NextHop
 from relay.policy import charsets
-from relay.policy.content import needs_repair, repair
+from relay.policy.content import needs_repair
+from relay.policy.dkim import Signer
+from relay.policy.prepare import Prepared, prepare
 from relay.queue.index import DueRecipient
 
 TLS_BROKEN_MEMORY = 3600.0  # after a failed handshake, talk plain text to that host for an hour
@@ -64,6 +66,7 @@ class Verdict:
     status: str               # enhanced status code
     hop: NextHop | None = None
     tls: str | None = None
+    sha256: str | None = None  # of the bytes sent, when the data went out
 
 
 @dataclass(slots=True)
@@ -84,6 +87,8 @@ class Attempter:
     tls_context: ssl.SSLContext = field(default_factory=lambda: _no_verify_context())
     tls_broken: dict[str, float] = field(default_factory=dict)
     rng: random.Random = field(default_factory=random.Random)
+    # Keys of this config load; None when no [[sender]] signs (then nothing is parsed).
+    signer: Signer | None = None
     # Set by a graceful stop: no new hop is tried, and a transaction cut off before its final
     # dot is released (given back unattempted) rather than counted as a failed attempt.
     draining: bool = False
@@ -147,7 +152,7 @@ class Attempter:
                 ordered.insert(0, conn.hop)
         last: tuple[str, str, NextHop | None] = ("451 4.4.1 No next hop answered", "4.4.1", None)
         lacked_utf8 = False
-        repaired: dict[bool, bytes] = {}  # per 8BITMIME or not: hops of one attempt share it
+        prepared: dict[bool, Prepared] = {}  # per variant: each hop of this attempt reuses it
         try:
             for hop in ordered:
                 if self.draining:
@@ -173,14 +178,13 @@ class Attempter:
                     _close(conn)
                     conn = None
                     continue
-                payload = await self._repaired(job, data, conn.client.supports("8BITMIME"),
-                                               repaired)
+                ready = await self._prepare(job, data, conn.client, prepared)
                 job.client = conn.client
                 try:
                     tx = await conn.client.send(job.first.sender,
-                                                [r.rcpt for r in job.recipients], payload,
+                                                [r.rcpt for r in job.recipients], ready.data,
                                                 mail_params=self._params(job, conn.client,
-                                                                         payload))
+                                                                         ready.data))
                 except ConnectionLost as exc:
                     if self.draining or isinstance(exc, Abandoned):
                         # Cut off by a graceful stop before the final dot: nothing was
@@ -198,7 +202,7 @@ class Attempter:
                     _close(conn)
                     conn = None
                     continue
-                verdicts = self._judge(job, tx, conn)
+                verdicts = self._judge(job, tx, conn, ready.sha256)
                 conn.sent += 1
                 return verdicts, conn if conn.client.usable else _close(conn)
         except BaseException:
@@ -210,25 +214,31 @@ class Attempter:
                              " this message needs", "5.6.7", None), None
         return self._all(job, "temporary", last[0], last[1], last[2]), None
 
-    async def _repaired(self, job: Job, data: bytes, eight_bit_ok: bool,
-                        cache: dict[bool, bytes]) -> bytes:
-        """The message as this hop may take it (relay/policy/content.py): the same bytes in
-        the common case, else re-encoded parts, charsets and encoded-words."""
-        if eight_bit_ok not in cache:
-            if not needs_repair(data):
-                cache[eight_bit_ok] = data
+    async def _prepare(self, job: Job, data: bytes, client: SmtpClient,
+                       cache: dict[bool, Prepared]) -> Prepared:
+        """The bytes for this hop (relay.policy.prepare: content repair, then DKIM), made
+        once per job and variant.
+
+        Inline on the delivery loop: an RSA-2048 signature costs about 0.3 ms and
+        `cryptography` holds the GIL while it signs, so a thread would add a hop, not
+        parallelism. Only a large message that needs content repair goes to a thread."""
+        variant = client.supports("8BITMIME")
+        ready = cache.get(variant)
+        if ready is None:
+            domain = job.first.sender.rpartition("@")[2].lower()
+            policy = self.config.sender_for(domain) if domain else None
+            make = functools.partial(prepare, data, sender=job.first.sender,
+                                     signer=self.signer, eight_bit_ok=variant,
+                                     smtputf8=job.first.smtputf8,
+                                     fallback_charset=policy.charset if policy else None)
+            if not charsets.ready() and not data.isascii():
+                await asyncio.to_thread(charsets.warm)  # tens of ms, once per process
+            if len(data) > REPAIR_INLINE_MAX and needs_repair(data):
+                ready = await asyncio.to_thread(make)
             else:
-                domain = job.first.sender.rpartition("@")[2].lower()
-                policy = self.config.sender_for(domain) if domain else None
-                # SenderPolicy.charset arrives with the config part of issue 7
-                fix = functools.partial(repair, data, eight_bit_ok=eight_bit_ok,
-                                        smtputf8=job.first.smtputf8,
-                                        fallback_charset=getattr(policy, "charset", None))
-                if not charsets.ready():
-                    await asyncio.to_thread(charsets.warm)
-                cache[eight_bit_ok] = fix() if len(data) <= REPAIR_INLINE_MAX \
-                    else await asyncio.to_thread(fix)
-        return cache[eight_bit_ok]
+                ready = make()
+            cache[variant] = ready
+        return ready
 
     def _params(self, job: Job, client: SmtpClient, payload: bytes) -> list[str]:
         params = []
@@ -238,8 +248,10 @@ class Attempter:
             params.append("SMTPUTF8")
         return params
 
-    def _judge(self, job: Job, tx: Transaction, conn: Connection) -> list[Verdict]:
+    def _judge(self, job: Job, tx: Transaction, conn: Connection, sha256: str
+               ) -> list[Verdict]:
         hop, tls = conn.hop, conn.client.tls_version
+        sent = sha256 if tx.data is not None or tx.outcome_unknown else None
         if not tx.mail.is_ok:  # a 5xx to MAIL refuses every recipient
             return self._all(job, "permanent", tx.mail.text, _status_of(tx.mail, "5.0.0"), hop,
                              tls)
@@ -254,17 +266,17 @@ class Attempter:
                                                    else "4.0.0"), hop, tls))
             elif tx.outcome_unknown:
                 verdicts.append(Verdict(due, "unknown", _UNKNOWN_STOPPING if self.draining
-                                        else _UNKNOWN_LOST, "4.4.2", hop, tls))
+                                        else _UNKNOWN_LOST, "4.4.2", hop, tls, sent))
             elif tx.data is None:
                 verdicts.append(Verdict(due, "temporary", "451 4.4.2 no reply to DATA", "4.4.2",
                                         hop, tls))
             elif tx.data.is_ok:
                 verdicts.append(Verdict(due, "delivered", tx.data.text,
-                                        _status_of(tx.data, "2.0.0"), hop, tls))
+                                        _status_of(tx.data, "2.0.0"), hop, tls, sent))
             else:
                 kind = "permanent" if tx.data.is_permanent else "temporary"
                 verdicts.append(Verdict(due, kind, tx.data.text, _status_of(
-                    tx.data, "5.0.0" if kind == "permanent" else "4.0.0"), hop, tls))
+                    tx.data, "5.0.0" if kind == "permanent" else "4.0.0"), hop, tls, sent))
         return verdicts
 
     @staticmethod

@@ -345,7 +345,8 @@ class DeliveryEngine:
             hop = v.hop
             outcome = Outcome(due.msg, due.idx, state, now, next_at, v.reply,
                               host=hop.name if hop else None,
-                              address=f"{hop.address}:{hop.port}" if hop else None, tls=v.tls)
+                              address=f"{hop.address}:{hop.port}" if hop else None, tls=v.tls,
+                              sha256=v.sha256)
             results.append(Result(due, outcome, status))
         # Not awaited: the connection goes on with its next job while the outcome is recorded
         # in the next batch. The recipients stay in flight (claimed) until it is.

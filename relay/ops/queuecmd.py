@@ -103,6 +103,9 @@ def _show(conn: sqlite3.Connection, spool_dir: Path, queue_id: str) -> int:
     except (OSError, SegmentCorrupt):
         print("  (spool segment gone: the message is finished)")
     print("recipients:")
+    # An index the relay has not opened since the column was added (read-only here).
+    has_sha256 = any(row[1] == "sha256" for row in conn.execute("PRAGMA table_info(attempts)"))
+    sha256_column = "sha256" if has_sha256 else "NULL"
     for idx, rcpt, state, attempts, next_at, reply, host in conn.execute(
             "SELECT idx, rcpt, state, attempts, next_attempt, last_reply, last_host"
             " FROM recipients WHERE msg = ? ORDER BY idx", (queue_id,)):
@@ -110,11 +113,13 @@ def _show(conn: sqlite3.Connection, spool_dir: Path, queue_id: str) -> int:
         print(f"  [{idx}] <{rcpt}> {state} attempts={attempts}{nxt} host={host or '-'}")
         if reply:
             print(f"      last reply: {reply.replace(chr(10), ' / ')}")
-        for t, outcome, a_host, address, a_reply, tls in conn.execute(
-                "SELECT time, outcome, host, address, reply, tls FROM attempts"
+        for t, outcome, a_host, address, a_reply, tls, sha256 in conn.execute(
+                f"SELECT time, outcome, host, address, reply, tls, {sha256_column} FROM attempts"
                 " WHERE msg = ? AND idx = ? ORDER BY time", (queue_id, idx)):
             print(f"      {_when(t)} {outcome} {a_host or '-'} {address or ''}"
                   f" tls={tls or 'no'}: {(a_reply or '').replace(chr(10), ' / ')}")
+            if sha256:  # proof of delivery: the SHA-256 of the bytes sent (as signed)
+                print(f"        sent sha256={sha256}")
     return EXIT_OK
 
 

@@ -1,2 +1,2 @@
-"""Transforms over message bytes (content repair, S/MIME, DKIM): pure functions of the bytes and
-the policy, called by delivery per copy. Imports neither relay.smtp nor relay.delivery."""
+"""Transforms of a message's bytes before it leaves (content repair, DKIM signing): pure
+functions over bytes and policy. Imports neither relay.smtp nor relay.delivery."""

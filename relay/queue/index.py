@@ -83,7 +83,8 @@ CREATE TABLE IF NOT EXISTS attempts (
     host TEXT,
     address TEXT,
     reply TEXT,
-    tls TEXT
+    tls TEXT,
+    sha256 TEXT  -- of the bytes sent (as signed), when the data went out: proof of delivery
 );
 CREATE INDEX IF NOT EXISTS attempts_msg ON attempts(msg, idx);
 """
@@ -128,6 +129,7 @@ class Outcome:
     host: str | None = None
     address: str | None = None
     tls: str | None = None
+    sha256: str | None = None  # of the bytes sent, when the data went out
     attempted: bool = True  # False when no connection was tried (e.g. expiry, DNS failure)
 
 
@@ -153,6 +155,9 @@ def _upgrade(conn: sqlite3.Connection) -> None:
     if columns and "segment" not in columns:
         conn.execute("ALTER TABLE messages ADD COLUMN segment TEXT")
         conn.execute("ALTER TABLE messages ADD COLUMN offset INTEGER")
+    attempts = {row[1] for row in conn.execute("PRAGMA table_info(attempts)")}
+    if attempts and "sha256" not in attempts:
+        conn.execute("ALTER TABLE attempts ADD COLUMN sha256 TEXT")
 
 
 class Index:
@@ -260,9 +265,9 @@ class Index:
             [(o.state, int(o.attempted), o.next_attempt, o.reply, o.host, o.time, o.msg, o.idx)
              for o in outcomes])
         self.conn.executemany(
-            "INSERT INTO attempts (msg, idx, time, outcome, host, address, reply, tls)"
-            " VALUES (?,?,?,?,?,?,?,?)",
-            [(o.msg, o.idx, o.time, o.state, o.host, o.address, o.reply, o.tls)
+            "INSERT INTO attempts (msg, idx, time, outcome, host, address, reply, tls, sha256)"
+            " VALUES (?,?,?,?,?,?,?,?,?)",
+            [(o.msg, o.idx, o.time, o.state, o.host, o.address, o.reply, o.tls, o.sha256)
              for o in outcomes])
         finished = [m for m in touched if self._all_final(m)]
         now = max(o.time for o in outcomes)

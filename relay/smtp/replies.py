@@ -10,6 +10,11 @@ import re
 
 QUEUED = "250 2.0.0 Ok: queued as {}"
 RELAY_DENIED = "554 5.7.1 <{}>: Relay access denied"
+# `[[sender]] clients`: at MAIL (the address was checked, so it may be echoed), and after DATA
+# (fixed text: the From header is the client's, never echoed).
+SENDER_NOT_ALLOWED = "553 5.7.1 <{}>: Sender address rejected: not allowed for this client"
+FROM_NOT_ALLOWED = "550 5.7.1 From header address not allowed for this client"
+FROM_UNCHECKABLE = "550 5.7.1 Header block too long to check the From header"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 QUEUE_WRITE_FAILED = "451 4.3.0 Queue write failed, try again later"
 INSUFFICIENT_STORAGE = "452 4.3.1 Insufficient system storage"

@@ -21,6 +21,7 @@ from relay.queue.committer import Committer
 from relay.queue.space import FreeSpaceGuard
 from relay.smtp import replies
 from relay.smtp.authlimit import AuthFailureLimiter
+from relay.smtp.senderauth import SenderAuth
 from relay.smtp.session import RelaySMTP
 
 LISTEN_BACKLOG = 1024
@@ -50,6 +51,7 @@ class IntakeContext:
     error_delay: float = 1.0
     idle_timeout: float = 300.0
     auth_limiter: AuthFailureLimiter | None = None
+    sender_auth: SenderAuth | None = None   # None: no [[sender]] has clients, nothing to check
     _trust_cache: dict[str, bool] = field(default_factory=dict)
 
     def is_trusted(self, peer: str) -> bool:

@@ -32,6 +32,7 @@ from relay.smtp import replies
 from relay.smtp.auth import AuthBusy
 from relay.smtp.compat import AiosmtpdSession, TlsHandshakeFailed, command_names
 from relay.smtp.data import DataReader
+from relay.smtp.senderauth import header_block
 
 if TYPE_CHECKING:
     from relay.smtp.server import IntakeContext
@@ -310,11 +311,30 @@ class RelaySMTP(AiosmtpdSession):
         if reply is not None:
             await self.push(reply)
             return
+        if self.ctx.sender_auth is not None and await self._sender_refused(address):
+            return
         self.envelope.mail_from = address
         self.envelope.smtp_utf8 = smtputf8
         self.envelope.mail_options = [f"{k}={v}" if v is not True else k
                                       for k, v in params.items()]
         await self.push("250 2.1.0 Ok")
+
+    async def _sender_refused(self, address: str) -> bool:
+        """`[[sender]] clients`: True (after 553 5.7.1) when this client may not use the
+        envelope sender's domain."""
+        assert self.ctx.sender_auth is not None
+        user = self._auth_user
+        domain = self.ctx.sender_auth.refused_envelope(address, user, self.client)
+        if domain is None:
+            return False
+        log.event("sender_refused", client=self.client, user=user, domain=domain, where="mail")
+        await self.push(replies.SENDER_NOT_ALLOWED.format(address))
+        return True
+
+    @property
+    def _auth_user(self) -> str | None:
+        session = self.session
+        return session.auth_data if session is not None and session.authenticated else None
 
     def _check_mail_params(self, params: dict[str, str | bool]) -> str | None:
         body = params.get("BODY", "7BIT")
@@ -540,6 +560,7 @@ class RelaySMTP(AiosmtpdSession):
     def _refusal(self, queue_id: str, reader: DataReader, stream: _Stream) -> str | None:
         """The reply refusing a completely read message, or None to queue it."""
         reply = reader.error.value if reader.error is not None else None
+        head = b""
         if reply is None:
             head = stream.head or b"".join(reader.parts)[:HEAD_BYTES]
             # Counted with our own Received header, as Postfix's hopcount_limit and our
@@ -548,6 +569,25 @@ class RelaySMTP(AiosmtpdSession):
                 reply = replies.LOOP_DETECTED
         if reply is not None:
             log.event("rejected", id=queue_id, client=self.client, reply=reply)
+            return reply
+        if self.ctx.sender_auth is not None:
+            return self._from_refusal(queue_id, head, whole=reader.size <= len(head))
+        return None
+
+    def _from_refusal(self, queue_id: str, head: bytes, *, whole: bool) -> str | None:
+        """`[[sender]] clients` for the From header: the 550 refusing the message, or None."""
+        assert self.ctx.sender_auth is not None
+        user = self._auth_user
+        block = header_block(head, whole=whole)
+        if block is None:  # a From field past the first 64 KiB could not be seen
+            domain, reply = None, replies.FROM_UNCHECKABLE
+        else:
+            domain = self.ctx.sender_auth.refused_from(block, user, self.client)
+            if domain is None:
+                return None
+            reply = replies.FROM_NOT_ALLOWED
+        log.event("sender_refused", id=queue_id, client=self.client, user=user, domain=domain,
+                  where="from_header", reason=None if domain else "header block over 64 KiB")
         return reply
 
     async def _commit(self, envelope: Envelope, received: bytes, reader: DataReader,

@@ -1,0 +1,37 @@
+"""The prepare step: the bytes one copy of a message is sent as, made when its next hop is known.
+
+Pure (bytes in, bytes out, plus the SHA-256 of what goes out for the proof of delivery). The
+spool keeps the message as accepted; delivery calls this per copy and caches the result per
+job and variant, so a second hop or a retry within one attempt does not sign again. Order:
+content repair first (it may rewrite parts), DKIM last (it signs the bytes that leave).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from relay.policy.content import repair
+from relay.policy.dkim import Signer
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    data: bytes
+    sha256: str                   # hex digest of `data`, recorded with each attempt
+    signed_by: tuple[str, ...] = ()  # "d/selector" per DKIM-Signature added
+
+
+def prepare(data: bytes, *, sender: str, signer: Signer | None, eight_bit_ok: bool = True,
+            smtputf8: bool = False, fallback_charset: str | None = None,
+            now: float | None = None) -> Prepared:
+    """`data` as it should go to a hop (`eight_bit_ok`: it announced 8BITMIME).
+
+    `fallback_charset` is the envelope sender's `[[sender]] charset`."""
+    # The same object back unless something needed repair (one scan for a 7-bit message)
+    data = repair(data, eight_bit_ok=eight_bit_ok, smtputf8=smtputf8,
+                  fallback_charset=fallback_charset)
+    signed_by: tuple[str, ...] = ()
+    if signer is not None:  # None: no [[sender]] has dkim, no per-message work at all
+        data, signed_by = signer.sign(data, sender, now)
+    return Prepared(data, hashlib.sha256(data).hexdigest(), signed_by)

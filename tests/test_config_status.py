@@ -1,0 +1,179 @@
+"""Keys the relay parses but does not enforce yet: warned about, or refused when they are a
+protection (relay/config_status.py, and the check-config / serve rule of the contract)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from relayproc import RelayProcess, free_port
+
+from relay import config as config_module
+from relay.config import ConfigError, load_config
+from relay.config_status import NOT_ENFORCED
+
+SOURCES = '[delivery]\nsource_addresses = [{ address = "192.0.2.10" }]\n'
+
+# One value for every key of NOT_ENFORCED that asks for something: (main config, policy file).
+# A key added to the table needs a sample here; a key made real is deleted from both.
+SAMPLES: dict[str, tuple[str, str]] = {
+    "server.max_connections": ("[server]\nmax_connections = 100\n", ""),
+    "server.max_connections_per_client": ("[server]\nmax_connections_per_client = 5\n", ""),
+    "server.max_messages_per_client": ('[server]\nmax_messages_per_client = "60/min"\n', ""),
+    "queue.max_queued": ("[queue]\nmax_queued = 5000\n", ""),
+    "queue.dedupe_window": ('[queue]\ndedupe_window = "24h"\n', ""),
+    "queue.retention": ('[queue]\nretention = "30d"\n', ""),
+    "delivery.tls_ca_file": ('[delivery]\ntls_ca_file = "ca.pem"\n', ""),
+    "delivery.spf": ('[delivery]\nspf = "enforce"\n', ""),
+    "delivery.source_addresses[].warmup": (
+        '[delivery]\nsource_addresses = [{ address = "192.0.2.10", '
+        'warmup = { start = "2026-12-01", per_day = [50, 100] } }]\n', ""),
+    "http.listen": ('[http]\nlisten = "127.0.0.1:9025"\n', ""),
+    "http.token": ('[http]\ntoken = "s3cret"\n', ""),
+    "cluster.redis": ('[cluster]\nredis = "redis://127.0.0.1:6379/0"\n', ""),
+    "log.format": ('[log]\nformat = "json"\n', ""),
+    "destination[].rate": ("", '[[destination]]\ndomain = "example.net"\nrate = "1/min"\n'),
+    "destination[].burst": (
+        "", '[[destination]]\ndomain = "example.net"\nrate = "1/min"\nburst = 5\n'),
+    "destination[].tls": ("", '[[destination]]\ndomain = "example.net"\ntls = "required"\n'),
+    "destination[].source_addresses": (
+        SOURCES, '[[destination]]\ndomain = "example.net"\nsource_addresses = ["192.0.2.10"]\n'),
+    "destination[].on_reply": (
+        "", '[[destination]]\ndomain = "example.net"\n'
+            'on_reply = [{ match = "TSS04", action = "suspend", duration = "2h" }]\n'),
+    "sender[].priority": ("", '[[sender]]\ndomain = "a.example"\npriority = "bulk"\n'),
+    "sender[].webhook": (
+        "", '[[sender]]\ndomain = "a.example"\n'
+            'webhook = { url = "http://127.0.0.1:9000/e", secret_file = "hook.key" }\n'),
+    "recipient[].smime_certificate": (
+        "", '[[recipient]]\nmatch = "ap@customer.example"\nsmime_certificate = "ap.pem"\n'),
+    "recipient[].encryption": (
+        "", '[[recipient]]\nmatch = "ap@customer.example"\nencryption = "preferred"\n'),
+}
+
+# The issue makes these real in the same release: they must never be listed.
+ENFORCED_IN_THIS_RELEASE = ("sender[].dkim", "sender[].clients", "sender[].charset")
+
+
+def write_config(folder: Path, main: str, policy: str = "") -> tuple[Path, Path]:
+    (folder / "policies").mkdir(parents=True, exist_ok=True)
+    policy_path = folder / "policies" / "p.toml"
+    policy_path.write_text(policy)
+    path = folder / "relay.toml"
+    path.write_text(main + '[queue]\npath = "var"\n' * ("[queue]" not in main))
+    return path, policy_path
+
+
+def run_relay(*args: str, cwd: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != config_module.ENV_CONFIG}
+    return subprocess.run([sys.executable, "-m", "relay", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_every_listed_key_has_a_sample() -> None:
+    assert set(SAMPLES) == set(NOT_ENFORCED)
+    assert not set(ENFORCED_IN_THIS_RELEASE) & set(NOT_ENFORCED)
+
+
+@pytest.mark.parametrize("pattern", sorted(NOT_ENFORCED))
+def test_each_listed_key_is_found_where_it_is_set(tmp_path: Path, pattern: str) -> None:
+    main, policy = SAMPLES[pattern]
+    path, policy_path = write_config(tmp_path, main, policy)
+    (tmp_path / "ca.pem").write_text("")  # delivery.tls_ca_file must name a file
+    kind = NOT_ENFORCED[pattern].kind
+    config = load_config(path)  # parsed and valid: a listed key is never an unknown key
+    (item,) = [u for u in config.unenforced if re.sub(r"\[\d+\]", "[]", u.key) == pattern]
+    file = policy_path if pattern.startswith(("destination", "sender", "recipient")) else path
+    assert item.kind == kind
+    line = f"{file}: {item.key}: not enforced yet"
+    if kind == "warning":
+        assert line in config.warnings
+        assert line in load_config(path, strict=True).warnings
+    else:
+        assert line not in config.warnings
+        with pytest.raises(ConfigError) as caught:
+            load_config(path, strict=True)
+        assert caught.value.problems == [line]
+
+
+def test_values_that_ask_for_nothing_new_are_not_reported(tmp_path: Path) -> None:
+    main = ('[server]\nmax_messages_per_client = "0"\n[queue]\ndedupe_window = "0"\n'
+            '[delivery]\ntls_ca_file = ""\nspf = "off"\n[http]\ntoken = ""\n'
+            '[cluster]\nredis = ""\n[log]\nformat = "logfmt"\n')
+    policy = ('[[destination]]\ndomain = "example.net"\ntls = "opportunistic"\n'
+              'routes = ["127.0.0.1:10026"]\nmax_connections = 3\n'
+              "max_messages_per_connection = 10\nsource_addresses = []\non_reply = []\n"
+              '[[sender]]\ndomain = "a.example"\npriority = "normal"\n'
+              '[[recipient]]\nmatch = "b.example"\nsmime_certificate = ""\n')
+    path, _ = write_config(tmp_path, main, policy)
+    config = load_config(path, strict=True)
+    assert (config.unenforced, config.warnings) == ((), ())
+
+
+def test_check_config_warns_and_exits_0(tmp_path: Path) -> None:
+    path, policy = write_config(
+        tmp_path, "[server]\nmax_connections = 100\n",
+        '[[destination]]\ndomain = "example.net"\nrate = "1/min"\nmax_connections = 2\n'
+        'routes = ["127.0.0.1:10026"]\n')
+    result = run_relay("check-config", "--config", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Only the keys the relay ignores: max_connections of a destination and routes are real.
+    assert result.stderr.splitlines() == [
+        f"{path}: server.max_connections: not enforced yet",
+        f"{policy}: destination[0].rate: not enforced yet",
+    ]
+    assert result.stdout.startswith(f"OK: {path}: ")
+
+
+def test_security_key_is_an_error_and_serve_refuses_it(tmp_path: Path) -> None:
+    path, policy = write_config(
+        tmp_path, f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\n[log]\nformat = "json"\n',
+        '[[destination]]\ndomain = "example.net"\ntls = "verify"\n')
+    warning = f"{path}: log.format: not enforced yet"
+    refusal = f"{policy}: destination[0].tls: not enforced yet"
+    result = run_relay("check-config", "--config", str(path), cwd=tmp_path)
+    assert (result.returncode, result.stdout.splitlines()) == (1, [refusal])
+    assert result.stderr.splitlines() == [warning]
+    result = run_relay("serve", "--config", str(path), cwd=tmp_path)
+    assert result.returncode == 78
+    assert result.stderr.splitlines() == [warning, refusal]
+    assert not (tmp_path / "var").exists()  # refused before touching the queue
+
+
+def test_serve_logs_each_warning_once_and_runs(tmp_path: Path) -> None:
+    relay = RelayProcess(tmp_path, server={"max_connections_per_client": 5})
+    with relay:  # starts and waits for event=listening
+        events = relay.events("config_warning")
+    config = relay.config
+    # RelayProcess sets [http] listen, which this release does not serve either.
+    assert sorted(e["warning"] for e in events) == [
+        f"{config}: http.listen: not enforced yet",
+        f"{config}: server.max_connections_per_client: not enforced yet",
+    ]
+
+
+def test_packaged_config_sets_nothing_unenforced(tmp_path: Path) -> None:
+    # /etc/invoice-relay/relay.toml as shipped, its absolute paths moved into tmp_path.
+    text = (Path(__file__).resolve().parent.parent / "systemd" / "relay.toml").read_text()
+    text = text.replace("/var/lib/invoice-relay", str(tmp_path / "var"))
+    text = text.replace("/etc/invoice-relay/policies", str(tmp_path / "policies"))
+    (tmp_path / "policies").mkdir()
+    path = tmp_path / "relay.toml"
+    path.write_text(text)
+    config = load_config(path, check_files=True, strict=True)
+    assert (config.unenforced, config.warnings) == ((), ())
+
+
+def test_a_wrong_value_gets_one_line_not_two(tmp_path: Path) -> None:
+    path, policy = write_config(tmp_path, "", '[[destination]]\ndomain = "example.net"\n'
+                                             'tls = "dane"\nrate = "1/min"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, strict=True)
+    assert caught.value.problems == [
+        f'{policy}: destination[0].tls: "dane" is not one of opportunistic | required | '
+        "verify | mta-sts"]
+    assert caught.value.warnings == [f"{policy}: destination[0].rate: not enforced yet"]
