@@ -8,8 +8,11 @@ import email.policy
 import smtplib
 from collections.abc import Iterator
 from email.message import EmailMessage
+from pathlib import Path
 
 import pytest
+from dkimkeys import txt_zone, write_rsa
+from dnsserver import DnsServer
 from relayproc import RelayProcess
 from sink import Received, Sink
 from test_content import (
@@ -21,6 +24,8 @@ from test_content import (
     invoice_with_pdf,
     plain,
 )
+from test_dkim_delivery import POLICIES, chinese_invoice_with_pdf, verify_all
+from test_dkim_delivery import send as send_signed
 
 
 @pytest.fixture
@@ -132,3 +137,45 @@ def test_seven_bit_message_arrives_byte_identical(relay: RelayProcess,
     send(relay, data, "ap@seven.test")
     [got] = seven.wait_for(1)
     assert after_received(got) == data
+
+
+@pytest.fixture
+def signing_dns(tmp_path: Path) -> Iterator[DnsServer]:
+    """The key of test_dkim_delivery's `invoices.test` policy, served by a DNS server."""
+    (tmp_path / "keys").mkdir()
+    for name in ("ed", "rsa"):  # the policies name them; only invoices.test signs here
+        write_rsa(tmp_path / "keys" / f"{name}.pem")
+    with DnsServer(txt_zone("inv", "invoices.test", write_rsa(tmp_path / "keys" / "inv.pem"))
+                   ) as server:
+        yield server
+
+
+def test_signed_chinese_invoice_through_a_seven_bit_hop_verifies(
+        relay_factory: type, signing_dns: DnsServer) -> None:
+    """Issue 7 item 2: repair runs before signing, so the signature covers the 7-bit copy."""
+    with Sink(eight_bit_mime=False) as seven:
+        relay = relay_factory(routes={"customer.test": [seven.address]},  # type: ignore[operator]
+                              policies=POLICIES).start()
+        original = chinese_invoice_with_pdf()
+        send_signed(relay, original, "ar@invoices.test")
+        [got] = seven.wait_for(1)
+    assert got.data.isascii() and fits(got.data)
+    assert verify_all(got.data, signing_dns) == [True]
+    text, pdf = parse(got.data).iter_parts()
+    assert text.get_content() == parse(original).get_body().get_content()  # type: ignore[union-attr]
+    assert pdf.get_content() == next(parse(original).iter_attachments()).get_content()
+
+
+def test_sender_charset_decides_what_detection_cannot(relay_factory: type) -> None:
+    # "報價單" (quotation) in Big5 also reads as three common simplified characters in GBK
+    subject = "報價單".encode("big5")
+    policies = '[[sender]]\ndomain = "sender.test"\ncharset = "big5"\n'
+    with Sink(eight_bit_mime=False) as seven:
+        relay = relay_factory(routes={"seven.test": [seven.address]},  # type: ignore[operator]
+                              policies=policies).start()
+        send(relay, plain(subject, subject + b"\r\n"), "ap@seven.test")
+        [got] = seven.wait_for(1)
+    msg = parse(got.data)
+    assert msg["Subject"] == "報價單"
+    assert msg.get_content_charset() == "big5"
+    assert crlf(msg.get_content()) == "報價單\n"
