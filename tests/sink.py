@@ -96,6 +96,8 @@ class _Handler:
         session.host_name = hostname  # with an EHLO hook aiosmtpd leaves this to us
         if self.sink.pipelining:
             responses.insert(-1, "250-PIPELINING")
+        if not self.sink.eight_bit_mime:
+            responses = [r for r in responses if r[4:] != "8BITMIME"]
         return responses
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
@@ -146,7 +148,8 @@ class Sink:
 
     Options: `pipelining` adds PIPELINING to EHLO (stock aiosmtpd lacks it); `starttls` offers
     STARTTLS with that context; `broken_tls` offers STARTTLS, answers 220, then sends garbage
-    and hangs up; `greeting_code` other than 220 greets with that code and closes; `mail_reply`
+    and hangs up; `eight_bit_mime=False` leaves 8BITMIME out of EHLO (a 7-bit hop);
+    `greeting_code` other than 220 greets with that code and closes; `mail_reply`
     answers every MAIL; `rcpt_reply(address)` / `data_reply(content)` return a reply to refuse
     (None accepts); any "421 ..." reply also closes the connection after it is sent;
     `drop_after_dot` (bool, or called with a counter of final dots 1, 2, 3 ...) aborts the
@@ -166,6 +169,7 @@ class Sink:
         starttls: ssl.SSLContext | None = None,
         broken_tls: bool = False,
         smtputf8: bool = True,
+        eight_bit_mime: bool = True,
         greeting_code: int = 220,
         mail_reply: str | None = None,
         rcpt_reply: Callable[[str], str | None] | None = None,
@@ -182,6 +186,7 @@ class Sink:
         self.starttls = starttls
         self.broken_tls = broken_tls
         self.smtputf8 = smtputf8
+        self.eight_bit_mime = eight_bit_mime
         self.greeting_code = greeting_code
         self.mail_reply = mail_reply
         self.rcpt_reply = rcpt_reply

@@ -6,6 +6,8 @@ the final dot moves on to the next address; RCPT and DATA replies decide per rec
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import ipaddress
 import random
 import ssl
@@ -27,6 +29,8 @@ from relay.delivery.client import (
     Transaction,
 )
 from relay.delivery.nexthop import NextHop
+from relay.policy import charsets
+from relay.policy.content import needs_repair
 from relay.policy.dkim import Signer
 from relay.policy.prepare import Prepared, prepare
 from relay.queue.index import DueRecipient
@@ -34,6 +38,7 @@ from relay.queue.index import DueRecipient
 TLS_BROKEN_MEMORY = 3600.0  # after a failed handshake, talk plain text to that host for an hour
 _UNKNOWN_LOST = "connection lost after the final dot: outcome unknown"
 _UNKNOWN_STOPPING = "relay stopped before the reply to the final dot: outcome unknown"
+REPAIR_INLINE_MAX = 256 * 1024  # larger messages are repaired in a thread, off the event loop
 
 
 @dataclass(slots=True)
@@ -173,12 +178,13 @@ class Attempter:
                     _close(conn)
                     conn = None
                     continue
-                ready = self._prepare(job, data, conn.client, prepared)
+                ready = await self._prepare(job, data, conn.client, prepared)
                 job.client = conn.client
                 try:
                     tx = await conn.client.send(job.first.sender,
                                                 [r.rcpt for r in job.recipients], ready.data,
-                                                mail_params=self._params(job, conn.client))
+                                                mail_params=self._params(job, conn.client,
+                                                                         ready.data))
                 except ConnectionLost as exc:
                     if self.draining or isinstance(exc, Abandoned):
                         # Cut off by a graceful stop before the final dot: nothing was
@@ -208,24 +214,35 @@ class Attempter:
                              " this message needs", "5.6.7", None), None
         return self._all(job, "temporary", last[0], last[1], last[2]), None
 
-    def _prepare(self, job: Job, data: bytes, client: SmtpClient,
-                 cache: dict[bool, Prepared]) -> Prepared:
-        """The bytes for this hop (relay.policy.prepare), made once per job and variant.
+    async def _prepare(self, job: Job, data: bytes, client: SmtpClient,
+                       cache: dict[bool, Prepared]) -> Prepared:
+        """The bytes for this hop (relay.policy.prepare: content repair, then DKIM), made
+        once per job and variant.
 
         Inline on the delivery loop: an RSA-2048 signature costs about 0.3 ms and
         `cryptography` holds the GIL while it signs, so a thread would add a hop, not
-        parallelism."""
+        parallelism. Only a large message that needs content repair goes to a thread."""
         variant = client.supports("8BITMIME")
         ready = cache.get(variant)
         if ready is None:
-            ready = prepare(data, sender=job.first.sender, signer=self.signer,
-                            eight_bit_ok=variant)
+            domain = job.first.sender.rpartition("@")[2].lower()
+            policy = self.config.sender_for(domain) if domain else None
+            make = functools.partial(prepare, data, sender=job.first.sender,
+                                     signer=self.signer, eight_bit_ok=variant,
+                                     smtputf8=job.first.smtputf8,
+                                     fallback_charset=policy.charset if policy else None)
+            if not charsets.ready() and not data.isascii():
+                await asyncio.to_thread(charsets.warm)  # tens of ms, once per process
+            if len(data) > REPAIR_INLINE_MAX and needs_repair(data):
+                ready = await asyncio.to_thread(make)
+            else:
+                ready = make()
             cache[variant] = ready
         return ready
 
-    def _params(self, job: Job, client: SmtpClient) -> list[str]:
+    def _params(self, job: Job, client: SmtpClient, payload: bytes) -> list[str]:
         params = []
-        if job.first.body == "8BITMIME" and client.supports("8BITMIME"):
+        if client.supports("8BITMIME") and not payload.isascii():
             params.append("BODY=8BITMIME")
         if job.first.smtputf8:
             params.append("SMTPUTF8")

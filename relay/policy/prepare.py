@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from relay.policy.content import repair
 from relay.policy.dkim import Signer
 
 
@@ -22,10 +23,14 @@ class Prepared:
 
 
 def prepare(data: bytes, *, sender: str, signer: Signer | None, eight_bit_ok: bool = True,
+            smtputf8: bool = False, fallback_charset: str | None = None,
             now: float | None = None) -> Prepared:
-    """`data` as it should go to a hop (`eight_bit_ok`: it announced 8BITMIME)."""
-    # Content repair (relay.policy.content.repair: 8-bit downgrade for a hop without
-    # 8BITMIME, re-encoding of long lines) goes here, before signing.
+    """`data` as it should go to a hop (`eight_bit_ok`: it announced 8BITMIME).
+
+    `fallback_charset` is the envelope sender's `[[sender]] charset`."""
+    # The same object back unless something needed repair (one scan for a 7-bit message)
+    data = repair(data, eight_bit_ok=eight_bit_ok, smtputf8=smtputf8,
+                  fallback_charset=fallback_charset)
     signed_by: tuple[str, ...] = ()
     if signer is not None:  # None: no [[sender]] has dkim, no per-message work at all
         data, signed_by = signer.sign(data, sender, now)

@@ -2,8 +2,10 @@
 
 aiosmtpd reads DATA one line at a time, which costs milliseconds per 200 KiB message. Here the
 bytes arrive in large chunks; complete lines are checked with C-speed bytes operations (NUL, bare
-CR, line length), bare LF line ends are normalised to CRLF (as Postfix 3.9's
-`smtpd_forbid_bare_newline = normalize`), and lines are un-stuffed with one replace. Only
+CR), bare LF line ends are normalised to CRLF (as Postfix 3.9's
+`smtpd_forbid_bare_newline = normalize`), and lines are un-stuffed with one replace. Lines over
+998 octets are accepted (e-invoice XML has them): delivery re-encodes their part before it leaves
+(relay/policy/content.py), so the reader never looks at line lengths. Only
 <CR><LF>.<CR><LF> ends the data: a "." between bare LFs is a line of the message, never its
 end (SMTP smuggling). Nothing is ever written for a message that fails a check: the reader
 keeps consuming until the final dot so that the reply lands in sync with the client, then
@@ -16,7 +18,6 @@ import re
 from enum import Enum
 
 END = b"\r\n.\r\n"
-MAX_LINE = 998  # octets, without CRLF (RFC 5322 2.1.1)
 
 
 _BARE_LF = re.compile(rb"(?<!\r)\n")
@@ -24,7 +25,6 @@ _BARE_LF = re.compile(rb"(?<!\r)\n")
 
 class DataError(Enum):
     BAD_ENDINGS = "554 5.6.0 Message contains bare CR or NUL"
-    LINE_TOO_LONG = "554 5.6.0 Line longer than 998 octets"
     TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
 
 
@@ -46,6 +46,7 @@ class DataReader:
     def feed(self, chunk: bytes) -> bool:
         """Consume a chunk; return True once the final dot was seen."""
         buf = self._buf
+        old_len = len(buf)
         buf += chunk
         end = buf.find(END, self._search_from)
         if end >= 0:
@@ -56,15 +57,17 @@ class DataReader:
             return True
         # Hand over every complete line, keeping the last line end (CRLF, or a bare LF that
         # _consume normalises): it starts the next segment, and a CRLF may start the final dot.
-        last_lf = buf.rfind(b"\n")
+        # Before this chunk, buf held a line end and an incomplete line: only the new bytes (and
+        # the one before them, which may be a CR) can hold a later LF. Searching just those keeps
+        # a single line of many MiB linear.
+        last_lf = buf.rfind(b"\n", max(old_len - 1, 0))
         cut = last_lf - 1 if last_lf > 0 and buf[last_lf - 1] == 13 else last_lf
         if cut > 0:
             self._consume(bytes(buf[:cut]))
             del buf[:cut]
-        elif self.error is None and \
-                len(buf) - (1 if buf[:1] == b"\n" else 2) - buf.endswith(b"\r") > MAX_LINE:
-            # buf is a line end + an incomplete line; a trailing CR may be half of its CRLF
-            self._fail(DataError.LINE_TOO_LONG)
+        elif self.error is None and self.size + len(buf) - 4 > self.size_limit:
+            # One incomplete line already too big (less the virtual CRLF and a stuffed dot)
+            self._fail(DataError.TOO_BIG)
         if self.error is not None and len(buf) > 8:
             del buf[:-4]  # failed already: keep only what the final dot could straddle
         self._search_from = max(0, len(buf) - len(END) + 1)
@@ -80,9 +83,6 @@ class DataReader:
             return
         if segment.count(b"\n") != segment.count(b"\r\n"):
             segment = _BARE_LF.sub(b"\r\n", segment)
-        if len(segment) > MAX_LINE + 2 and max(map(len, segment.split(b"\r\n"))) > MAX_LINE:
-            self._fail(DataError.LINE_TOO_LONG)
-            return
         body = segment.replace(b"\r\n.", b"\r\n")  # RFC 5321 4.5.2 transparency
         if self._first:
             self._first = False

@@ -145,10 +145,6 @@ def test_bare_cr_reply_text(fuzz_relay: FuzzRelay) -> None:
     assert send_message(fuzz_relay, body, marker) == "554 5.6.0 Message contains bare CR or NUL"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue #7 (content repair): the relay refuses lines over 998 octets with 554 "
-    "5.6.0 (README 'Intake' says so too) where interface.md says accept them and re-encode "
-    "the part before it leaves"))
 def test_line_over_998_octets_is_accepted(fuzz_relay: FuzzRelay) -> None:
     """interface.md, SMTP replies: "DATA line over 998 octets: accepted up to
     max_message_size; the part is re-encoded (quoted-printable or base64) before it leaves".
