@@ -16,7 +16,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from relay import config as config_module
 from relay.addresses import HostPort
 from relay.config import (
     ConfigError,
@@ -28,6 +27,7 @@ from relay.config import (
     parse_rate,
     parse_size,
 )
+from relay.config import check as config_module
 from relay.smtp.auth import hash_password
 
 REPO = Path(__file__).resolve().parent.parent
