@@ -689,3 +689,9 @@ def test_world_readable_dkim_key_is_a_warning(tmp_path: Path) -> None:
         "0640 with the service's group",)
     key.chmod(0o640)
     assert load_config(path).warnings == ()
+
+
+def test_segment_size_out_of_range_names_the_value(tmp_path: Path) -> None:
+    path = write(tmp_path / "relay.toml", '[queue]\nsegment_size = "8KiB"\n')
+    assert problems(path) == [
+        f"{path}: queue.segment_size: must be between 64KiB and 1GiB, got '8KiB'"]

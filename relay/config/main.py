@@ -27,7 +27,6 @@ from relay.config.values import (
     _choice,
     _count,
     _date,
-    _describe,
     _hostport,
     _ip,
     _network,
@@ -311,7 +310,7 @@ def _queue(t: _Table, base: Path) -> QueueConfig:
 def _segment_size(value: object) -> int:
     size = _positive_bytes(value)
     if not 64 << 10 <= size <= 1 << 30:
-        raise ValueError(f"{_describe(value)}: must be between 64KiB and 1GiB")
+        raise ValueError(f"must be between 64KiB and 1GiB, got {value!r}")
     return size
 
 
