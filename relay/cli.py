@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 from collections.abc import Sequence
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("invoice-relay")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout without installing
+        return "unknown"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
                              "/etc/invoice-relay/relay.toml, then embedded defaults)")
     parser = argparse.ArgumentParser(prog="invoice-relay", parents=[common],
                                      description="Durable SMTP relay for e-invoice mail.")
+    parser.add_argument("--version", action="version", version=f"invoice-relay {_version()}")
     verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
     verbs.add_parser("serve", parents=[common], help="run the relay in the foreground")
     verbs.add_parser("check-config", parents=[common], help="validate config and policy files")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import fcntl
 import os
 import select
@@ -94,9 +95,12 @@ def serve(cli_config: str | None) -> int:
     try:
         listeners = bind_listeners(config.server.listen, config.server.listen_tls)
     except OSError as exc:
-        log.event("listen_failed", level=40, error=str(exc))
-        print(f"{exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        message = exc.strerror or str(exc)  # "cannot listen on HOST:PORT: why"
+        log.event("listen_failed", level=40, error=message)
+        print(message, file=sys.stderr)
+        # A port still held by a process that is going away frees up: exit 1, which systemd
+        # restarts. Anything else (no such address, no permission) is the config's: 78.
+        return 1 if exc.errno == errno.EADDRINUSE else EXIT_CONFIG
     reserve_path = reserve.path if reserve.path.exists() else None
     limit = config.server.auth_failure_limit
     # Created before the fork: every intake process shares the same buckets.

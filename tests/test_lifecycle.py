@@ -295,6 +295,30 @@ def test_bad_config_exits_78_without_traceback(tmp_path: Path, text: str, expect
     assert not (tmp_path / "var").exists()  # nothing was started
 
 
+def _serve_once(folder: Path, listen: str) -> subprocess.CompletedProcess[str]:
+    (folder / "relay.toml").write_text(f'[server]\nlisten = ["{listen}"]\n'
+                                       f'[queue]\npath = "{folder / "queue"}"\n')
+    return subprocess.run([sys.executable, "-m", "relay", "--config", "relay.toml", "serve"],
+                          cwd=folder, capture_output=True, text=True, timeout=30)
+
+
+def test_a_port_in_use_exits_1_so_that_systemd_retries(tmp_path: Path) -> None:
+    """The unit restarts on failure but not on 78 (a config error): a port still held by a
+    process that is going away is not the config's fault."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = _serve_once(tmp_path, f"127.0.0.1:{taken.getsockname()[1]}")
+    assert proc.returncode == 1, proc.stderr
+    assert "event=listen_failed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_an_address_the_machine_does_not_have_exits_78(tmp_path: Path) -> None:
+    proc = _serve_once(tmp_path, "192.0.2.1:2525")  # TEST-NET-1: never a local address
+    assert proc.returncode == 78, proc.stderr
+    assert "event=listen_failed" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_bad_config_found_by_environment_or_missing_exits_78(tmp_path: Path) -> None:
     (tmp_path / "env.toml").write_text("[server]\nlisten = [\"127.0.0.1:99999\"]\n")
     env = {**os.environ, "INVOICE_RELAY_CONFIG": str(tmp_path / "env.toml")}
@@ -398,3 +422,9 @@ def test_delivery_process_dies_with_the_main_process(relay_factory, sink: Sink) 
     send(relay.port, "after-restart")
     sink.wait_for(1)
     assert relay.stop() == 0
+
+
+def test_version() -> None:
+    proc = subprocess.run([sys.executable, "-m", "relay", "--version"], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stdout.startswith("invoice-relay 0."), proc

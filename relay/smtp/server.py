@@ -78,7 +78,7 @@ def bind_listeners(listen: Sequence[HostPort], listen_tls: Sequence[HostPort]
     except OSError as exc:
         for sock, _ in bound:
             sock.close()
-        raise OSError(f"cannot listen on {hp}: {exc.strerror or exc}") from exc
+        raise OSError(exc.errno, f"cannot listen on {hp}: {exc.strerror or exc}") from exc
     return bound
 
 
