@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
+from relay.exitcodes import EXIT_OK, EXIT_USAGE
 
 
 def _version() -> str:

@@ -32,6 +32,7 @@ import uvloop
 
 from relay import log
 from relay.config import Config, load_or_exit
+from relay.exitcodes import EXIT_CONFIG
 from relay.policy.dkim import DkimKeyError, Signer
 from relay.queue.committer import Committer
 from relay.queue.notices import Committed, NoticeWriter, read_pipes
@@ -42,7 +43,6 @@ from relay.smtp.authlimit import AuthFailureLimiter
 DRAIN_GRACE = 30.0
 DELIVERY_START_TIMEOUT = 30.0
 INTAKE_PROCESSES = max(1, min(2, os.cpu_count() or 1))
-EXIT_CONFIG = 78
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 # Held back until each process has its handlers: the default action of all three is to die.

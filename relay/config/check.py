@@ -33,9 +33,10 @@ from relay.config.report import (
     _Table,
 )
 from relay.config_status import find_unenforced
+from relay.exitcodes import EXIT_CONFIG
 from relay.smtp.auth import load_users
 
-EX_CONFIG = 78
+EX_CONFIG = EXIT_CONFIG  # the name the rest of relay.config has always used
 SYSTEM_CONFIG = Path("/etc/invoice-relay/relay.toml")
 ENV_CONFIG = "INVOICE_RELAY_CONFIG"
 

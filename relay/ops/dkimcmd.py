@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from relay.config import ConfigError, find_config_file, normalize_domain
+from relay.exitcodes import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE
 
-EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 ALGORITHMS = ("rsa", "ed25519")
 RSA_BITS = 2048
 TXT_STRING_MAX = 255  # one character-string of a TXT record (RFC 1035 3.3)

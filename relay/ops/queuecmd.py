@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 
 from relay.config import Config, ConfigError, find_config_file, load_config
+from relay.exitcodes import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE
 from relay.queue.envelope import FINAL_STATES
 from relay.queue.recovery import recover
 from relay.queue.segments import Location, SegmentCorrupt, read_at
-
-EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 
 
 def queue_command(cli_config: str | None, args: argparse.Namespace) -> int:
