@@ -272,7 +272,6 @@ def test_full_config_every_key(tmp_path: Path) -> None:
     assert s.max_messages_per_client == Rate(600, 60.0)
     q = config.queue
     assert q.path == tmp_path / "spool" and q.retry_schedule == (90.0, 7200.0)
-    assert [q.retry_delay(n) for n in (1, 2, 3)] == [90.0, 7200.0, 7200.0]
     assert (q.max_lifetime, q.max_queued, q.min_free_space) == (172800.0, 5000, Percent(10.0))
     assert (q.dedupe_window, q.retention) == (0.0, 30 * 86400.0)
     assert config.dns.nameservers == (HostPort("127.0.0.1", 5353), HostPort("192.0.2.53", 53))

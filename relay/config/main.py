@@ -102,11 +102,6 @@ class QueueConfig:
     retention: float = 400 * 86400.0
     segment_size: int = 32 << 20  # our addition: size of each preallocated spool segment
 
-    def retry_delay(self, attempt: int) -> float:
-        """Seconds to wait after failed attempt `attempt` (1-based); the last step repeats."""
-        index = min(max(attempt, 1), len(self.retry_schedule)) - 1
-        return self.retry_schedule[index]
-
 
 @dataclass(frozen=True)
 class DnsConfig:
