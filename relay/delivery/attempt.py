@@ -14,6 +14,7 @@ import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from relay.config import Config, SourceAddress
 from relay.delivery.client import (
@@ -56,12 +57,22 @@ class Job:
         return self.recipients[0]
 
 
+class Kind(StrEnum):
+    """What one attempt did for one recipient (the engine turns it into a `State`)."""
+
+    DELIVERED = "delivered"
+    TEMPORARY = "temporary"    # retried (deferred), or expired when its lifetime is over
+    PERMANENT = "permanent"    # bounced, with a DSN
+    UNKNOWN = "unknown"        # the final dot went out and no reply came back: maybe delivered
+    RELEASED = "released"      # a graceful stop gave it up before its final dot: not an attempt
+
+
 @dataclass(slots=True)
 class Verdict:
     """What happened to one recipient in this attempt."""
 
     due: DueRecipient
-    kind: str                 # delivered | temporary | permanent | unknown | released
+    kind: Kind
     reply: str
     status: str               # enhanced status code
     hop: NextHop | None = None
@@ -159,7 +170,7 @@ class Attempter:
                     return self._released(job, hop), _close(conn)
                 if self.is_own_listener(hop):
                     _close(conn)
-                    return self._all(job, "permanent", f"554 5.4.6 Mail for {job.first.domain}"
+                    return self._all(job, Kind.PERMANENT, f"554 5.4.6 Mail for {job.first.domain}"
                                      f" loops back to myself ({hop.address}:{hop.port})", "5.4.6",
                                      hop), None
                 if conn is None or conn.hop != hop or not conn.client.usable:
@@ -210,9 +221,9 @@ class Attempter:
             raise
         _close(conn)
         if lacked_utf8 and last[2] is None:
-            return self._all(job, "permanent", "554 5.6.7 No next hop supports SMTPUTF8, which"
+            return self._all(job, Kind.PERMANENT, "554 5.6.7 No next hop supports SMTPUTF8, which"
                              " this message needs", "5.6.7", None), None
-        return self._all(job, "temporary", last[0], last[1], last[2]), None
+        return self._all(job, Kind.TEMPORARY, last[0], last[1], last[2]), None
 
     async def _prepare(self, job: Job, data: bytes, client: SmtpClient,
                        cache: dict[bool, Prepared]) -> Prepared:
@@ -253,30 +264,30 @@ class Attempter:
         hop, tls = conn.hop, conn.client.tls_version
         sent = sha256 if tx.data is not None or tx.outcome_unknown else None
         if not tx.mail.is_ok:  # a 5xx to MAIL refuses every recipient
-            return self._all(job, "permanent", tx.mail.text, _status_of(tx.mail, "5.0.0"), hop,
+            return self._all(job, Kind.PERMANENT, tx.mail.text, _status_of(tx.mail, "5.0.0"), hop,
                              tls)
         verdicts = []
         for due in job.recipients:
             reply = tx.rcpt.get(due.rcpt)
             if reply is None or not reply.is_ok:
                 reply = reply or tx.mail
-                kind = "permanent" if reply.is_permanent else "temporary"
+                kind = Kind.PERMANENT if reply.is_permanent else Kind.TEMPORARY
                 verdicts.append(Verdict(due, kind, reply.text,
-                                        _status_of(reply, "5.0.0" if kind == "permanent"
+                                        _status_of(reply, "5.0.0" if kind == Kind.PERMANENT
                                                    else "4.0.0"), hop, tls))
             elif tx.outcome_unknown:
-                verdicts.append(Verdict(due, "unknown", _UNKNOWN_STOPPING if self.draining
+                verdicts.append(Verdict(due, Kind.UNKNOWN, _UNKNOWN_STOPPING if self.draining
                                         else _UNKNOWN_LOST, "4.4.2", hop, tls, sent))
             elif tx.data is None:
-                verdicts.append(Verdict(due, "temporary", "451 4.4.2 no reply to DATA", "4.4.2",
+                verdicts.append(Verdict(due, Kind.TEMPORARY, "451 4.4.2 no reply to DATA", "4.4.2",
                                         hop, tls))
             elif tx.data.is_ok:
-                verdicts.append(Verdict(due, "delivered", tx.data.text,
+                verdicts.append(Verdict(due, Kind.DELIVERED, tx.data.text,
                                         _status_of(tx.data, "2.0.0"), hop, tls, sent))
             else:
-                kind = "permanent" if tx.data.is_permanent else "temporary"
+                kind = Kind.PERMANENT if tx.data.is_permanent else Kind.TEMPORARY
                 verdicts.append(Verdict(due, kind, tx.data.text, _status_of(
-                    tx.data, "5.0.0" if kind == "permanent" else "4.0.0"), hop, tls, sent))
+                    tx.data, "5.0.0" if kind == Kind.PERMANENT else "4.0.0"), hop, tls, sent))
         return verdicts
 
     @staticmethod
@@ -286,7 +297,7 @@ class Attempter:
 
     @classmethod
     def _released(cls, job: Job, hop: NextHop | None) -> list[Verdict]:
-        return cls._all(job, "released", "relay stopping: transaction given up before the final"
+        return cls._all(job, Kind.RELEASED, "relay stopping: transaction given up before the final"
                         " dot", "4.3.2", hop)
 
 

@@ -19,10 +19,10 @@ from relay import log
 from relay.addresses import address_problem, domain_of
 from relay.config import Config, DestinationPolicy
 from relay.delivery import retry
-from relay.delivery.attempt import Attempter, Connection, Job, Verdict
+from relay.delivery.attempt import Attempter, Connection, Job, Kind, Verdict
 from relay.delivery.nexthop import DnsFailure, NextHop, NextHopResolver
 from relay.delivery.store import DeliveryStore, Result
-from relay.queue.envelope import BOUNCED, DELIVERED, EXPIRED, UNKNOWN
+from relay.queue.envelope import BOUNCED, DEFERRED, DELIVERED, EXPIRED, UNKNOWN, State
 from relay.queue.index import DueRecipient, Outcome
 from relay.queue.notices import Committed
 from relay.queue.segments import SegmentCorrupt
@@ -64,6 +64,21 @@ class Counters:
     expired: int = 0
     unknown: int = 0
     released: int = 0   # claimed, then given back unattempted by a graceful stop
+
+    def count(self, state: State) -> None:
+        """One more outcome in `state` (the final states, deferred and unknown)."""
+        if state == DELIVERED:
+            self.delivered += 1
+        elif state == DEFERRED:
+            self.deferred += 1
+        elif state == BOUNCED:
+            self.bounced += 1
+        elif state == EXPIRED:
+            self.expired += 1
+        elif state == UNKNOWN:
+            self.unknown += 1
+        else:
+            raise ValueError(f"not an outcome: {state}")
 
 
 class DeliveryEngine:
@@ -240,7 +255,7 @@ class DeliveryEngine:
             log.event("delivery_error", level=40, id=job.msg, error=_cause(exc), stage="job")
             _close(conn)
             reply = f"451 4.3.0 Local delivery error: {_cause(exc)}"
-            self._finish(job, [Verdict(d, "temporary", reply, "4.3.0") for d in job.recipients])
+            self._finish(job, [Verdict(d, Kind.TEMPORARY, reply, "4.3.0") for d in job.recipients])
             return None
         finally:
             del self._running[task]
@@ -255,7 +270,7 @@ class DeliveryEngine:
         try:
             hops = await self._hops(dest)
         except DnsFailure as exc:
-            kind = "temporary" if exc.temporary else "permanent"
+            kind = Kind.TEMPORARY if exc.temporary else Kind.PERMANENT
             code = "451" if exc.temporary else "550"
             self._finish(job, [Verdict(d, kind, f"{code} {exc.status} {exc.text}",
                                              exc.status) for d in job.recipients])
@@ -264,12 +279,12 @@ class DeliveryEngine:
             data = await self.store.read_message(job.first)
         except (OSError, SegmentCorrupt) as exc:
             log.event("spool_read_failed", level=40, id=job.msg, error=str(exc))
-            self._finish(job, [Verdict(d, "temporary", f"451 4.3.0 spool read failed: {exc}",
+            self._finish(job, [Verdict(d, Kind.TEMPORARY, f"451 4.3.0 spool read failed: {exc}",
                                              "4.3.0") for d in job.recipients])
             return conn
         hops_seen = received_count(data)
         if hops_seen > MAX_HOPS:
-            self._finish(job, [Verdict(d, "permanent", f"554 5.4.6 Too many hops:"
+            self._finish(job, [Verdict(d, Kind.PERMANENT, f"554 5.4.6 Too many hops:"
                                              f" {hops_seen} Received headers, mail loop?",
                                              "5.4.6") for d in job.recipients])
             return conn
@@ -289,14 +304,14 @@ class DeliveryEngine:
         problem = address_problem(job.first.sender, smtputf8=utf8)
         if problem is not None:
             reply = f"553 5.1.7 Unusable sender address ({problem.value}); no DSN sent"
-            screened = [Verdict(d, "permanent", reply, "5.1.7") for d in job.recipients]
+            screened = [Verdict(d, Kind.PERMANENT, reply, "5.1.7") for d in job.recipients]
             job.recipients = []
             return screened
         screened = []
         for d in job.recipients:
             problem = address_problem(d.rcpt, smtputf8=utf8)
             if problem is not None:
-                screened.append(Verdict(d, "permanent", "553 5.1.3 Unusable recipient address"
+                screened.append(Verdict(d, Kind.PERMANENT, "553 5.1.3 Unusable recipient address"
                                         f" ({problem.value})", "5.1.3"))
         if screened:
             job.recipients = [d for d in job.recipients
@@ -326,19 +341,19 @@ class DeliveryEngine:
         results = []
         for v in verdicts:
             due = v.due
-            if v.kind == "released":
+            if v.kind == Kind.RELEASED:
                 # Cut off by a graceful stop before its final dot: not an attempt. drain()
                 # gives every claimed recipient that has no outcome back to the queue.
                 self._log_released(due, v.hop, v.reply)
                 continue
             status = v.status
-            if v.kind == "delivered":
+            if v.kind == Kind.DELIVERED:
                 state, next_at = DELIVERED, now
-            elif v.kind == "permanent":
+            elif v.kind == Kind.PERMANENT:
                 state, next_at = BOUNCED, now
             else:
                 state, next_at = retry.temporary_state(due.attempts, now, schedule, due.expires,
-                                                       unknown=v.kind == "unknown",
+                                                       unknown=v.kind == Kind.UNKNOWN,
                                                        rng=random.Random(seed))
                 if state == EXPIRED:
                     status = "4.4.7"
@@ -364,7 +379,7 @@ class DeliveryEngine:
     def _log(self, r: Result) -> None:
         o = r.outcome
         state = o.state
-        setattr(self.counters, state, getattr(self.counters, state, 0) + 1)
+        self.counters.count(state)
         fields: dict[str, object] = {
             "id": o.msg, "rcpt": r.due.rcpt, "host": o.host, "address": o.address,
             "tls": o.tls, "status": r.status, "attempt": r.due.attempts + 1, "reply": o.reply,

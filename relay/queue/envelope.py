@@ -8,16 +8,26 @@ import os
 import random
 import time
 from dataclasses import dataclass, fields
+from enum import StrEnum
 
-# Recipient states. Pending ones are picked up by delivery; final ones never change again.
-QUEUED = "queued"        # accepted, never tried
-ACTIVE = "active"        # claimed by the delivery process right now
-DEFERRED = "deferred"    # a temporary failure; retried at next_attempt
-UNKNOWN = "unknown"      # the connection dropped after the final dot: maybe delivered; retried
-HOLD = "hold"            # an operator stopped delivery attempts
-DELIVERED = "delivered"
-BOUNCED = "bounced"
-EXPIRED = "expired"
+
+class State(StrEnum):
+    """Where a recipient is (Postfix's queue states, per recipient). Pending ones are picked up
+    by delivery; final ones never change again."""
+
+    QUEUED = "queued"        # accepted, never tried
+    ACTIVE = "active"        # claimed by the delivery process right now
+    DEFERRED = "deferred"    # a temporary failure; retried at next_attempt
+    UNKNOWN = "unknown"      # the connection dropped after the final dot: maybe delivered
+    HOLD = "hold"            # an operator stopped delivery attempts (`queue hold`, issue 10)
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    EXPIRED = "expired"
+
+
+# Short names for the members, as the rest of the code spells them.
+QUEUED, ACTIVE, DEFERRED, UNKNOWN = State.QUEUED, State.ACTIVE, State.DEFERRED, State.UNKNOWN
+HOLD, DELIVERED, BOUNCED, EXPIRED = State.HOLD, State.DELIVERED, State.BOUNCED, State.EXPIRED
 
 PENDING_STATES = (QUEUED, DEFERRED, UNKNOWN)
 FINAL_STATES = (DELIVERED, BOUNCED, EXPIRED)

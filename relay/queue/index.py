@@ -24,7 +24,15 @@ from pathlib import Path
 import sqlite_utils
 
 from relay.addresses import domain_of
-from relay.queue.envelope import ACTIVE, DEFERRED, FINAL_STATES, QUEUED, UNKNOWN
+from relay.queue.envelope import (
+    ACTIVE,
+    DEFERRED,
+    FINAL_STATES,
+    PENDING_STATES,
+    QUEUED,
+    UNKNOWN,
+    State,
+)
 from relay.queue.notices import Committed
 from relay.queue.segments import Location
 
@@ -89,7 +97,16 @@ CREATE TABLE IF NOT EXISTS attempts (
 CREATE INDEX IF NOT EXISTS attempts_msg ON attempts(msg, idx);
 """
 
-PENDING_SQL = "('queued', 'deferred', 'unknown')"
+
+
+def sql_list(states: Sequence[State]) -> str:
+    """`('a', 'b')` for `state IN ...`: spelled as the partial indexes' WHERE clauses spell it,
+    which SQLite needs to match a query to a partial index."""
+    return "(" + ", ".join(f"'{s.value}'" for s in states) + ")"
+
+
+PENDING_SQL = sql_list(PENDING_STATES)   # ('queued', 'deferred', 'unknown')
+FINAL_SQL = sql_list(FINAL_STATES)
 WAL_CHECKPOINT_PAGES = 64
 
 
@@ -336,9 +353,8 @@ class Index:
                     "SELECT name, messages, finished, sealed, indexed_upto FROM segments")}
 
     def _all_final(self, msg: str) -> bool:
-        finals = ",".join(f"'{s}'" for s in FINAL_STATES)
         row = self.conn.execute(
-            f"SELECT COUNT(*) FROM recipients WHERE msg = ? AND state NOT IN ({finals})",
+            f"SELECT COUNT(*) FROM recipients WHERE msg = ? AND state NOT IN {FINAL_SQL}",
             (msg,)).fetchone()
         return row[0] == 0
 
@@ -376,22 +392,20 @@ class Index:
 
     def mark_missing(self, msgs: Sequence[str], now: float) -> None:
         """Pending recipients whose segment is gone cannot be delivered: say so, loudly."""
-        finals = ",".join(repr(s) for s in FINAL_STATES)
         with self._transaction():
             self.conn.executemany(
                 "UPDATE recipients SET state = 'expired', last_reply = 'spool segment missing',"
-                f" updated = ? WHERE msg = ? AND state NOT IN ({finals})",
+                f" updated = ? WHERE msg = ? AND state NOT IN {FINAL_SQL}",
                 [(now, m) for m in msgs])
             self.conn.executemany("UPDATE messages SET done = ? WHERE id = ?",
                                   [(now, m) for m in msgs])
 
     def apply_finals(self, msg: str, finals: dict[int, str], now: float) -> None:
         """Final states a legacy spool file recorded (see relay.queue.legacy)."""
-        finals_sql = ",".join(repr(s) for s in FINAL_STATES)
         with self._transaction():
             self.conn.executemany(
                 "UPDATE recipients SET state = ?, updated = ? WHERE msg = ? AND idx = ?"
-                f" AND state NOT IN ({finals_sql})",
+                f" AND state NOT IN {FINAL_SQL}",
                 [(state, now, msg, idx) for idx, state in finals.items()])
             if self._all_final(msg):
                 self._finish_messages([msg], now)
