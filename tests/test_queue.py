@@ -205,6 +205,13 @@ def test_queue_commands(tmp_path: Path) -> None:
     (tmp_path / "var" / "index.sqlite").unlink()
     for extra in ("-wal", "-shm"):
         (tmp_path / "var" / f"index.sqlite{extra}").unlink(missing_ok=True)
+    lost = run("list")  # a spool without its index: the command says what to do
+    assert lost.returncode == 1 and "invoice-relay queue rebuild" in lost.stderr
+    (tmp_path / "var" / "index.sqlite").write_bytes(b"garbage" * 1000)
+    damaged = run("list")
+    assert damaged.returncode == 1 and "Traceback" not in damaged.stderr
+    assert "invoice-relay queue rebuild" in damaged.stderr
+    (tmp_path / "var" / "index.sqlite").unlink()
     rebuilt = run("rebuild")
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert env.id in run("list", "--json").stdout

@@ -29,7 +29,9 @@ def queue_command(cli_config: str | None, args: argparse.Namespace) -> int:
         return _rebuild(config)
     db = root / "index.sqlite"
     if not db.exists():
-        print(f"{db}: no queue index here (nothing was ever queued?)", file=sys.stderr)
+        hint = ("if mail was queued here, run `invoice-relay queue rebuild`"
+                if (root / "spool").is_dir() else "nothing was ever queued here?")
+        print(f"{db}: no queue index ({hint})", file=sys.stderr)
         return EXIT_PROBLEM
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
     try:
@@ -37,6 +39,11 @@ def queue_command(cli_config: str | None, args: argparse.Namespace) -> int:
             return _list(conn, args.state, args.domain, args.json)
         if args.queue_verb == "show":
             return _show(conn, root / "spool", args.id)
+    except sqlite3.DatabaseError as exc:
+        transient = isinstance(exc, sqlite3.OperationalError)  # e.g. locked: try again
+        hint = "" if transient else "; stop the relay and run `invoice-relay queue rebuild`"
+        print(f"{db}: cannot read the queue index: {exc}{hint}", file=sys.stderr)
+        return EXIT_PROBLEM
     finally:
         conn.close()
     return EXIT_USAGE
