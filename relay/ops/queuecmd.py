@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import os
 import sqlite3
 import sys
 import time
@@ -150,7 +151,19 @@ def _rebuild(config: Config) -> int:
                 old.rename(Path(f"{db}.broken-{stamp}{suffix}"))
         report = recover(root, db, max_lifetime=config.queue.max_lifetime,
                          segment_size=config.queue.segment_size)
+        _give_to_queue_owner(root)
     print(f"rebuilt {db}: {report.reindexed} messages from the spool segments,"
           f" {report.removed_incomplete} incomplete streamed messages removed,"
           f" {report.corrupt} damaged records skipped")
     return EXIT_OK
+
+
+def _give_to_queue_owner(root: Path) -> None:
+    """Run as root (as operators do), a rebuild would leave a root-owned index the service
+    user cannot open: hand what it created to the owner of the queue folder."""
+    owner = root.stat()
+    if os.geteuid() != 0 or owner.st_uid == 0:
+        return
+    for path in [*root.glob("index.sqlite*"), root / "lock"]:
+        if path.exists() and path.stat().st_uid != owner.st_uid:
+            os.chown(path, owner.st_uid, owner.st_gid)
