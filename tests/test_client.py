@@ -328,6 +328,8 @@ async def test_connection_refused_fails_fast() -> None:
         await connect(_free_port())
     assert not isinstance(caught.value, LocalAddressError)
     assert time.monotonic() - start < 0.5
+    # What a DSN and `queue show` will say: readable, without Python's "[Errno 111]".
+    assert str(caught.value).endswith("failed: Connection refused"), str(caught.value)
 
 
 async def test_greeting_timeout() -> None:

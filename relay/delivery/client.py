@@ -252,7 +252,8 @@ async def _open_socket(address: str, port: int, source_address: str | None,
             try:
                 sock.bind((source_address, 0))
             except OSError as exc:
-                raise LocalAddressError(f"cannot bind source address {source_address}: {exc}",
+                raise LocalAddressError(f"cannot bind source address {source_address}: "
+                                        f"{exc.strerror or exc}",
                                         stage="connect") from exc
         loop = asyncio.get_running_loop()
         try:
@@ -262,7 +263,7 @@ async def _open_socket(address: str, port: int, source_address: str | None,
             raise ConnectFailed(f"connect to {address}:{port} timed out after {timeout}s",
                                 stage="connect") from exc
         except OSError as exc:
-            raise ConnectFailed(f"connect to {address}:{port} failed: {exc}",
+            raise ConnectFailed(f"connect to {address}:{port} failed: {exc.strerror or exc}",
                                 stage="connect") from exc
     except BaseException:
         sock.close()
@@ -312,7 +313,7 @@ class SmtpClient:
             reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_LINE + 2)
         except OSError as exc:
             sock.close()
-            raise ConnectFailed(f"connect to {address}:{port} failed: {exc}",
+            raise ConnectFailed(f"connect to {address}:{port} failed: {exc.strerror or exc}",
                                 stage="connect") from exc
         client = cls(reader, writer, address=address, helo_name=helo_name, timeouts=timeouts)
         try:
