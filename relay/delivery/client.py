@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import ipaddress
 import math
+import os
 import re
 import socket
 import ssl
@@ -240,6 +241,12 @@ async def _resolve(address: str, port: int, source_address: str | None,
     return family, proto, sockaddr
 
 
+def _why(exc: OSError) -> str:
+    """"Connection refused", not "[Errno 111] Connect call failed ('192.0.2.1', 25)": this
+    text ends up in DSNs and in `queue show`."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
 async def _open_socket(address: str, port: int, source_address: str | None,
                        timeout: float) -> socket.socket:
     """Connect a non-blocking socket; we bind and connect ourselves to tell a bind failure
@@ -253,7 +260,7 @@ async def _open_socket(address: str, port: int, source_address: str | None,
                 sock.bind((source_address, 0))
             except OSError as exc:
                 raise LocalAddressError(f"cannot bind source address {source_address}: "
-                                        f"{exc.strerror or exc}",
+                                        f"{_why(exc)}",
                                         stage="connect") from exc
         loop = asyncio.get_running_loop()
         try:
@@ -263,7 +270,7 @@ async def _open_socket(address: str, port: int, source_address: str | None,
             raise ConnectFailed(f"connect to {address}:{port} timed out after {timeout}s",
                                 stage="connect") from exc
         except OSError as exc:
-            raise ConnectFailed(f"connect to {address}:{port} failed: {exc.strerror or exc}",
+            raise ConnectFailed(f"connect to {address}:{port} failed: {_why(exc)}",
                                 stage="connect") from exc
     except BaseException:
         sock.close()
@@ -313,7 +320,7 @@ class SmtpClient:
             reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_LINE + 2)
         except OSError as exc:
             sock.close()
-            raise ConnectFailed(f"connect to {address}:{port} failed: {exc.strerror or exc}",
+            raise ConnectFailed(f"connect to {address}:{port} failed: {_why(exc)}",
                                 stage="connect") from exc
         client = cls(reader, writer, address=address, helo_name=helo_name, timeouts=timeouts)
         try:
