@@ -404,6 +404,8 @@ def test_5xx_after_data_bounces_every_recipient_in_one_dsn(relay_factory: RelayF
     _, groups, _ = dsn_parts(dsn)
     assert sorted(status_of(g) for g in groups) == [
         ("a@example.net", "5.7.1", reply), ("b@example.net", "5.7.1", reply)]
+    [queued] = relay.events("dsn_queued")  # the log links the bounce to its DSN
+    assert queued["original"] == queue_id and queued["id"] != queue_id
 
 
 def test_4xx_after_data_defers_and_retries(relay_factory: RelayFactory,

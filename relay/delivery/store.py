@@ -327,6 +327,8 @@ class DeliveryStore:
                 [(env.to_json(), [data]) for _, env, data in built])
             for (msg, env, _), location in zip(built, locations, strict=True):
                 made[msg] = Committed(env, location)
+                # The link an operator follows from a bounce to its DSN, and back.
+                log.event("dsn_queued", id=env.id, original=msg, rcpt=env.recipients[0])
         # A batch retried after a failed commit indexes the DSNs it made the first time.
         in_batch = {r.outcome.msg for r in results}
         return [c for m, c in made.items() if c is not None and m in in_batch]
