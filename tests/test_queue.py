@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from queuefiles import plant, stored_ids
 
+from relay.queue import segments
 from relay.queue.committer import Committer, QueueWriteError
 from relay.queue.envelope import ACTIVE, DELIVERED, Envelope, new_queue_id
 from relay.queue.index import Index, Outcome
@@ -108,10 +109,21 @@ async def test_failed_fsync_refuses_the_whole_batch_and_is_not_retried(tmp_path:
     assert announced == []  # nothing half-acknowledged is announced
 
 
-async def test_streamed_message_gets_its_own_synced_segment(tmp_path: Path) -> None:
+async def test_streamed_message_gets_its_own_synced_segment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     announced: list[tuple[bytes, Location]] = []
     sealed: list[str] = []
-    committer = Committer(tmp_path / "spool", 1, segment_size=1 << 20,
+    synced: list[str] = []      # files fdatasynced, by name
+    dirs_synced: list[Path] = []
+
+    def sync(fd: int) -> None:
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        os.fdatasync(fd)
+
+    real_sync_dir = segments.sync_dir
+    monkeypatch.setattr(segments, "sync_dir",
+                        lambda path: (dirs_synced.append(path), real_sync_dir(path)))
+    committer = Committer(tmp_path / "spool", 1, segment_size=1 << 20, sync=sync,
                           on_committed=announced.extend, on_sealed=sealed.extend)
     committer.start()
     try:
@@ -125,6 +137,8 @@ async def test_streamed_message_gets_its_own_synced_segment(tmp_path: Path) -> N
     assert stored_ids(tmp_path) == [env.id]
     assert read_at(tmp_path / "spool", location).endswith(b"x\r\nend\r\n")
     assert announced == [(env.to_json(), location)] and location.segment in sealed
+    # Acknowledged only after its own file and its folder entry are on disk.
+    assert location.segment in synced and tmp_path / "spool" in dirs_synced
 
 
 def test_claim_moves_due_recipients_to_active_exactly_once(tmp_path: Path) -> None:
