@@ -32,12 +32,13 @@ LIFETIME = 3600.0
 class Relay:
     """An engine and its store on `root`, delivering example.net (and DSNs) to one sink."""
 
-    def __init__(self, root: Path, sink: Sink, attempter: Attempter) -> None:
+    def __init__(self, root: Path, sink: Sink, attempter: Attempter,
+                 schedule: tuple[float, ...] = (0.2,)) -> None:
         self.root = root
         self.db = root / "index.sqlite"
         hop = (HostPort("127.0.0.1", sink.port),)
         self.config = Config(server=ServerConfig(hostname="relay.test"),
-                             queue=QueueConfig(path=root, retry_schedule=(0.2,),
+                             queue=QueueConfig(path=root, retry_schedule=schedule,
                                                max_lifetime=LIFETIME),
                              destinations=(DestinationPolicy("example.net", routes=hop),
                                            DestinationPolicy("invoices.test", routes=hop)))
@@ -243,3 +244,21 @@ async def test_drain_gives_back_claimed_jobs_that_never_started(
     assert [relay.states(m) for m in msgs] == [[("queued", 0)]] * 4
     assert relay.engine.counters.released == 4
     assert len(events(caplog, "released")) == 1  # the one cut off; the others never started
+
+
+# --- the retry schedule ----------------------------------------------------------------------
+
+async def test_each_deferral_takes_the_next_step_of_the_schedule(tmp_path: Path) -> None:
+    """The second failure waits the second step, not the first again (the review found that
+    only the function was tested, not the engine's use of the attempt count)."""
+    with Sink(data_reply=lambda _data: "451 4.3.0 try later") as sink:
+        relay = Relay(tmp_path / "var", sink, Attempter(Config(), own_listeners=set()),
+                      schedule=(0.2, 30.0))
+        Index(relay.db).close()
+        msg = relay.plant(["a@example.net"])
+        runner = await start(relay)
+        await until(lambda: relay.states(msg) == [("deferred", 2)])
+        await stop(relay, runner)
+    [(waits,)] = relay.rows("SELECT next_attempt - updated FROM recipients WHERE msg = ?", msg)
+    assert 27.0 <= waits <= 33.0  # the second step, with its ±10 % jitter
+    assert len(sink.messages) == 0
