@@ -45,11 +45,12 @@ class Relay:
         self.store = DeliveryStore(root, self.db, hostname="relay.test", max_lifetime=LIFETIME)
         self.engine = DeliveryEngine(self.config, self.store, NextHopResolver(), attempter)
 
-    def plant(self, recipients: Sequence[str], received: float | None = None) -> str:
+    def plant(self, recipients: Sequence[str], received: float | None = None,
+              head: bytes = b"") -> str:
         """A message as intake leaves it: synced spool file and index rows."""
         env = Envelope(id=new_queue_id(), sender=SENDER, recipients=tuple(recipients),
                        received=received or time.time(), client="127.0.0.1", helo="app.test")
-        data = b"From: <app@invoices.test>\r\nSubject: invoice\r\n\r\nPlease pay.\r\n"
+        data = head + b"From: <app@invoices.test>\r\nSubject: invoice\r\n\r\nPlease pay.\r\n"
         plant(self.root, env, data, max_lifetime=LIFETIME)
         return env.id
 
@@ -262,3 +263,21 @@ async def test_each_deferral_takes_the_next_step_of_the_schedule(tmp_path: Path)
     [(waits,)] = relay.rows("SELECT next_attempt - updated FROM recipients WHERE msg = ?", msg)
     assert 27.0 <= waits <= 33.0  # the second step, with its ±10 % jitter
     assert len(sink.messages) == 0
+
+
+# --- loops -----------------------------------------------------------------------------------
+
+async def test_a_message_past_the_hop_limit_bounces_with_a_dsn(tmp_path: Path, sink: Sink) -> None:
+    """Intake refuses such messages first, so only a queue file reaches this check (a message
+    queued by an older release, or one whose Received headers came in another way)."""
+    hops = b"".join(b"Received: from hop%d.test by relay.test; Sun, 29 Nov 2026\r\n" % n
+                    for n in range(51))
+    async with running(tmp_path, sink) as relay:
+        msg = relay.plant(["a@example.net"], head=hops)
+        runner = await start(relay)
+        await until(lambda: len(sink.messages) == 1)
+        await stop(relay, runner)
+    assert relay.states(msg) == [("bounced", 1)]
+    [dsn] = sink.messages
+    assert dsn.mail_from == "<>" and dsn.rcpt_tos == [SENDER]  # the DSN, not the message
+    assert b"5.4.6" in dsn.data
