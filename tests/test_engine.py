@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -272,12 +273,22 @@ async def test_a_message_past_the_hop_limit_bounces_with_a_dsn(tmp_path: Path, s
     queued by an older release, or one whose Received headers came in another way)."""
     hops = b"".join(b"Received: from hop%d.test by relay.test; Sun, 29 Nov 2026\r\n" % n
                     for n in range(51))
+    synced: list[str] = []  # the DSN writer's syncs, by file name
+
+    def sync(fd: int) -> None:
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        os.fdatasync(fd)
+
     async with running(tmp_path, sink) as relay:
+        relay.store._dsn_writer._sync = sync
         msg = relay.plant(["a@example.net"], head=hops)
         runner = await start(relay)
         await until(lambda: len(sink.messages) == 1)
         await stop(relay, runner)
     assert relay.states(msg) == [("bounced", 1)]
+    # The DSN was synced into the delivery process's own segment before it was indexed.
+    [(segment,)] = relay.rows("SELECT segment FROM messages WHERE sender = ''")
+    assert segment in synced, (segment, synced)
     [dsn] = sink.messages
     assert dsn.mail_from == "<>" and dsn.rcpt_tos == [SENDER]  # the DSN, not the message
     assert b"5.4.6" in dsn.data
