@@ -11,7 +11,6 @@ throughput benchmark (bench/run is); the sink and the clients share the machine.
 from __future__ import annotations
 
 import argparse
-import os
 import smtplib
 import statistics
 import sys
@@ -26,24 +25,17 @@ from dkimkeys import write_ed25519, write_rsa
 from relayproc import RelayProcess
 from sink import Sink
 
+from bench import CLK_TCK, cpu_ticks, tree
+
 CLIENTS = 4
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def delivery_cpu(relay: RelayProcess) -> float:
     """CPU seconds used so far by the relay's delivery process."""
     assert relay.proc is not None
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        if comm == "relay-delivery" and int(fields[1]) == relay.proc.pid:
-            return (int(fields[11]) + int(fields[12])) / TICKS
+    for st in tree([relay.proc.pid]):
+        if st["comm"] == "relay-delivery":
+            return cpu_ticks(st, with_children=False) / CLK_TCK
     raise RuntimeError("no relay-delivery process")
 
 
