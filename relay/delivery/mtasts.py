@@ -199,14 +199,17 @@ class MtaStsResolver:
 
     async def requirement(self, domain: str) -> TlsRequirement:
         """The domain's requirement now; never raises (no policy: OPPORTUNISTIC)."""
+        # The common case, a known ASCII domain checked recently, is a dict lookup: the keys
+        # are ascii_domain() results, so a hit on the plain lower-case form is one of them.
+        state = self._domains.get(domain.lower().rstrip("."))
+        now = self._clock()
+        if state is not None and now < state.next_check:
+            return state.current(now)
         try:
             name = ascii_domain(domain)
         except DnsFailure:
             return OPPORTUNISTIC
         state = self._domains.get(name)
-        now = self._clock()
-        if state is not None and now < state.next_check:
-            return state.current(now)  # the common case: a dict lookup
         try:
             if self._loaded is None or not self._loaded.done():
                 await self._load_cache()
@@ -229,6 +232,8 @@ class MtaStsResolver:
             await asyncio.gather(*self._inflight.values(), return_exceptions=True)
 
     async def close(self) -> None:
+        if self._loaded is not None:
+            self._loaded.cancel()
         for task in list(self._inflight.values()):
             task.cancel()
         await asyncio.gather(*self._inflight.values(), return_exceptions=True)
