@@ -396,3 +396,18 @@ def test_parse_policy_accepts_crlf_and_unknown_keys() -> None:
 def test_parse_policy_rejects(text: str) -> None:
     with pytest.raises(PolicyError):
         parse_policy(text, "1", 0.0)
+
+
+async def test_damaged_cache_file_is_ignored_and_replaced(
+        make: type, host: PolicyHost, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "mta-sts"
+    folder.mkdir()
+    (folder / "enforce.example.json").write_text('{"domain": "enforce.example", "mode"')
+    host.set("enforce.example", ENFORCE)
+    resolver = make()
+    assert (await resolver.requirement("enforce.example")).mode == TlsMode.VERIFY
+    (problem,) = events(caplog, "mta_sts_failed")
+    assert "enforce.example.json: ignored" in problem
+    # the fetched policy replaced it, atomically: no temporary file is left behind
+    assert sorted(p.name for p in folder.iterdir()) == ["enforce.example.json"]
+    assert json.loads((folder / "enforce.example.json").read_text())["mode"] == "enforce"
