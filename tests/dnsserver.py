@@ -121,6 +121,12 @@ class DnsServer:
         with self._resolver.lock:
             self._resolver.records.extend(records)
 
+    def remove(self, name: str) -> None:
+        """Drop every record of `name` (to change a record: remove, then add)."""
+        label = DNSLabel(name)
+        with self._resolver.lock:
+            self._resolver.records = [rr for rr in self._resolver.records if rr.rname != label]
+
     def servfail(self, name: str) -> None:
         with self._resolver.lock:
             self._resolver.servfail.add(DNSLabel(name))

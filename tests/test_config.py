@@ -227,7 +227,7 @@ routes = ["127.0.0.1:10026", "mx.example.net"]
 rate = "600/min"
 max_connections = 10
 max_messages_per_connection = 50
-tls = "mta-sts"
+tls = "verify"
 source_addresses = ["192.0.2.10"]
 on_reply = [ { match = "TSS04|rate limited", action = "suspend", duration = "2h" } ]
 
@@ -295,7 +295,7 @@ def test_full_config_every_key(tmp_path: Path) -> None:
     net, org = config.destinations
     assert net.routes == (HostPort("127.0.0.1", 10026), HostPort("mx.example.net", 25))
     assert (net.rate, net.burst) == (Rate(600, 60.0), 600)  # burst: one period's worth
-    assert (net.max_connections, net.max_messages_per_connection, net.tls) == (10, 50, "mta-sts")
+    assert (net.max_connections, net.max_messages_per_connection, net.tls) == (10, 50, "verify")
     assert [str(a) for a in net.source_addresses] == ["192.0.2.10"]
     (rule,) = net.on_reply
     assert rule.match.search("421 4.7.0 [TSS04] Messages deferred") and rule.duration == 7200
@@ -414,6 +414,9 @@ def test_problem_lines(tmp_path: Path, toml: str, expected: str) -> None:
     ("[[destination]]\ndomain = 'example.net'\nburst = 5\n", "destination[0].burst: needs rate"),
     ("[[destination]]\ndomain = 'example.net'\ntls = 'dane'\n",
      'destination[0].tls: "dane" is not one of opportunistic | required | verify | mta-sts'),
+    ("[[destination]]\ndomain = 'example.net'\nroutes = ['127.0.0.1']\ntls = 'mta-sts'\n",
+     'destination[0].tls: "mta-sts" applies to MX hosts and cannot be used with routes '
+     '(use "verify" to check the routes\' own names)'),
     ("[[destination]]\ndomain = 'example.net'\nroutes = ['[::1']\n",
      "destination[0].routes[0]: '[::1': missing ']'"),
     ("[[destination]]\ndomain = 'ex*.net'\n",

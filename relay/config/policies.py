@@ -213,6 +213,10 @@ def _destination(t: _Table, ctx: _PolicyContext) -> DestinationPolicy | None:
         on_reply=tuple(r for r in on_reply if r is not None),
     )
     t.finish()
+    if policy.tls == "mta-sts" and policy.routes:
+        # RFC 8461 checks the MX hosts a domain publishes; static routes bypass MX entirely.
+        t.report.add(t.key("tls"), '"mta-sts" applies to MX hosts and cannot be used with '
+                     'routes (use "verify" to check the routes\' own names)')
     for index, address in enumerate(policy.source_addresses):
         if address not in ctx.source_addresses:
             t.report.add(f"{t.key('source_addresses')}[{index}]",

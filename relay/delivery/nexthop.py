@@ -113,6 +113,23 @@ def _unique(addresses: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(addresses))
 
 
+def dns_resolver(
+    nameservers: Sequence[HostPort] = (), *, timeout: float = 5.0, lifetime: float = 10.0
+) -> dns.asyncresolver.Resolver:
+    """A dnspython resolver asking `[dns] nameservers`, or /etc/resolv.conf's when empty
+    (shared with relay/delivery/mtasts.py, so every lookup goes to the same servers)."""
+    if nameservers:
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = [
+            dns.nameserver.Do53Nameserver(ns.host, ns.port) for ns in nameservers
+        ]
+    else:
+        resolver = dns.asyncresolver.Resolver()  # /etc/resolv.conf
+    resolver.timeout = timeout
+    resolver.lifetime = lifetime
+    return resolver
+
+
 class NextHopResolver:
     def __init__(
         self,
@@ -121,15 +138,7 @@ class NextHopResolver:
         timeout: float = 5.0,
         lifetime: float = 10.0,
     ) -> None:
-        if nameservers:
-            self._resolver = dns.asyncresolver.Resolver(configure=False)
-            self._resolver.nameservers = [
-                dns.nameserver.Do53Nameserver(ns.host, ns.port) for ns in nameservers
-            ]
-        else:
-            self._resolver = dns.asyncresolver.Resolver()  # /etc/resolv.conf
-        self._resolver.timeout = timeout
-        self._resolver.lifetime = lifetime
+        self._resolver = dns_resolver(nameservers, timeout=timeout, lifetime=lifetime)
         self._cache: dict[tuple[str, str], tuple[float, _Answer]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Task[_Answer]] = {}
 
