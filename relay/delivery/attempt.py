@@ -259,8 +259,8 @@ class Attempter:
                 ordered.remove(conn.hop)
                 ordered.insert(0, conn.hop)
         last: tuple[str, str, NextHop | None] = ("451 4.4.1 No next hop answered", "4.4.1", None)
-        # A hop skipped for TLS: that reason is what the recipient defers with when no hop
-        # took the mail (more telling than a later hop's connect failure).
+        # The first hop skipped for TLS: that reason is what the recipient defers with when
+        # no hop took the mail (more telling than a later hop's connect failure).
         refused: tuple[str, str, NextHop | None] | None = None
         lacked_utf8 = False
         prepared: dict[bool, Prepared] = {}  # per variant: each hop of this attempt reuses it
@@ -279,7 +279,8 @@ class Attempter:
                     try:
                         conn = await self.connect(hop, requirement)
                     except TlsRefused as exc:
-                        refused = (exc.reply, exc.status, hop)
+                        # The first (best MX) reason, not a fallback relay's after it.
+                        refused = refused or (exc.reply, exc.status, hop)
                         continue
                     except LocalAddressError as exc:
                         last = (f"451 4.4.0 Local source address problem: {exc}", "4.4.0", hop)
