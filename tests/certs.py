@@ -119,3 +119,22 @@ def server_context(certs: Certs) -> ssl.SSLContext:
 def client_context(certs: Certs) -> ssl.SSLContext:
     """A verifying client context that trusts only the test CA."""
     return ssl.create_default_context(cafile=str(certs.ca_cert))
+
+
+def make_pki(directory: Path, leaves: dict[str, Sequence[str]]) -> dict[str, Certs]:
+    """One CA and a server certificate per entry of `leaves` (label -> names), all written
+    under `directory`: `ca.pem`, `LABEL.pem`, `LABEL.key`. Every Certs shares the CA."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_cert = _make_ca()
+    ca_path = directory / "ca.pem"
+    ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    made = {}
+    for label, names in leaves.items():
+        key, cert = _make_leaf(ca_key, ca_cert, names)
+        certs = Certs(ca_path, directory / f"{label}.pem", directory / f"{label}.key")
+        certs.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        certs.key.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()))
+        made[label] = certs
+    return made

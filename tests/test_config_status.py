@@ -27,7 +27,6 @@ SAMPLES: dict[str, tuple[str, str]] = {
     "queue.max_queued": ("[queue]\nmax_queued = 5000\n", ""),
     "queue.dedupe_window": ('[queue]\ndedupe_window = "24h"\n', ""),
     "queue.retention": ('[queue]\nretention = "30d"\n', ""),
-    "delivery.tls_ca_file": ('[delivery]\ntls_ca_file = "ca.pem"\n', ""),
     "delivery.spf": ('[delivery]\nspf = "enforce"\n', ""),
     "delivery.source_addresses[].warmup": (
         '[delivery]\nsource_addresses = [{ address = "192.0.2.10", '
@@ -39,7 +38,7 @@ SAMPLES: dict[str, tuple[str, str]] = {
     "destination[].rate": ("", '[[destination]]\ndomain = "example.net"\nrate = "1/min"\n'),
     "destination[].burst": (
         "", '[[destination]]\ndomain = "example.net"\nrate = "1/min"\nburst = 5\n'),
-    "destination[].tls": ("", '[[destination]]\ndomain = "example.net"\ntls = "required"\n'),
+    "destination[].tls": ("", '[[destination]]\ndomain = "example.net"\ntls = "mta-sts"\n'),
     "destination[].source_addresses": (
         SOURCES, '[[destination]]\ndomain = "example.net"\nsource_addresses = ["192.0.2.10"]\n'),
     "destination[].on_reply": (
@@ -83,7 +82,6 @@ def test_every_listed_key_has_a_sample() -> None:
 def test_each_listed_key_is_found_where_it_is_set(tmp_path: Path, pattern: str) -> None:
     main, policy = SAMPLES[pattern]
     path, policy_path = write_config(tmp_path, main, policy)
-    (tmp_path / "ca.pem").write_text("")  # delivery.tls_ca_file must name a file
     kind = NOT_ENFORCED[pattern].kind
     config = load_config(path)  # parsed and valid: a listed key is never an unknown key
     (item,) = [u for u in config.unenforced if re.sub(r"\[\d+\]", "[]", u.key) == pattern]
@@ -102,9 +100,12 @@ def test_each_listed_key_is_found_where_it_is_set(tmp_path: Path, pattern: str) 
 
 def test_values_that_ask_for_nothing_new_are_not_reported(tmp_path: Path) -> None:
     main = ('[server]\nmax_messages_per_client = "0"\n[queue]\ndedupe_window = "0"\n'
-            '[delivery]\ntls_ca_file = ""\nspf = "off"\n[http]\ntoken = ""\n'
+            '[delivery]\nspf = "off"\n[http]\ntoken = ""\n'
             '[cluster]\nredis = ""\n[log]\nformat = "logfmt"\n')
     policy = ('[[destination]]\ndomain = "example.net"\ntls = "opportunistic"\n'
+              '[[destination]]\ndomain = "example.org"\ntls = "required"\n'
+              '[[destination]]\ndomain = "example.com"\ntls = "verify"\n'
+              '[[destination]]\ndomain = "example.de"\n'
               'routes = ["127.0.0.1:10026"]\nmax_connections = 3\n'
               "max_messages_per_connection = 10\nsource_addresses = []\non_reply = []\n"
               '[[sender]]\ndomain = "a.example"\npriority = "normal"\n'
@@ -132,7 +133,7 @@ def test_check_config_warns_and_exits_0(tmp_path: Path) -> None:
 def test_security_key_is_an_error_and_serve_refuses_it(tmp_path: Path) -> None:
     path, policy = write_config(
         tmp_path, f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\n[log]\nformat = "json"\n',
-        '[[destination]]\ndomain = "example.net"\ntls = "verify"\n')
+        '[[destination]]\ndomain = "example.net"\ntls = "mta-sts"\n')
     warning = f"{path}: log.format: not enforced yet"
     refusal = f"{policy}: destination[0].tls: not enforced yet"
     result = run_relay("check-config", "--config", str(path), cwd=tmp_path)

@@ -23,6 +23,7 @@ from relay.delivery.attempt import Attempter, Connection, Job, Verdict
 from relay.delivery.engine import DeliveryEngine
 from relay.delivery.nexthop import NextHop, NextHopResolver
 from relay.delivery.store import DeliveryStore
+from relay.delivery.tlspolicy import OPPORTUNISTIC, TlsRequirement
 from relay.queue.envelope import Envelope, new_queue_id
 from relay.queue.index import Index
 
@@ -103,11 +104,12 @@ class FailsOnce(Attempter):
     calls = 0
 
     async def deliver(self, job: Job, data: bytes, hops: Sequence[NextHop],
-                      conn: Connection | None) -> tuple[list[Verdict], Connection | None]:
+                      conn: Connection | None, requirement: TlsRequirement = OPPORTUNISTIC,
+                      ) -> tuple[list[Verdict], Connection | None]:
         self.calls += 1
         if self.calls == 1:
             raise RuntimeError("injected\r\nfailure")
-        return await super().deliver(job, data, hops, conn)
+        return await super().deliver(job, data, hops, conn, requirement)
 
 
 async def test_a_failing_attempt_defers_its_job_and_the_worker_lives_on(
@@ -158,7 +160,8 @@ async def test_an_unusable_recipient_bounces_alone_in_one_transaction(
 
 class AlwaysFails(Attempter):
     async def deliver(self, job: Job, data: bytes, hops: Sequence[NextHop],
-                      conn: Connection | None) -> tuple[list[Verdict], Connection | None]:
+                      conn: Connection | None, requirement: TlsRequirement = OPPORTUNISTIC,
+                      ) -> tuple[list[Verdict], Connection | None]:
         raise KeyError("no such thing")
 
 

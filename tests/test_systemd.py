@@ -38,7 +38,7 @@ CONTRACT_KEYS = {
         "dedupe_window", "retention",
     },
     "dns": {"nameservers"},
-    "delivery": {"port", "source_addresses", "fallback_relays"},
+    "delivery": {"port", "source_addresses", "fallback_relays", "tls_ca_file"},
     "http": {"listen", "token"},
     "policies": {"path"},
     "cluster": {"redis"},

@@ -346,6 +346,7 @@ def _delivery(t: _Table, hostname: str, base: Path) -> DeliveryConfig:
     )
     t.finish()
     _check_file(t, "tls_ca_file", delivery.tls_ca_file)
+    _check_ca_file(t, delivery.tls_ca_file)
     seen: set[IPAddress] = set()
     for index, source in enumerate(delivery.source_addresses):
         if source.address in seen:
@@ -353,6 +354,19 @@ def _delivery(t: _Table, hostname: str, base: Path) -> DeliveryConfig:
                          f"{source.address} is listed twice")
         seen.add(source.address)
     return delivery
+
+
+def _check_ca_file(t: _Table, path: Path | None) -> None:
+    """`tls_ca_file` must load as a CA bundle (relay/delivery/tls.py loads it the same way)."""
+    if path is None or not path.is_file():
+        return  # unset, or already reported as missing
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(path))
+    except ssl.SSLError as exc:  # before OSError, its base class
+        t.report.add(t.key("tls_ca_file"),
+                     f"{path}: not a PEM certificate bundle ({exc.reason or exc})")
+    except OSError as exc:
+        t.report.add(t.key("tls_ca_file"), f"{path}: cannot read: {exc.strerror or exc}")
 
 
 def _simple_sections(root: _Table) -> tuple[DnsConfig, HttpConfig, ClusterConfig, LogConfig]:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from relay import log
 from relay.config import Config, SourceAddress
 from relay.delivery.client import (
     Abandoned,
@@ -30,6 +31,8 @@ from relay.delivery.client import (
     Transaction,
 )
 from relay.delivery.nexthop import NextHop
+from relay.delivery.tls import VERIFY, TlsContexts
+from relay.delivery.tlspolicy import OPPORTUNISTIC, TlsMode, TlsRequirement
 from relay.policy import charsets
 from relay.policy.content import needs_repair
 from relay.policy.dkim import Signer
@@ -76,8 +79,10 @@ class Verdict:
     reply: str
     status: str               # enhanced status code
     hop: NextHop | None = None
-    tls: str | None = None
+    tls: str | None = None     # TLS version, None for plain text
     sha256: str | None = None  # of the bytes sent, when the data went out
+    tls_cipher: str | None = None
+    tls_verified: bool = False  # chain and host name checked (tls = "verify", MTA-STS)
 
 
 @dataclass(slots=True)
@@ -85,6 +90,20 @@ class Connection:
     client: SmtpClient
     hop: NextHop
     sent: int = 0
+    # The TLS requirement it was opened under: a job under another one opens its own.
+    requirement: TlsRequirement = OPPORTUNISTIC
+    verified: bool = False
+    # MTA-STS testing: what verify + mx patterns would have refused on this connection.
+    report: str | None = None
+
+
+class TlsRefused(Exception):
+    """A hop cannot meet the TLS requirement (its connection is closed): skip it."""
+
+    def __init__(self, status: str, text: str) -> None:
+        super().__init__(text)
+        self.status = status  # 4.7.4: no STARTTLS; 4.7.5: handshake or verification failed
+        self.reply = f"451 {status} {text}"
 
 
 def _status_of(reply: Reply, default: str) -> str:
@@ -95,7 +114,8 @@ def _status_of(reply: Reply, default: str) -> str:
 class Attempter:
     config: Config
     own_listeners: set[tuple[str, int]]
-    tls_context: ssl.SSLContext = field(default_factory=lambda: _no_verify_context())
+    # The SSL contexts of this config (None: built from `config` here).
+    tls: TlsContexts | None = None
     tls_broken: dict[str, float] = field(default_factory=dict)
     rng: random.Random = field(default_factory=random.Random)
     # Keys of this config load; None when no [[sender]] signs (then nothing is parsed).
@@ -103,6 +123,10 @@ class Attempter:
     # Set by a graceful stop: no new hop is tried, and a transaction cut off before its final
     # dot is released (given back unattempted) rather than counted as a failed attempt.
     draining: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tls is None:
+            self.tls = TlsContexts.from_config(self.config)
 
     def timeouts(self) -> Timeouts:
         return Timeouts(connect=self.config.delivery.connect_timeout)
@@ -119,15 +143,28 @@ class Attempter:
             return None
         return self.rng.choices(pool, weights=[s.weight for s in pool])[0]
 
-    async def connect(self, hop: NextHop) -> Connection:
-        source = self._source()
+    async def _open(self, hop: NextHop, source: SourceAddress | None) -> SmtpClient:
         helo = source.hostname if source else self.config.server.hostname
         address = str(source.address) if source else None
-        client = await SmtpClient.connect(hop.address, hop.port, helo_name=helo,
-                                          source_address=address, timeouts=self.timeouts())
+        return await SmtpClient.connect(hop.address, hop.port, helo_name=helo,
+                                        source_address=address, timeouts=self.timeouts())
+
+    async def connect(self, hop: NextHop, requirement: TlsRequirement = OPPORTUNISTIC
+                      ) -> Connection:
+        """A connection to `hop` that meets `requirement`; TlsRefused when it cannot."""
+        if not requirement.plain_text_allowed:
+            return await self._connect_enforced(hop, requirement)
+        if requirement.report_only:
+            return await self._connect_reporting(hop, requirement)
+        return await self._connect_opportunistic(hop)
+
+    async def _connect_opportunistic(self, hop: NextHop) -> Connection:
+        source = self._source()
+        client = await self._open(hop, source)
         if client.supports("STARTTLS") and self.tls_broken.get(hop.address, 0) < time.time():
+            assert self.tls is not None
             try:
-                await client.starttls(self.tls_context, server_hostname=_sni(hop.name))
+                await client.starttls(self.tls.plain, server_hostname=_sni(hop.name))
             except ReplyError as exc:
                 if exc.stage == "starttls" and not client.usable:
                     raise  # 421: the host is closing, try the next one
@@ -144,15 +181,75 @@ class Attempter:
                 # Remember the broken host, then talk plain text rather than defer forever.
                 self.tls_broken[hop.address] = time.time() + TLS_BROKEN_MEMORY
                 client.close()
-                client = await SmtpClient.connect(hop.address, hop.port, helo_name=helo,
-                                                  source_address=address,
-                                                  timeouts=self.timeouts())
+                client = await self._open(hop, source)
         return Connection(client, hop)
 
+    async def _connect_enforced(self, hop: NextHop, requirement: TlsRequirement
+                                ) -> Connection:
+        """`required` / `verify`: TLS or nothing. No plain-text retry, no broken-host memory:
+        a hop that fails is skipped."""
+        client = await self._open(hop, self._source())
+        where = f"{hop.name}[{hop.address}]:{hop.port}"
+        if not client.supports("STARTTLS"):
+            client.close()
+            raise TlsRefused("4.7.4", f"TLS is required, but was not offered by {where}")
+        verify = requirement.mode == TlsMode.VERIFY
+        assert self.tls is not None
+        context = self.tls.verifying if verify else self.tls.plain
+        try:
+            # Verified: the MX name, the name written in `routes`, or an IP literal's address.
+            await client.starttls(context, server_hostname=hop.name if verify else _sni(hop.name))
+        except ReplyError as exc:
+            client.close()
+            if exc.stage == "starttls":
+                raise TlsRefused("4.7.4", f"TLS is required, but {where} refused STARTTLS: "
+                                 f"{_one_line(exc.reply.text if exc.reply else str(exc))}"
+                                 ) from None
+            raise TlsRefused("4.7.5", f"TLS is required, but {where} refused EHLO after the"
+                             f" handshake: {_one_line(str(exc))}") from None
+        except (TlsFailed, ConnectionLost) as exc:
+            client.close()
+            unverified = _verification_error(exc)
+            if unverified is not None:
+                raise TlsRefused("4.7.5", f"Server certificate not verified for {where}:"
+                                 f" {unverified}") from None
+            raise TlsRefused("4.7.5", f"TLS is required, but the handshake with {where}"
+                             f" failed: {_one_line(str(exc))}") from None
+        return Connection(client, hop, requirement=requirement, verified=verify)
+
+    async def _connect_reporting(self, hop: NextHop, requirement: TlsRequirement
+                                 ) -> Connection:
+        """MTA-STS testing: try what enforce would do, deliver as opportunistic either way,
+        and keep what enforce would have refused for the tls_policy_report event. A host that
+        fails verification costs a second connection (testing mode only)."""
+        problems = []
+        if not requirement.allows_host(hop.name):
+            problems.append(f"{hop.name} matches no mx pattern of the policy")
+        try:
+            conn = await self._connect_enforced(hop, VERIFY)
+        except TlsRefused as exc:
+            problems.append(str(exc))
+            conn = await self._connect_opportunistic(hop)
+        conn.requirement = requirement
+        conn.report = "; ".join(problems) or None
+        return conn
+
     async def deliver(self, job: Job, data: bytes, hops: Sequence[NextHop],
-                      conn: Connection | None) -> tuple[list[Verdict], Connection | None]:
-        """Deliver `job` over the first hop that answers; reuse `conn` when it fits."""
+                      conn: Connection | None,
+                      requirement: TlsRequirement = OPPORTUNISTIC,
+                      ) -> tuple[list[Verdict], Connection | None]:
+        """Deliver `job` over the first hop that answers and meets `requirement`; reuse
+        `conn` when it fits."""
         ordered = list(hops)
+        if requirement.mx_patterns is not None and not requirement.report_only:
+            ordered = [hop for hop in ordered if requirement.allows_host(hop.name)]
+            if not ordered:
+                _close(conn)
+                return self._all(job, Kind.TEMPORARY, _no_matching_hop(job, requirement),
+                                 "4.7.5", None), None
+        if conn is not None and conn.requirement is not requirement \
+                and conn.requirement != requirement:
+            conn = _close(conn)  # opened under another requirement (a policy changed)
         if conn is not None and conn.hop in ordered:
             if conn.hop.kind == "fallback" and ordered[0].kind != "fallback":
                 # Not sticky on a fallback relay: each job tries the real next hops first.
@@ -162,6 +259,9 @@ class Attempter:
                 ordered.remove(conn.hop)
                 ordered.insert(0, conn.hop)
         last: tuple[str, str, NextHop | None] = ("451 4.4.1 No next hop answered", "4.4.1", None)
+        # The first hop skipped for TLS: that reason is what the recipient defers with when
+        # no hop took the mail (more telling than a later hop's connect failure).
+        refused: tuple[str, str, NextHop | None] | None = None
         lacked_utf8 = False
         prepared: dict[bool, Prepared] = {}  # per variant: each hop of this attempt reuses it
         try:
@@ -177,7 +277,11 @@ class Attempter:
                     _close(conn)
                     conn = None
                     try:
-                        conn = await self.connect(hop)
+                        conn = await self.connect(hop, requirement)
+                    except TlsRefused as exc:
+                        # The first (best MX) reason, not a fallback relay's after it.
+                        refused = refused or (exc.reply, exc.status, hop)
+                        continue
                     except LocalAddressError as exc:
                         last = (f"451 4.4.0 Local source address problem: {exc}", "4.4.0", hop)
                         continue
@@ -215,14 +319,18 @@ class Attempter:
                     continue
                 verdicts = self._judge(job, tx, conn, ready.sha256)
                 conn.sent += 1
+                if conn.report is not None:
+                    _report(job, conn)
                 return verdicts, conn if conn.client.usable else _close(conn)
         except BaseException:
             _close(conn)  # an error or a cancel mid-attempt: the session state is unknown
             raise
         _close(conn)
-        if lacked_utf8 and last[2] is None:
+        if lacked_utf8 and last[2] is None and refused is None:
             return self._all(job, Kind.PERMANENT, "554 5.6.7 No next hop supports SMTPUTF8, which"
                              " this message needs", "5.6.7", None), None
+        if refused is not None:
+            last = refused
         return self._all(job, Kind.TEMPORARY, last[0], last[1], last[2]), None
 
     async def _prepare(self, job: Job, data: bytes, client: SmtpClient,
@@ -261,6 +369,15 @@ class Attempter:
 
     def _judge(self, job: Job, tx: Transaction, conn: Connection, sha256: str
                ) -> list[Verdict]:
+        verdicts = self._judge_replies(job, tx, conn, sha256)
+        cipher, verified = conn.client.tls_cipher, conn.verified
+        if cipher is not None or verified:
+            for v in verdicts:
+                v.tls_cipher, v.tls_verified = cipher, verified
+        return verdicts
+
+    def _judge_replies(self, job: Job, tx: Transaction, conn: Connection, sha256: str
+                       ) -> list[Verdict]:
         hop, tls = conn.hop, conn.client.tls_version
         sent = sha256 if tx.data is not None or tx.outcome_unknown else None
         if not tx.mail.is_ok:  # a 5xx to MAIL refuses every recipient
@@ -306,6 +423,35 @@ def _close(conn: Connection | None) -> None:
         conn.client.close()
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _verification_error(exc: BaseException) -> str | None:
+    """The reason a certificate was refused (chain or name), if that is why TLS failed."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return _one_line(seen.verify_message or str(seen))
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _no_matching_hop(job: Job, requirement: TlsRequirement) -> str:
+    patterns = ", ".join(requirement.mx_patterns or ())
+    return (f"451 4.7.5 No MX host of {job.first.domain} matches its {requirement.origin}"
+            f" policy (mx: {patterns})")
+
+
+def _report(job: Job, conn: Connection) -> None:
+    """MTA-STS testing: one event per attempt saying what enforce would have refused."""
+    hop = conn.hop
+    log.event("tls_policy_report", level=30, id=job.msg, domain=job.first.domain,
+              host=hop.name, address=f"{hop.address}:{hop.port}",
+              policy=conn.requirement.origin, tls=conn.client.tls_version,
+              would_refuse=conn.report)
+
+
 def _sni(name: str) -> str | None:
     try:
         ipaddress.ip_address(name)
@@ -324,12 +470,3 @@ def _status(exc: SmtpClientError, default: str) -> str:
     if exc.reply is not None and exc.reply.enhanced:
         return "4" + exc.reply.enhanced[1:]  # a refusing greeting moves on: it is temporary here
     return default
-
-
-def _no_verify_context() -> ssl.SSLContext:
-    """Opportunistic TLS: encrypt when offered, without verifying (a later issue adds verify)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx

@@ -284,6 +284,7 @@ class SmtpClient:
     greeting: Reply
     extensions: dict[str, str]
     tls_version: str | None
+    tls_cipher: str | None
     peer: tuple[str, int]
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
@@ -303,6 +304,7 @@ class SmtpClient:
         self._abandoned = False
         self.extensions = {}
         self.tls_version = None
+        self.tls_cipher = None
         peer = writer.get_extra_info("peername")
         self.peer = (peer[0], peer[1])
         self._limit_write_buffer()
@@ -385,6 +387,8 @@ class SmtpClient:
                             stage="starttls") from exc
         ssl_object = self._writer.get_extra_info("ssl_object")
         self.tls_version = ssl_object.version() if ssl_object is not None else None
+        cipher = ssl_object.cipher() if ssl_object is not None else None
+        self.tls_cipher = cipher[0] if cipher else None
         self._limit_write_buffer()
 
     # ----------------------------------------------------------- transaction

@@ -22,6 +22,8 @@ from relay.delivery import retry
 from relay.delivery.attempt import Attempter, Connection, Job, Kind, Verdict
 from relay.delivery.nexthop import DnsFailure, NextHop, NextHopResolver
 from relay.delivery.store import DeliveryStore, Result
+from relay.delivery.tls import static_requirement
+from relay.delivery.tlspolicy import OPPORTUNISTIC, StsSource, TlsRequirement
 from relay.queue.envelope import BOUNCED, DEFERRED, DELIVERED, EXPIRED, UNKNOWN, State
 from relay.queue.index import DueRecipient, Outcome
 from relay.queue.notices import Committed
@@ -46,6 +48,8 @@ class Destination:
     workers: int = 0
     idle: int = 0
     more: asyncio.Event = field(default_factory=asyncio.Event)
+    # Fixed by the policy's `tls`; None: `mta-sts`, asked of the StsSource per attempt.
+    tls: TlsRequirement | None = OPPORTUNISTIC
 
     @property
     def max_connections(self) -> int:
@@ -83,8 +87,11 @@ class Counters:
 
 class DeliveryEngine:
     def __init__(self, config: Config, store: DeliveryStore, resolver: NextHopResolver,
-                 attempter: Attempter) -> None:
+                 attempter: Attempter, sts: StsSource | None = None) -> None:
         self.config = config
+        # Where `tls = "mta-sts"` destinations get their requirement; None: opportunistic
+        # (relay/delivery/mtasts.py provides the real one).
+        self.sts = sts
         self.store = store
         self.resolver = resolver
         self.attempter = attempter
@@ -171,7 +178,8 @@ class DeliveryEngine:
         for (_, domain, _), job in jobs.items():
             dest = self.destinations.get(domain)
             if dest is None:
-                dest = Destination(domain, self.config.destination_for(domain))
+                policy = self.config.destination_for(domain)
+                dest = Destination(domain, policy, tls=static_requirement(policy))
                 self.destinations[domain] = dest
             dest.jobs.append(job)
             if dest.idle > 0:
@@ -288,7 +296,8 @@ class DeliveryEngine:
                                              f" {hops_seen} Received headers, mail loop?",
                                              "5.4.6") for d in job.recipients])
             return conn
-        verdicts, conn = await self.attempter.deliver(job, data, hops, conn)
+        requirement = dest.tls if dest.tls is not None else await self._sts_requirement(dest)
+        verdicts, conn = await self.attempter.deliver(job, data, hops, conn, requirement)
         self._finish(job, verdicts)
         return conn
 
@@ -317,6 +326,12 @@ class DeliveryEngine:
             job.recipients = [d for d in job.recipients
                               if all(v.due is not d for v in screened)]
         return screened
+
+    async def _sts_requirement(self, dest: Destination) -> TlsRequirement:
+        """`tls = "mta-sts"`: the domain's policy (cached by the source, never raises)."""
+        if self.sts is None:
+            return OPPORTUNISTIC
+        return await self.sts.requirement(dest.key)
 
     async def _hops(self, dest: Destination) -> list[NextHop]:
         port = self.config.delivery.port
@@ -361,7 +376,8 @@ class DeliveryEngine:
             outcome = Outcome(due.msg, due.idx, state, now, next_at, v.reply,
                               host=hop.name if hop else None,
                               address=f"{hop.address}:{hop.port}" if hop else None, tls=v.tls,
-                              sha256=v.sha256)
+                              sha256=v.sha256, tls_cipher=v.tls_cipher,
+                              tls_verified=v.tls_verified if v.tls else None)
             results.append(Result(due, outcome, status))
         # Not awaited: the connection goes on with its next job while the outcome is recorded
         # in the next batch. The recipients stay in flight (claimed) until it is.
@@ -382,7 +398,9 @@ class DeliveryEngine:
         self.counters.count(state)
         fields: dict[str, object] = {
             "id": o.msg, "rcpt": r.due.rcpt, "host": o.host, "address": o.address,
-            "tls": o.tls, "status": r.status, "attempt": r.due.attempts + 1, "reply": o.reply,
+            "tls": o.tls, "cipher": o.tls_cipher,
+            "verified": ("yes" if o.tls_verified else "no") if o.tls else None,
+            "status": r.status, "attempt": r.due.attempts + 1, "reply": o.reply,
         }
         if state not in (DELIVERED, BOUNCED, EXPIRED):
             fields["next_attempt"] = time.strftime("%Y-%m-%dT%H:%M:%SZ",

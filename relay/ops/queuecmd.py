@@ -110,9 +110,10 @@ def _show(conn: sqlite3.Connection, spool_dir: Path, queue_id: str) -> int:
     except (OSError, SegmentCorrupt):
         print("  (spool segment gone: the message is finished)")
     print("recipients:")
-    # An index the relay has not opened since the column was added (read-only here).
-    has_sha256 = any(row[1] == "sha256" for row in conn.execute("PRAGMA table_info(attempts)"))
-    sha256_column = "sha256" if has_sha256 else "NULL"
+    # An index the relay has not opened since a column was added (read-only here).
+    present = {row[1] for row in conn.execute("PRAGMA table_info(attempts)")}
+    extra = ", ".join(c if c in present else "NULL"
+                      for c in ("sha256", "tls_cipher", "tls_verified"))
     for idx, rcpt, state, attempts, next_at, reply, host in conn.execute(
             "SELECT idx, rcpt, state, attempts, next_attempt, last_reply, last_host"
             " FROM recipients WHERE msg = ? ORDER BY idx", (queue_id,)):
@@ -120,14 +121,27 @@ def _show(conn: sqlite3.Connection, spool_dir: Path, queue_id: str) -> int:
         print(f"  [{idx}] <{rcpt}> {state} attempts={attempts}{nxt} host={host or '-'}")
         if reply:
             print(f"      last reply: {reply.replace(chr(10), ' / ')}")
-        for t, outcome, a_host, address, a_reply, tls, sha256 in conn.execute(
-                f"SELECT time, outcome, host, address, reply, tls, {sha256_column} FROM attempts"
+        for t, outcome, a_host, address, a_reply, tls, sha256, cipher, verified in conn.execute(
+                f"SELECT time, outcome, host, address, reply, tls, {extra} FROM attempts"
                 " WHERE msg = ? AND idx = ? ORDER BY time", (queue_id, idx)):
             print(f"      {_when(t)} {outcome} {a_host or '-'} {address or ''}"
-                  f" tls={tls or 'no'}: {(a_reply or '').replace(chr(10), ' / ')}")
+                  f" {_tls_summary(tls, cipher, verified)}:"
+                  f" {(a_reply or '').replace(chr(10), ' / ')}")
             if sha256:  # proof of delivery: the SHA-256 of the bytes sent (as signed)
                 print(f"        sent sha256={sha256}")
     return EXIT_OK
+
+
+def _tls_summary(version: str | None, cipher: str | None, verified: int | None) -> str:
+    """`tls=TLSv1.3 cipher=... verified=yes`, or `tls=no` for plain text."""
+    if not version:
+        return "tls=no"
+    text = f"tls={version}"
+    if cipher:
+        text += f" cipher={cipher}"
+    if verified is not None:  # NULL: recorded before the relay kept it
+        text += f" verified={'yes' if verified else 'no'}"
+    return text
 
 
 def _rebuild(config: Config) -> int:

@@ -92,7 +92,9 @@ CREATE TABLE IF NOT EXISTS attempts (
     address TEXT,
     reply TEXT,
     tls TEXT,
-    sha256 TEXT  -- of the bytes sent (as signed), when the data went out: proof of delivery
+    sha256 TEXT,  -- of the bytes sent (as signed), when the data went out: proof of delivery
+    tls_cipher TEXT,
+    tls_verified INTEGER  -- 1: chain and host name checked; 0: not; NULL: plain text
 );
 CREATE INDEX IF NOT EXISTS attempts_msg ON attempts(msg, idx);
 """
@@ -147,6 +149,8 @@ class Outcome:
     address: str | None = None
     tls: str | None = None
     sha256: str | None = None  # of the bytes sent, when the data went out
+    tls_cipher: str | None = None
+    tls_verified: bool | None = None  # None: plain text (or no connection)
     attempted: bool = True  # False when no connection was tried (e.g. expiry, DNS failure)
 
 
@@ -175,6 +179,9 @@ def _upgrade(conn: sqlite3.Connection) -> None:
     attempts = {row[1] for row in conn.execute("PRAGMA table_info(attempts)")}
     if attempts and "sha256" not in attempts:
         conn.execute("ALTER TABLE attempts ADD COLUMN sha256 TEXT")
+    if attempts and "tls_cipher" not in attempts:
+        conn.execute("ALTER TABLE attempts ADD COLUMN tls_cipher TEXT")
+        conn.execute("ALTER TABLE attempts ADD COLUMN tls_verified INTEGER")
 
 
 class Index:
@@ -282,9 +289,10 @@ class Index:
             [(o.state, int(o.attempted), o.next_attempt, o.reply, o.host, o.time, o.msg, o.idx)
              for o in outcomes])
         self.conn.executemany(
-            "INSERT INTO attempts (msg, idx, time, outcome, host, address, reply, tls, sha256)"
-            " VALUES (?,?,?,?,?,?,?,?,?)",
-            [(o.msg, o.idx, o.time, o.state, o.host, o.address, o.reply, o.tls, o.sha256)
+            "INSERT INTO attempts (msg, idx, time, outcome, host, address, reply, tls, sha256,"
+            " tls_cipher, tls_verified) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            [(o.msg, o.idx, o.time, o.state, o.host, o.address, o.reply, o.tls, o.sha256,
+              o.tls_cipher, None if o.tls_verified is None else int(o.tls_verified))
              for o in outcomes])
         finished = [m for m in touched if self._all_final(m)]
         now = max(o.time for o in outcomes)
