@@ -51,9 +51,6 @@ NOT_ENFORCED: dict[str, NotEnforced] = {
     "log.format": NotEnforced("warning", ("logfmt",)),
     "destination[].rate": NotEnforced("warning"),
     "destination[].burst": NotEnforced("warning"),
-    # Enforced by relay/delivery/attempt.py except "mta-sts", until its resolver
-    # (relay/delivery/mtasts.py) is wired into serve: then this line goes.
-    "destination[].tls": NotEnforced("security", ("opportunistic", "required", "verify")),
     "destination[].source_addresses": NotEnforced("warning", ([],)),
     "destination[].on_reply": NotEnforced("warning", ([],)),
     "sender[].priority": NotEnforced("warning", ("normal",)),

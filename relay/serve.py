@@ -317,6 +317,7 @@ async def _delivery_main(config: Config, notice_fds: Sequence[int], ready_fd: in
                          signer: Signer | None = None) -> int:
     from relay.delivery.attempt import Attempter
     from relay.delivery.engine import DeliveryEngine
+    from relay.delivery.mtasts import MtaStsResolver
     from relay.delivery.nexthop import NextHopResolver
     from relay.delivery.store import DeliveryStore
 
@@ -328,8 +329,11 @@ async def _delivery_main(config: Config, notice_fds: Sequence[int], ready_fd: in
                           segment_size=config.queue.segment_size)
     await store.start()
     listeners = {(hp.host, hp.port) for hp in (*config.server.listen, *config.server.listen_tls)}
+    # Only when a destination asks for MTA-STS (building it loads the system CAs).
+    sts = MtaStsResolver.from_config(config) if any(
+        d.tls == "mta-sts" for d in config.destinations) else None
     engine = DeliveryEngine(config, store, NextHopResolver(config.dns.nameservers),
-                            Attempter(config, listeners, signer=signer))
+                            Attempter(config, listeners, signer=signer), sts=sts)
 
     def on_notices(messages: list[Committed], sealed: list[str]) -> None:
         if messages:
@@ -349,6 +353,8 @@ async def _delivery_main(config: Config, notice_fds: Sequence[int], ready_fd: in
     with contextlib.suppress(asyncio.CancelledError):
         await runner
     await store.close()
+    if sts is not None:
+        await sts.close()
     done = engine.counters  # outcomes of this process's life, and what the stop gave back
     log.event("stopped", process="delivery", delivered=done.delivered, deferred=done.deferred,
               bounced=done.bounced, expired=done.expired, unknown=done.unknown,

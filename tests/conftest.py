@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from dnsserver import DnsServer
 from relayproc import RelayProcess
-from sink import Sink
+from sink import Sink, shared_port
 
 
 @pytest.fixture
 def sink() -> Iterator[Sink]:
     with Sink() as s:
         yield s
+
+
+@pytest.fixture
+def sinks() -> Iterator[Callable[..., Sink]]:
+    """`sinks(host=..., port=..., **options)` starts a sink that is stopped after the test."""
+    with contextlib.ExitStack() as stack:
+        def make(**kwargs: object) -> Sink:
+            return stack.enter_context(Sink(**kwargs))  # type: ignore[arg-type]
+        yield make
+
+
+@pytest.fixture
+def mx_port() -> int:
+    """A port free on 127.0.0.2-5, for MX hosts that all listen on the same port."""
+    return shared_port()
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import threading
 import time
@@ -21,6 +22,7 @@ from types import TracebackType
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
+from relayproc import free_port
 
 DATA_SIZE_LIMIT = 32 * 1024 * 1024  # messages up to 30 MiB must fit
 
@@ -348,3 +350,18 @@ class Sink:
                     f"got {len(snapshot)}: {arrived} (dropped after dot: {self.dropped})"
                 )
             time.sleep(0.01)
+
+
+def shared_port(hosts: tuple[str, ...] = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"),
+                ) -> int:
+    """A port that is free on every one of `hosts` (for MX hosts that all listen on port P)."""
+    for _ in range(50):
+        port = free_port(hosts[0])
+        try:
+            for host in hosts:
+                with socket.socket() as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise OSError("no port free on all test addresses")

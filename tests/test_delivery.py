@@ -10,12 +10,11 @@ from __future__ import annotations
 import contextlib
 import re
 import smtplib
-import socket
 import sqlite3
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from email import message_from_bytes
 from email.message import Message
 from pathlib import Path
@@ -40,30 +39,6 @@ RelayFactory = Callable[..., RelayProcess]
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def shared_port(hosts: tuple[str, ...] = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"),
-                ) -> int:
-    """A port that is free on every one of `hosts` (for MX hosts that all listen on port P)."""
-    for _ in range(50):
-        port = free_port(hosts[0])
-        try:
-            for host in hosts:
-                with socket.socket() as s:
-                    s.bind((host, port))
-        except OSError:
-            continue
-        return port
-    raise OSError("no port free on all test addresses")
-
-
-@pytest.fixture
-def sinks() -> Iterator[SinkFactory]:
-    """`sinks(host=..., port=..., **options)` starts a sink that is stopped after the test."""
-    with contextlib.ExitStack() as stack:
-        def make(**kwargs: object) -> Sink:
-            return stack.enter_context(Sink(**kwargs))  # type: ignore[arg-type]
-        yield make
 
 
 def message(subject: str = "invoice 1", body: bytes = b"Please find the invoice.\r\n",
@@ -135,11 +110,6 @@ def assert_dsn_envelope(dsn: Received) -> Message:
     top = parse(dsn.data)
     assert "MAILER-DAEMON@relay.test" in top["From"]
     return top
-
-
-@pytest.fixture
-def mx_port() -> int:
-    return shared_port()
 
 
 def mx_zone(domain: str, *entries: tuple[int, str, str]) -> str:

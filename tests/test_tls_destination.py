@@ -13,7 +13,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,7 @@ from certs import make_certs, make_pki, server_context
 from dnsserver import DnsServer
 from queuefiles import plant
 from relayproc import RelayProcess
-from sink import Sink
-from test_delivery import SinkFactory, message, mx_zone, send, shared_port
+from test_delivery import SinkFactory, message, mx_zone, send
 
 from relay.addresses import HostPort
 from relay.config import Config, DestinationPolicy, QueueConfig, ServerConfig
@@ -36,19 +34,6 @@ from relay.queue.envelope import Envelope, new_queue_id
 from relay.queue.index import Index
 
 RelayFactory = type[RelayProcess]
-
-
-@pytest.fixture
-def sinks() -> Iterator[SinkFactory]:
-    with contextlib.ExitStack() as stack:
-        def make(**kwargs: object) -> Sink:
-            return stack.enter_context(Sink(**kwargs))  # type: ignore[arg-type]
-        yield make
-
-
-@pytest.fixture
-def mx_port() -> int:
-    return shared_port(("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"))
 
 
 def policies(**modes: str) -> str:

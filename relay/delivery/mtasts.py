@@ -20,7 +20,6 @@ import json
 import os
 import re
 import socket
-import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from relay import log
 from relay.addresses import HostPort
 from relay.delivery.nexthop import DnsFailure, ascii_domain, dns_resolver
+from relay.delivery.tls import verifying_context
 from relay.delivery.tlspolicy import OPPORTUNISTIC, TlsMode, TlsRequirement
 
 if TYPE_CHECKING:
@@ -180,7 +180,7 @@ class MtaStsResolver:
     ) -> None:
         self._cache_dir = cache_dir
         self._dns = dns_resolver(nameservers)
-        self._ssl = https_context(ca_file)
+        self._ssl = verifying_context(ca_file, with_system_cas=True)
         self._port = port
         self._timeout = aiohttp.ClientTimeout(total=fetch_timeout,
                                               sock_connect=min(CONNECT_TIMEOUT, fetch_timeout))
@@ -389,15 +389,6 @@ class _PolicyHostResolver(AbstractResolver):
 
     async def close(self) -> None:
         return None
-
-
-def https_context(ca_file: Path | None) -> ssl.SSLContext:
-    """A verifying client context: the system CAs plus `[delivery] tls_ca_file`."""
-    context = ssl.create_default_context()
-    if ca_file is not None:
-        context.load_verify_locations(cafile=str(ca_file))
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
 
 
 async def _policy_text(response: aiohttp.ClientResponse) -> str:

@@ -40,15 +40,18 @@ def _no_verify_context() -> ssl.SSLContext:
     return ctx
 
 
-def _verifying_context(ca_file: Path | None) -> ssl.SSLContext:
-    """`verify` and MTA-STS: chain and host name checked against `ca_file`, else the
-    system CAs (loading those takes about 20 ms: done once per config)."""
+def verifying_context(ca_file: Path | None, *, with_system_cas: bool = False
+                      ) -> ssl.SSLContext:
+    """Chain and host name checked against `ca_file`, else the system CAs (loading those takes
+    about 20 ms: done once per config). `verify` and MTA-STS delivery trust only the bundle
+    when one is set (the contract: empty = the system CAs); the MTA-STS policy fetch trusts
+    both (`with_system_cas`, RFC 8461 section 3.3 with the operator's additions)."""
     # PROTOCOL_TLS_CLIENT: CERT_REQUIRED and check_hostname are its defaults.
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if ca_file is None:
+    if ca_file is None or with_system_cas:
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
-    else:  # only this bundle, not the system's (the contract: empty = the system CAs)
+    if ca_file is not None:
         try:
             ctx.load_verify_locations(cafile=str(ca_file))
         except FileNotFoundError:
@@ -75,11 +78,11 @@ class TlsContexts:
         bad tls_ca_file fails here, at start or reload, not at a delivery). CaFileError."""
         contexts = cls(config.delivery.tls_ca_file)
         if any(d.tls in ("verify", "mta-sts") for d in config.destinations):
-            contexts._verifying = _verifying_context(contexts.ca_file)
+            contexts._verifying = verifying_context(contexts.ca_file)
         return contexts
 
     @property
     def verifying(self) -> ssl.SSLContext:
         if self._verifying is None:  # no destination asked for it at load: once, then kept
-            self._verifying = _verifying_context(self.ca_file)
+            self._verifying = verifying_context(self.ca_file)
         return self._verifying
