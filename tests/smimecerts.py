@@ -34,8 +34,8 @@ def write_smime(stem: Path, *, emails: Sequence[str] = (), dns_names: Sequence[s
                 ) -> tuple[Path, Path]:
     """Write `stem.pem` (the certificate) and `stem.key` (its key); return both paths.
 
-    Default validity: from yesterday to a year from now. `key_encipherment=None` leaves the
-    KeyUsage extension out altogether."""
+    Default validity: from a day before now (or before `not_after`) to a year from now.
+    `key_encipherment=None` leaves the KeyUsage extension out altogether."""
     key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
     if ec_key:
         key = ec.generate_private_key(ec.SECP256R1())
@@ -48,7 +48,7 @@ def write_smime(stem: Path, *, emails: Sequence[str] = (), dns_names: Sequence[s
     name = x509.Name(attributes)
     builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(not_before or now - DAY)
+               .not_valid_before(not_before or min(now, not_after or now) - DAY)
                .not_valid_after(not_after or now + 365 * DAY))
     sans: list[x509.GeneralName] = [x509.RFC822Name(e) for e in emails]
     sans += [x509.DNSName(d) for d in dns_names]

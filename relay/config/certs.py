@@ -13,7 +13,7 @@ import datetime
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 EXPIRY_WARNING_DAYS = 30
@@ -65,8 +65,8 @@ def smime_problem(cert: x509.Certificate, match: str) -> str | None:
     at load, and a reason to refuse or defer at RCPT and delivery."""
     key = cert.public_key()
     if not isinstance(key, rsa.RSAPublicKey):
-        kind = type(key).__name__.lstrip("_").removesuffix("PublicKey") or "non-RSA"
-        return (f"an {kind} certificate; S/MIME encryption here supports RSA recipient "
+        kind = "an EC" if isinstance(key, ec.EllipticCurvePublicKey) else "a non-RSA"
+        return (f"{kind} certificate; S/MIME encryption here supports RSA recipient "
                 "certificates only")
     if key.key_size < MIN_RSA_BITS:
         return f"an RSA key of {key.key_size} bits; use at least {MIN_RSA_BITS}"
