@@ -155,7 +155,9 @@ class DeliveryEngine:
     def dispatch(self, due: list[DueRecipient]) -> None:
         jobs: dict[tuple[str, str, int | str], Job] = {}
         sizes: dict[tuple[str, str], int] = {}
-        smime = self.attempter.smime
+        # Read per call, not kept: a reload replaces the attempter's S/MIME certificates.
+        # (Some engine tests run dispatch without an attempter.)
+        smime = self.attempter.smime if self.attempter is not None else None
         for d in due:
             if (d.msg, d.idx) in self.in_flight:
                 continue
