@@ -20,6 +20,7 @@ enveloped-data part's header, which carries its own.
 
 from __future__ import annotations
 
+import base64
 import time
 from dataclasses import dataclass, field
 
@@ -31,6 +32,12 @@ from relay.config import Config, RecipientPolicy
 from relay.config.certs import read_certificate, smime_problem, utc_date
 
 NO_CERTIFICATE = "no usable S/MIME certificate"
+BASE64_LINE = 76  # RFC 2045 section 6.8: at most 76 characters a line
+ENVELOPED_HEADER = (b"MIME-Version: 1.0\r\n"
+                    b'Content-Type: application/pkcs7-mime; smime-type=enveloped-data; '
+                    b'name="smime.p7m"\r\n'
+                    b"Content-Transfer-Encoding: base64\r\n"
+                    b'Content-Disposition: attachment; filename="smime.p7m"\r\n\r\n')
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,8 +135,10 @@ def encrypt(data: bytes, certificate: x509.Certificate) -> bytes:
     `certificate` (RSA key transport), the other header fields kept outside; CRLF throughout.
 
     `data` has CRLF line ends (as intake stores it). The Binary option makes cryptography take
-    the entity byte for byte (without it, it would convert line ends itself); its output has LF
-    line ends, which are made CRLF for the wire."""
+    the entity byte for byte (without it, it would convert line ends itself). cryptography
+    builds the DER; the application/pkcs7-mime part around it (RFC 8551 section 3.3) is
+    written here, with CRLF line ends: cryptography's own S/MIME output has LF line ends and
+    costs 8 ms for 200 KiB against 0.5 ms for the DER and about 0.3 ms for this base64."""
     head_end = data.find(b"\r\n\r\n")
     if data.startswith(b"\r\n"):
         head, body = b"", data[2:]
@@ -139,10 +148,12 @@ def encrypt(data: bytes, certificate: x509.Certificate) -> bytes:
         head, body = data[:head_end + 2], data[head_end + 4:]
     outside, inside = _split_fields(head)
     entity = b"".join(inside) + b"\r\n" + body
-    enveloped = (pkcs7.PKCS7EnvelopeBuilder().set_data(entity).add_recipient(certificate)
-                 .set_content_encryption_algorithm(algorithms.AES256)
-                 .encrypt(Encoding.SMIME, [pkcs7.PKCS7Options.Binary]))
-    return b"".join(outside) + enveloped.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    der = (pkcs7.PKCS7EnvelopeBuilder().set_data(entity).add_recipient(certificate)
+           .set_content_encryption_algorithm(algorithms.AES256)
+           .encrypt(Encoding.DER, [pkcs7.PKCS7Options.Binary]))
+    text = base64.b64encode(der)
+    lines = b"\r\n".join([text[i:i + BASE64_LINE] for i in range(0, len(text), BASE64_LINE)])
+    return b"".join(outside) + ENVELOPED_HEADER + lines + b"\r\n"
 
 
 def _split_fields(head: bytes) -> tuple[list[bytes], list[bytes]]:
