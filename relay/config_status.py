@@ -55,8 +55,6 @@ NOT_ENFORCED: dict[str, NotEnforced] = {
     "destination[].on_reply": NotEnforced("warning", ([],)),
     "sender[].priority": NotEnforced("warning", ("normal",)),
     "sender[].webhook": NotEnforced("warning"),
-    "recipient[].smime_certificate": NotEnforced("security", ("",)),
-    "recipient[].encryption": NotEnforced("security"),
 }
 
 _INDEX_RE = re.compile(r"\[\d+\]")

@@ -246,6 +246,7 @@ async def _intake_main(config: Config, slot: int, notice_fd: int,
     """SMTP intake. In the main process (`children` given) it also watches the other
     processes: if one dies unexpectedly, the relay stops so that the service manager restarts
     it and startup recovery runs."""
+    from relay.policy.smime import Smime
     from relay.smtp.auth import Users, load_users
     from relay.smtp.senderauth import SenderAuth
     from relay.smtp.server import Intake, IntakeContext
@@ -269,7 +270,8 @@ async def _intake_main(config: Config, slot: int, notice_fd: int,
                         error_soft_limit=server.error_soft_limit,
                         error_hard_limit=server.error_hard_limit,
                         error_delay=server.error_delay, idle_timeout=server.idle_timeout,
-                        auth_limiter=auth_limiter, sender_auth=SenderAuth.from_config(config))
+                        auth_limiter=auth_limiter, sender_auth=SenderAuth.from_config(config),
+                        smime=Smime.from_config(config))
     committer.may_allocate = ctx.space.ok if ctx.space is not None else None
     intake = Intake(ctx, config.server.listen, config.server.listen_tls)
     await intake.start(listeners)
@@ -320,6 +322,7 @@ async def _delivery_main(config: Config, notice_fds: Sequence[int], ready_fd: in
     from relay.delivery.mtasts import MtaStsResolver
     from relay.delivery.nexthop import NextHopResolver
     from relay.delivery.store import DeliveryStore
+    from relay.policy.smime import Smime
 
     stop = asyncio.Event()
     _install_signals(stop, "delivery")
@@ -333,7 +336,8 @@ async def _delivery_main(config: Config, notice_fds: Sequence[int], ready_fd: in
     sts = MtaStsResolver.from_config(config) if any(
         d.tls == "mta-sts" for d in config.destinations) else None
     engine = DeliveryEngine(config, store, NextHopResolver(config.dns.nameservers),
-                            Attempter(config, listeners, signer=signer), sts=sts)
+                            Attempter(config, listeners, signer=signer,
+                                      smime=Smime.from_config(config)), sts=sts)
 
     def on_notices(messages: list[Committed], sealed: list[str]) -> None:
         if messages:

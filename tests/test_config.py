@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
+from smimecerts import write_smime
 
 from relay.addresses import HostPort
 from relay.config import (
@@ -253,6 +254,7 @@ encryption = "required"
 def test_full_config_every_key(tmp_path: Path) -> None:
     make_cert(write(tmp_path / "tls" / ".keep", "").parent)
     write_dkim_key(tmp_path / "keys" / "s2026.pem")
+    write_smime(tmp_path / "certs" / "ap", emails=["ap@customer.example"])
     write(tmp_path / "users", f"erp:{hash_password('pw', ln=4)}\n")
     write(tmp_path / "pol" / "main.toml", FULL_POLICY)
     config = load_config(write(tmp_path / "relay.toml", FULL))
@@ -506,11 +508,12 @@ def test_tls_and_auth_cross_checks(tmp_path: Path) -> None:
 
 def test_referenced_files_checked_only_for_check_config(tmp_path: Path) -> None:
     policy = write(tmp_path / "policies" / "s.toml",
-                   "[[recipient]]\nmatch = 'a.example'\nsmime_certificate = 'certs/a.pem'\n")
+                   "[[sender]]\ndomain = 'a.example'\n"
+                   "webhook = { url = 'http://127.0.0.1:9000/e', secret_file = 'hook.key' }\n")
     path = write(tmp_path / "relay.toml", "")
-    assert len(load_config(path).recipients) == 1  # serve does not read it yet
+    assert len(load_config(path).senders) == 1  # serve does not read it yet
     assert problems(path, check_files=True) == [
-        f"{policy}: recipient[0].smime_certificate: file not found: {tmp_path}/certs/a.pem",
+        f"{policy}: sender[0].webhook.secret_file: file not found: {tmp_path}/hook.key",
     ]
 
 

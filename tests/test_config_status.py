@@ -47,15 +47,12 @@ SAMPLES: dict[str, tuple[str, str]] = {
     "sender[].webhook": (
         "", '[[sender]]\ndomain = "a.example"\n'
             'webhook = { url = "http://127.0.0.1:9000/e", secret_file = "hook.key" }\n'),
-    "recipient[].smime_certificate": (
-        "", '[[recipient]]\nmatch = "ap@customer.example"\nsmime_certificate = "ap.pem"\n'),
-    "recipient[].encryption": (
-        "", '[[recipient]]\nmatch = "ap@customer.example"\nencryption = "preferred"\n'),
 }
 
 # The issue makes these real in the same release: they must never be listed.
 ENFORCED_IN_THIS_RELEASE = ("sender[].dkim", "sender[].clients", "sender[].charset",
-                            "destination[].tls", "delivery.tls_ca_file")
+                            "destination[].tls", "delivery.tls_ca_file",
+                            "recipient[].smime_certificate", "recipient[].encryption")
 
 
 def write_config(folder: Path, main: str, policy: str = "") -> tuple[Path, Path]:

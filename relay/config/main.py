@@ -9,6 +9,7 @@ import datetime
 import ipaddress
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,6 +264,21 @@ def _check_tls(t: _Table, server: ServerConfig) -> None:
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
     except (ssl.SSLError, OSError) as exc:
         t.report.add(t.key("tls_cert"), f"cannot load the certificate with tls_key: {exc}")
+        return
+    _warn_tls_expiry(t, cert)
+
+
+def _warn_tls_expiry(t: _Table, cert: Path) -> None:
+    """A warning (never a refusal) when the server certificate expires within 30 days or has
+    expired: clients that verify it will stop sending, so the operator must see it first."""
+    from relay.config.certs import expiry_warning, read_certificate
+
+    try:
+        warning = expiry_warning(cert, read_certificate(cert), time.time())
+    except ValueError:
+        return  # loaded by ssl above; a chain cryptography cannot read is not ours to judge
+    if warning is not None:
+        t.report.warn(t.key("tls_cert"), warning)
 
 
 def _check_users(t: _Table, server: ServerConfig) -> None:

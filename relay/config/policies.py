@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import stat
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -405,8 +406,47 @@ def _recipient(t: _Table, ctx: _PolicyContext) -> RecipientPolicy | None:
         encryption=t.value("encryption", _choice(ENCRYPTION_MODES), "preferred"),
     )
     t.finish()
-    ctx.file(t, "smime_certificate", policy.smime_certificate)
+    if match is not None:
+        _check_smime(t, ctx, policy)
     return policy if ctx.claim(t, "recipient", "match", match) else None
+
+
+def _check_smime(t: _Table, ctx: _PolicyContext, policy: RecipientPolicy) -> None:
+    """The certificate is read on every load, serve included (encryption is real): one that
+    cannot encrypt for `match` is an error; one that has expired, expires within 30 days or
+    is not valid yet is a warning (one customer's certificate must not stop the relay: at RCPT
+    and delivery `required` refuses or defers, `preferred` goes plain)."""
+    path = policy.smime_certificate
+    if path is None:
+        if policy.encryption == "required":
+            t.report.add(t.key("encryption"), '"required" needs smime_certificate: every '
+                                              f"message to {policy.match} would be refused")
+        return
+    if policy.match == "*":
+        t.report.add(t.key("smime_certificate"), 'not allowed under match = "*": one '
+                                                 "certificate cannot be every recipient's")
+        return
+    # Imported here: only a config with certificates pays for it (queue commands stay quick).
+    from relay.config.certs import (
+        expiry_warning,
+        not_yet_valid_warning,
+        read_certificate,
+        smime_problem,
+    )
+
+    try:
+        cert = read_certificate(path)
+    except ValueError as exc:
+        t.report.add(t.key("smime_certificate"), str(exc))
+        return
+    problem = smime_problem(cert, policy.match)
+    if problem is not None:
+        t.report.add(t.key("smime_certificate"), f"{path}: {problem}")
+        return
+    now = time.time()
+    for warning in (expiry_warning(path, cert, now), not_yet_valid_warning(path, cert, now)):
+        if warning is not None:
+            t.report.warn(t.key("smime_certificate"), warning)
 
 
 @dataclass

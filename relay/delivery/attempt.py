@@ -37,6 +37,7 @@ from relay.policy import charsets
 from relay.policy.content import needs_repair
 from relay.policy.dkim import Signer
 from relay.policy.prepare import Prepared, prepare
+from relay.policy.smime import NO_CERTIFICATE, Decision, Smime
 from relay.queue.index import DueRecipient
 
 TLS_BROKEN_MEMORY = 3600.0  # after a failed handshake, talk plain text to that host for an hour
@@ -120,6 +121,8 @@ class Attempter:
     rng: random.Random = field(default_factory=random.Random)
     # Keys of this config load; None when no [[sender]] signs (then nothing is parsed).
     signer: Signer | None = None
+    # Certificates of this config load; None when no [[recipient]] asks for encryption.
+    smime: Smime | None = None
     # Set by a graceful stop: no new hop is tried, and a transaction cut off before its final
     # dot is released (given back unattempted) rather than counted as a failed attempt.
     draining: bool = False
@@ -258,6 +261,12 @@ class Attempter:
             else:
                 ordered.remove(conn.hop)
                 ordered.insert(0, conn.hop)
+        decision = self._smime_decision(job)
+        if decision is not None and decision.refused:
+            # `required` and the certificate became unusable while the message waited (it
+            # expired): defer, never clear text. It bounces at max_lifetime as usual.
+            return self._all(job, Kind.TEMPORARY, f"451 4.7.5 <{decision.rcpt}>: "
+                             f"{NO_CERTIFICATE}: {decision.reason}", "4.7.5", None), conn
         last: tuple[str, str, NextHop | None] = ("451 4.4.1 No next hop answered", "4.4.1", None)
         # The first hop skipped for TLS: that reason is what the recipient defers with when
         # no hop took the mail (more telling than a later hop's connect failure).
@@ -293,7 +302,7 @@ class Attempter:
                     _close(conn)
                     conn = None
                     continue
-                ready = await self._prepare(job, data, conn.client, prepared)
+                ready = await self._prepare(job, data, conn.client, prepared, decision)
                 job.client = conn.client
                 try:
                     tx = await conn.client.send(job.first.sender,
@@ -333,10 +342,26 @@ class Attempter:
             last = refused
         return self._all(job, Kind.TEMPORARY, last[0], last[1], last[2]), None
 
+    def _smime_decision(self, job: Job) -> Decision | None:
+        """The S/MIME decision for a job's copy; None when it goes plain without question.
+
+        A recipient with an encrypting policy always has a job of its own (engine.dispatch),
+        so the first recipient decides for the copy. `preferred` without a usable certificate
+        goes plain, said once per attempt as `smime_skipped`."""
+        if self.smime is None:
+            return None
+        decision = self.smime.decide(job.first.rcpt)
+        if decision is not None and decision.certificate is None and not decision.refused:
+            log.event("smime_skipped", level=30, id=job.msg, rcpt=job.first.rcpt,
+                      policy=decision.target.match, reason=decision.reason,
+                      note="encryption preferred: delivered without S/MIME")
+        return decision
+
     async def _prepare(self, job: Job, data: bytes, client: SmtpClient,
-                       cache: dict[bool, Prepared]) -> Prepared:
-        """The bytes for this hop (relay.policy.prepare: content repair, then DKIM), made
-        once per job and variant.
+                       cache: dict[bool, Prepared], decision: Decision | None = None
+                       ) -> Prepared:
+        """The bytes for this hop (relay.policy.prepare: content repair, S/MIME, then DKIM),
+        made once per job and variant.
 
         Inline on the delivery loop: an RSA-2048 signature costs about 0.3 ms and
         `cryptography` holds the GIL while it signs, so a thread would add a hop, not
@@ -349,10 +374,12 @@ class Attempter:
             make = functools.partial(prepare, data, sender=job.first.sender,
                                      signer=self.signer, eight_bit_ok=variant,
                                      smtputf8=job.first.smtputf8,
-                                     fallback_charset=policy.charset if policy else None)
+                                     fallback_charset=policy.charset if policy else None,
+                                     encrypt_to=decision.certificate if decision else None)
             if not charsets.ready() and not data.isascii():
                 await asyncio.to_thread(charsets.warm)  # tens of ms, once per process
-            if len(data) > REPAIR_INLINE_MAX and needs_repair(data):
+            encrypting = decision is not None and decision.certificate is not None
+            if len(data) > REPAIR_INLINE_MAX and (encrypting or needs_repair(data)):
                 ready = await asyncio.to_thread(make)
             else:
                 ready = make()

@@ -160,12 +160,21 @@ class DeliveryEngine:
             self.store.submit_new(later, claimed=False)
 
     def dispatch(self, due: list[DueRecipient]) -> None:
-        jobs: dict[tuple[str, str, int], Job] = {}
+        jobs: dict[tuple[str, str, int | str], Job] = {}
         sizes: dict[tuple[str, str], int] = {}
+        # Read per call, not kept: a reload replaces the attempter's S/MIME certificates.
+        # (Some engine tests run dispatch without an attempter.)
+        smime = self.attempter.smime if self.attempter is not None else None
         for d in due:
             if (d.msg, d.idx) in self.in_flight:
                 continue
             self.in_flight.add((d.msg, d.idx))
+            key: tuple[str, str, int | str]
+            if smime is not None and smime.target(d.rcpt) is not None:
+                # Its copy is encrypted to its own certificate: a transaction of its own.
+                key = (d.msg, d.domain, f"rcpt{d.idx}")
+                jobs[key] = Job(d.msg, [d])
+                continue
             # At most RCPTS_PER_TRANSACTION recipients per transaction, as Postfix does: every
             # server must take 100, and a pipelined batch of replies stays small.
             count = sizes.get((d.msg, d.domain), 0)

@@ -10,6 +10,7 @@ import re
 
 QUEUED = "250 2.0.0 Ok: queued as {}"
 RELAY_DENIED = "554 5.7.1 <{}>: Relay access denied"
+NO_SMIME_CERTIFICATE = "550 5.7.1 <{}>: no usable S/MIME certificate"
 # `[[sender]] clients`: at MAIL (the address was checked, so it may be echoed), and after DATA
 # (fixed text: the From header is the client's, never echoed).
 SENDER_NOT_ALLOWED = "553 5.7.1 <{}>: Sender address rejected: not allowed for this client"

@@ -14,7 +14,7 @@ import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from relay.addresses import HostPort, in_networks
 from relay.queue.committer import Committer
@@ -23,6 +23,9 @@ from relay.smtp import replies
 from relay.smtp.authlimit import AuthFailureLimiter
 from relay.smtp.senderauth import SenderAuth
 from relay.smtp.session import RelaySMTP
+
+if TYPE_CHECKING:
+    from relay.policy.smime import Smime
 
 LISTEN_BACKLOG = 1024
 
@@ -52,6 +55,7 @@ class IntakeContext:
     idle_timeout: float = 300.0
     auth_limiter: AuthFailureLimiter | None = None
     sender_auth: SenderAuth | None = None   # None: no [[sender]] has clients, nothing to check
+    smime: Smime | None = None   # None: no [[recipient]] asks for encryption, nothing to check
     _trust_cache: dict[str, bool] = field(default_factory=dict)
 
     def is_trusted(self, peer: str) -> bool:

@@ -383,8 +383,24 @@ class RelaySMTP(AiosmtpdSession):
         if len(self.envelope.rcpt_tos) >= MAX_RECIPIENTS:
             await self.push(replies.TOO_MANY_RECIPIENTS)
             return
+        if self.ctx.smime is not None and await self._smime_refused(address):
+            return
         self.envelope.rcpt_tos.append(address)
         await self.push("250 2.1.5 Ok")
+
+    async def _smime_refused(self, address: str) -> bool:
+        """`encryption = "required"` without a usable certificate: True after 550 5.7.1.
+
+        Refused here, not after queueing: the sender learns at once, and nothing waits in the
+        queue for a certificate that may never come. The reason goes to the log only."""
+        assert self.ctx.smime is not None
+        reason = self.ctx.smime.refusal(address)
+        if reason is None:
+            return False
+        log.event("rejected", client=self.client, rcpt=address, reason="no usable S/MIME "
+                  "certificate", detail=reason)
+        await self.push(replies.NO_SMIME_CERTIFICATE.format(address))
+        return True
 
     # --- AUTH --------------------------------------------------------------------------------
 
