@@ -221,3 +221,44 @@ def test_a_listen_change_waits_for_a_restart_while_the_rest_applies_in_every_pro
         assert {m.helo for m in arrived} == {"relay2.test"}
         assert sink.messages == []
         assert relay.stop() == 0
+
+
+# --- the bundle, without a process -----------------------------------------------------------
+
+def test_the_bundle_is_refused_whole_when_one_derived_object_fails(tmp_path: Path) -> None:
+    from relay.config import Config, DkimKey, SenderPolicy
+    from relay.runtime import BuildFailed, Runtime
+
+    good, gone = tmp_path / "good.pem", tmp_path / "gone.pem"
+    write_ed25519(good)
+    where = "policies/a.toml: sender[0].dkim[1].key"
+    config = Config(senders=(SenderPolicy("invoices.test", dkim=(
+        DkimKey("good", good), DkimKey("gone", gone, where=where))),))
+    try:
+        Runtime.build(config, 2)
+    except BuildFailed as exc:
+        assert len(exc.problems) == 1
+        assert exc.problems[0].startswith(f"{where}: cannot read {gone}")
+    else:
+        raise AssertionError("a missing key must refuse the bundle")
+    gone.write_bytes(good.read_bytes())
+    runtime = Runtime.build(config, 2)
+    assert runtime.epoch == 2 and runtime.signer is not None and runtime.server_tls is None
+
+
+def test_restart_keys_keep_their_running_value_and_are_named(tmp_path: Path) -> None:
+    import dataclasses
+
+    from relay.addresses import HostPort
+    from relay.config import Config
+    from relay.runtime import changes, keep_restart_keys
+
+    old = Config()
+    new = dataclasses.replace(old, server=dataclasses.replace(
+        old.server, listen=(HostPort("127.0.0.1", 2600),), hostname="other.test"),
+        queue=dataclasses.replace(old.queue, path=tmp_path, max_lifetime=60.0))
+    pinned, waiting = keep_restart_keys(new, old)
+    assert waiting == ["server.listen", "queue.path"]
+    assert pinned.server.listen == old.server.listen and pinned.queue.path == old.queue.path
+    assert pinned.server.hostname == "other.test" and pinned.queue.max_lifetime == 60.0
+    assert changes(pinned, old)["changed"] == "server,queue"
