@@ -195,6 +195,7 @@ def test_a_listen_change_waits_for_a_restart_while_the_rest_applies_in_every_pro
         relay_factory: RelayFactory, sink: Sink) -> None:
     with Sink() as second:
         relay = relay_factory(policies=route("example.net", sink)).start()
+        relay.wait_for_log("event=listening", count=INTAKE_PROCESSES)
         pids = {int(e["pid"]) & 0xFFF for e in relay.events("listening")}
         assert len(pids) == INTAKE_PROCESSES
         new_port = free_port()
@@ -262,3 +263,55 @@ def test_restart_keys_keep_their_running_value_and_are_named(tmp_path: Path) -> 
     assert pinned.server.listen == old.server.listen and pinned.queue.path == old.queue.path
     assert pinned.server.hostname == "other.test" and pinned.queue.max_lifetime == 60.0
     assert changes(pinned, old)["changed"] == "server,queue"
+
+
+# --- TLS certificate ---------------------------------------------------------------------------
+
+def test_a_renewed_certificate_serves_the_next_tls_session(relay_factory: RelayFactory,
+                                                           sink: Sink, tmp_path: Path) -> None:
+    import shutil
+    import ssl
+
+    from certs import make_certs
+    from cryptography import x509
+
+    old, new = make_certs(tmp_path / "old"), make_certs(tmp_path / "new")
+    live = tmp_path / "tls"
+    live.mkdir()
+    shutil.copy(old.cert, live / "cert.pem")
+    shutil.copy(old.key, live / "key.pem")
+    tls_port = free_port()
+    relay = relay_factory(policies=route("example.net", sink), server={
+        "tls_cert": "tls/cert.pem", "tls_key": "tls/key.pem",
+        "listen_tls": [f"127.0.0.1:{tls_port}"]}).start()
+    unverified = ssl.create_default_context()
+    unverified.check_hostname, unverified.verify_mode = False, ssl.CERT_NONE
+
+    def served(smtp: smtplib.SMTP) -> x509.Certificate:
+        der = smtp.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
+        return x509.load_der_x509_certificate(der)
+
+    def starttls() -> x509.Certificate:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as smtp:
+            smtp.starttls(context=unverified)
+            return served(smtp)
+
+    def pem(path: Path) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+
+    implicit = smtplib.SMTP_SSL("127.0.0.1", tls_port, timeout=10, context=unverified)
+    implicit.ehlo("app.test")
+    assert served(implicit) == pem(old.cert) == starttls()
+    shutil.copy(new.cert, live / "cert.pem")
+    shutil.copy(new.key, live / "key.pem")
+    reload(relay, 2)
+    assert starttls() == pem(new.cert)
+    with smtplib.SMTP_SSL("127.0.0.1", tls_port, timeout=10, context=unverified) as fresh:
+        assert served(fresh) == pem(new.cert)
+        fresh.ehlo("app.test")
+        assert transaction(fresh, "fresh-implicit")[0] == 250
+    # The implicit-TLS session opened before the reload is still up and can send.
+    assert transaction(implicit, "opened-before")[0] == 250
+    implicit.quit()
+    assert sorted(subjects(sink.wait_for(2))) == ["fresh-implicit", "opened-before"]
+    assert relay.stop() == 0
