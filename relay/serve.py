@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import os
@@ -21,30 +22,36 @@ import select
 import signal
 import socket
 import sqlite3
-import ssl
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvloop
 
 from relay import log
-from relay.config import Config, load_or_exit
+from relay.config import load_or_exit
 from relay.exitcodes import EXIT_CONFIG
-from relay.policy.dkim import DkimKeyError, Signer
 from relay.queue.committer import Committer
 from relay.queue.notices import Committed, NoticeWriter, read_pipes
 from relay.queue.recovery import recover
 from relay.queue.space import FreeSpaceGuard, Reserve, floor_bytes
+from relay.reload import Reloader
+from relay.runtime import BuildFailed, Live, Runtime
 from relay.smtp.authlimit import AuthFailureLimiter
+
+if TYPE_CHECKING:
+    from relay.config import Config
+    from relay.delivery.mtasts import MtaStsResolver
 
 DRAIN_GRACE = 30.0
 DELIVERY_START_TIMEOUT = 30.0
 INTAKE_PROCESSES = max(1, min(2, os.cpu_count() or 1))
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
+# Tasks nobody awaits (closing a replaced MTA-STS source): held so they are not collected.
+_background: set[asyncio.Task[None]] = set()
 # Held back until each process has its handlers: the default action of all three is to die.
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
@@ -52,10 +59,10 @@ STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 def serve(cli_config: str | None) -> int:
     config = load_or_exit(cli_config)
     try:
-        # Keys are loaded once, before the fork (the delivery process inherits them); one
+        # Keys and certificates are loaded before the fork (the children inherit them); one
         # that fails stops the start: a relay must never sign nothing silently.
-        signer = Signer.from_config(config)
-    except DkimKeyError as exc:
+        runtime = Runtime.build(config)
+    except BuildFailed as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return EXIT_CONFIG
@@ -112,7 +119,7 @@ def serve(cli_config: str | None) -> int:
     read_ends, write_ends = [r for r, _ in pipes], [w for _, w in pipes]
     parent = os.getpid()
     ready_read, ready_write = os.pipe()
-    delivery = _fork(lambda: _delivery_main(config, read_ends, ready_write, signer), parent,
+    delivery = _fork(lambda: _delivery_main(Live(runtime), read_ends, ready_write), parent,
                      "relay-delivery",
                      close=[*write_ends, ready_read, *(sock.fileno() for sock, _ in listeners)])
     for fd in (*read_ends, ready_write):
@@ -124,14 +131,14 @@ def serve(cli_config: str | None) -> int:
         return 1
     # More intake processes accept from the same listening sockets, so that SMTP intake, the
     # busiest stage, is spread over the cores; delivery runs beside them.
-    helpers = [_fork_intake(config, slot, write_ends, listeners, reserve_path, auth_limiter,
+    helpers = [_fork_intake(runtime, slot, write_ends, listeners, reserve_path, auth_limiter,
                             parent) for slot in range(1, INTAKE_PROCESSES)]
     for fd in write_ends[1:]:
         os.close(fd)
     _name_process("relay-intake")
     children = [delivery, *helpers]
     try:
-        code = uvloop.run(_intake_main(config, 0, write_ends[0], listeners, reserve_path,
+        code = uvloop.run(_intake_main(Live(runtime), 0, write_ends[0], listeners, reserve_path,
                                        auth_limiter, children=children))
     finally:
         for pid in children:
@@ -153,11 +160,11 @@ def _wait_ready(fd: int, timeout: float) -> bool:
         os.close(fd)
 
 
-def _fork_intake(config: Config, slot: int, write_ends: Sequence[int],
+def _fork_intake(runtime: Runtime, slot: int, write_ends: Sequence[int],
                  listeners: Sequence[tuple[socket.socket, bool]], reserve: Path | None,
                  auth_limiter: AuthFailureLimiter | None, parent: int) -> int:
     """Another intake process: segment writer number `slot`, its own notice pipe."""
-    return _fork(lambda: _intake_main(config, slot, write_ends[slot], listeners, reserve,
+    return _fork(lambda: _intake_main(Live(runtime), slot, write_ends[slot], listeners, reserve,
                                       auth_limiter),
                  parent, "relay-intake", close=[w for i, w in enumerate(write_ends) if i != slot])
 
@@ -218,41 +225,42 @@ def _wait_child(pid: int, timeout: float) -> None:
         return  # already reaped by _watch_child
 
 
-def _tls_context(config: Config) -> ssl.SSLContext | None:
-    server = config.server
-    if not server.tls_cert:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(server.tls_cert, server.tls_key)
-    return ctx
-
-
-def _install_signals(stop: asyncio.Event, role: str) -> None:
+def _install_signals(stop: asyncio.Event, reloader: Reloader) -> None:
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(log.loop_exception)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: log.event(
-        "sighup", process=role, note="configuration reload is not supported yet; nothing changed"))
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # pending ones arrive now
+
+
+def intake_settings(rt: Runtime) -> dict[str, Any]:
+    """The IntakeContext fields that come from the config (the rest is this process's)."""
+    server = rt.config.server
+    return {"hostname": server.hostname, "trusted": server.trusted_networks,
+            "max_message_size": server.max_message_size, "users": rt.users,
+            "tls_context": rt.server_tls, "error_soft_limit": server.error_soft_limit,
+            "error_hard_limit": server.error_hard_limit, "error_delay": server.error_delay,
+            "idle_timeout": server.idle_timeout, "sender_auth": rt.sender_auth,
+            "smime": rt.smime}
 
 
 # --- intake (main process) -------------------------------------------------------------------
 
-async def _intake_main(config: Config, slot: int, notice_fd: int,
+async def _intake_main(live: Live, slot: int, notice_fd: int,
                        listeners: Sequence[tuple[socket.socket, bool]],
                        reserve: Path | None = None, auth_limiter: AuthFailureLimiter | None = None,
                        children: Sequence[int] = ()) -> int:
     """SMTP intake. In the main process (`children` given) it also watches the other
     processes: if one dies unexpectedly, the relay stops so that the service manager restarts
     it and startup recovery runs."""
-    from relay.policy.smime import Smime
-    from relay.smtp.auth import Users, load_users
-    from relay.smtp.senderauth import SenderAuth
     from relay.smtp.server import Intake, IntakeContext
 
     stop = asyncio.Event()
-    _install_signals(stop, "intake")
+    # Only the main process forwards a reload, and only one that succeeded in it.
+    reloader = Reloader(live, "intake", children=children)
+    _install_signals(stop, reloader)
+    config = live.config
     root = config.queue.path
 
     notices = NoticeWriter(notice_fd)
@@ -260,21 +268,15 @@ async def _intake_main(config: Config, slot: int, notice_fd: int,
     committer = Committer(root / "spool", slot, segment_size=config.queue.segment_size,
                           on_committed=notices.committed, on_sealed=notices.sealed)
     await asyncio.to_thread(committer.start)
-    users = Users(load_users(config.server.users_file)) if config.server.users_file else None
-    server = config.server
-    ctx = IntakeContext(hostname=server.hostname, trusted=server.trusted_networks,
-                        max_message_size=server.max_message_size, committer=committer,
-                        users=users, tls_context=_tls_context(config),
-                        space=FreeSpaceGuard(root, floor_bytes(root, config.queue.min_free_space),
-                                             reserve),
-                        error_soft_limit=server.error_soft_limit,
-                        error_hard_limit=server.error_hard_limit,
-                        error_delay=server.error_delay, idle_timeout=server.idle_timeout,
-                        auth_limiter=auth_limiter, sender_auth=SenderAuth.from_config(config),
-                        smime=Smime.from_config(config))
-    committer.may_allocate = ctx.space.ok if ctx.space is not None else None
+    space = FreeSpaceGuard(root, floor_bytes(root, config.queue.min_free_space), reserve)
+    ctx = IntakeContext(committer=committer, space=space, auth_limiter=auth_limiter,
+                        **intake_settings(live.current))
+    committer.may_allocate = space.ok
     intake = Intake(ctx, config.server.listen, config.server.listen_tls)
     await intake.start(listeners)
+    # What a reload changes: the settings of the next session (open ones keep theirs).
+    reloader.start(lambda rt: intake.apply(dataclasses.replace(
+        intake.ctx, _trust_cache={}, **intake_settings(rt))))
     log.event("listening", addresses=" ".join(f"{h}:{p}" for h, p in intake.bound()),
               hostname=config.server.hostname, pid=os.getpid())
     loop = asyncio.get_running_loop()
@@ -315,29 +317,51 @@ def _poll_child(pid: int) -> tuple[int, int]:
 
 # --- delivery (child process) ----------------------------------------------------------------
 
-async def _delivery_main(config: Config, notice_fds: Sequence[int], ready_fd: int,
-                         signer: Signer | None = None) -> int:
+def _sts_for(config: Config, current: MtaStsResolver | None) -> MtaStsResolver | None:
+    """The MTA-STS source for `config` (built only when a destination uses it: it loads the
+    system CAs); a replaced one is closed in the background."""
+    from relay.delivery.mtasts import MtaStsResolver  # aiohttp: only in the delivery process
+
+    chosen = MtaStsResolver.for_config(config, current)
+    if current is not None and chosen is not current:
+        task = asyncio.get_running_loop().create_task(current.close())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+    return chosen
+
+
+async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int) -> int:
     from relay.delivery.attempt import Attempter
     from relay.delivery.engine import DeliveryEngine
-    from relay.delivery.mtasts import MtaStsResolver
     from relay.delivery.nexthop import NextHopResolver
     from relay.delivery.store import DeliveryStore
-    from relay.policy.smime import Smime
 
     stop = asyncio.Event()
-    _install_signals(stop, "delivery")
+    reloader = Reloader(live, "delivery")
+    _install_signals(stop, reloader)
+    config = live.config
     root = config.queue.path
     store = DeliveryStore(root, root / "index.sqlite", hostname=config.server.hostname,
                           max_lifetime=config.queue.max_lifetime,
                           segment_size=config.queue.segment_size)
     await store.start()
     listeners = {(hp.host, hp.port) for hp in (*config.server.listen, *config.server.listen_tls)}
-    # Only when a destination asks for MTA-STS (building it loads the system CAs).
-    sts = MtaStsResolver.from_config(config) if any(
-        d.tls == "mta-sts" for d in config.destinations) else None
+    sts = _sts_for(config, None)
     engine = DeliveryEngine(config, store, NextHopResolver(config.dns.nameservers),
-                            Attempter(config, listeners, signer=signer,
-                                      smime=Smime.from_config(config)), sts=sts)
+                            Attempter(config, listeners, signer=live.current.signer,
+                                      smime=live.current.smime, tls=live.current.client_tls),
+                            sts=sts)
+
+    def apply(rt: Runtime) -> None:
+        """A reload: the next job and attempt use the new policies, keys and settings."""
+        nonlocal sts
+        engine.apply(rt.config)
+        engine.attempter.signer = rt.signer
+        engine.attempter.smime = rt.smime
+        engine.attempter.tls = rt.client_tls
+        sts = engine.sts = _sts_for(rt.config, sts)
+
+    reloader.start(apply)
 
     def on_notices(messages: list[Committed], sealed: list[str]) -> None:
         if messages:

@@ -245,10 +245,10 @@ def test_sigterm_records_unknown_for_a_dot_without_reply(relay_factory) -> None:
 
 # --- SIGHUP ----------------------------------------------------------------------------------
 
-def test_sighup_is_logged_and_the_relay_keeps_serving(relay_factory, sink: Sink) -> None:
+def test_sighup_reloads_and_the_relay_keeps_serving(relay_factory, sink: Sink) -> None:
     relay = relay_factory(routes={"example.net": [sink.address]}).start()
     relay.signal(signal.SIGHUP)
-    relay.wait_for_log("event=sighup")
+    relay.wait_for_log("event=reloaded process=intake")
     time.sleep(0.3)
     assert relay.proc.poll() is None
     send(relay.port, "after-hup")
@@ -269,7 +269,7 @@ def test_sighup_to_the_group_during_startup_stops_nothing(relay_factory, sink: S
     # before its handlers exist must wait for them, not kill it with the default action.
     relay = relay_factory(routes={"example.net": [sink.address]}).start()
     os.killpg(relay.proc.pid, signal.SIGHUP)
-    relay.wait_for_log("event=sighup process=delivery", timeout=10)
+    relay.wait_for_log("event=reloaded process=delivery", timeout=10)
     time.sleep(0.3)
     assert relay.proc.poll() is None
     assert "event=child_died" not in relay.new_log()

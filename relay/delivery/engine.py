@@ -104,6 +104,19 @@ class DeliveryEngine:
         self._running: dict[asyncio.Task[None], Job] = {}  # worker -> the job it runs now
         store.on_recorded = self._recorded
 
+    def apply(self, config: Config) -> None:
+        """A reloaded config: the next job of every destination uses its new policy (routes,
+        connection limits), the next attempt the new settings; open connections and the jobs
+        in flight are kept. A new nameserver list gets a new resolver (and an empty cache)."""
+        if config.dns.nameservers != self.config.dns.nameservers:
+            self.resolver = NextHopResolver(config.dns.nameservers)
+        self.config = config
+        self.attempter.config = config
+        self.store.hostname = config.server.hostname
+        self.store.max_lifetime = config.queue.max_lifetime
+        for dest in self.destinations.values():
+            dest.policy = config.destination_for(dest.key)
+
     # --- the claim loop -----------------------------------------------------------------
 
     async def run(self) -> None:

@@ -189,11 +189,26 @@ class MtaStsResolver:
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._loaded: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+        self.inputs: tuple[object, ...] = ()  # what from_config built it from (reuse at reload)
 
     @classmethod
     def from_config(cls, config: Config) -> MtaStsResolver:
-        return cls(config.queue.path / CACHE_FOLDER, nameservers=config.dns.nameservers,
-                   ca_file=config.delivery.tls_ca_file)
+        resolver = cls(config.queue.path / CACHE_FOLDER, nameservers=config.dns.nameservers,
+                       ca_file=config.delivery.tls_ca_file)
+        resolver.inputs = _inputs(config)
+        return resolver
+
+    @classmethod
+    def for_config(cls, config: Config, current: MtaStsResolver | None
+                   ) -> MtaStsResolver | None:
+        """The resolver a (re)loaded config needs: None when no destination uses
+        `tls = "mta-sts"`, `current` (with its cache) when it asks the same servers and trusts
+        the same CAs, else a new one. The caller closes a `current` it no longer uses."""
+        if not any(d.tls == "mta-sts" for d in config.destinations):
+            return None
+        if current is not None and current.inputs == _inputs(config):
+            return current
+        return cls.from_config(config)
 
     # ---- the StsSource API ------------------------------------------------------------
 
@@ -389,6 +404,10 @@ class _PolicyHostResolver(AbstractResolver):
 
     async def close(self) -> None:
         return None
+
+
+def _inputs(config: Config) -> tuple[object, ...]:
+    return config.queue.path, config.dns.nameservers, config.delivery.tls_ca_file
 
 
 async def _policy_text(response: aiohttp.ClientResponse) -> str:

@@ -7,7 +7,6 @@ committer's threads, password checks on a worker thread. One session is relay.sm
 from __future__ import annotations
 
 import asyncio
-import functools
 import ipaddress
 import socket
 import ssl
@@ -91,22 +90,47 @@ class Intake:
 
     def __init__(self, ctx: IntakeContext, listen: Sequence[HostPort],
                  listen_tls: Sequence[HostPort]) -> None:
-        self.ctx = ctx
+        self.ctx = ctx  # replaced by `apply` at a reload; each session keeps the one it began with
         self.listen = listen
         self.listen_tls = listen_tls
         self.servers: list[asyncio.base_events.Server] = []
+        self._implicit_tls: dict[int, socket.socket] = {}  # index in servers -> its socket
 
     async def start(self, sockets: Sequence[tuple[socket.socket, bool]] | None = None) -> None:
         """Listen on `listen`/`listen_tls`, or serve already bound `(socket, implicit_tls)`
         pairs (several intake processes accept from the same sockets)."""
         if sockets is None:
             sockets = bind_listeners(self.listen, self.listen_tls)
-        loop = asyncio.get_running_loop()
         for sock, implicit_tls in sockets:
-            self.servers.append(await loop.create_server(
-                functools.partial(RelaySMTP, self.ctx, implicit_tls=implicit_tls), sock=sock,
-                ssl=self.ctx.tls_context if implicit_tls else None,
-                backlog=LISTEN_BACKLOG))  # create_server listens again: keep our backlog
+            if implicit_tls:
+                self._implicit_tls[len(self.servers)] = sock
+            self.servers.append(await self._serve(sock, implicit_tls))
+
+    async def _serve(self, sock: socket.socket, implicit_tls: bool) -> asyncio.base_events.Server:
+        # The context is read per connection, so a reload applies to the next session.
+        def session() -> RelaySMTP:
+            return RelaySMTP(self.ctx, implicit_tls=implicit_tls)
+
+        return await asyncio.get_running_loop().create_server(
+            session, sock=sock, ssl=self.ctx.tls_context if implicit_tls else None,
+            backlog=LISTEN_BACKLOG)  # create_server listens again: keep our backlog
+
+    async def apply(self, ctx: IntakeContext) -> None:
+        """Settings of a reload: the next session uses `ctx`; open sessions keep theirs.
+
+        A listen_tls server holds its SSL context from its start, so when the certificate
+        changed it is started again on a duplicate of the same listening socket (no
+        connection is refused in between; accepted ones stay open) and the old one closed."""
+        old, self.ctx = self.ctx, ctx
+        if ctx.tls_context is old.tls_context or ctx.draining:
+            return
+        for index, sock in list(self._implicit_tls.items()):
+            twin = sock.dup()
+            twin.setblocking(False)
+            previous = self.servers[index]
+            self.servers[index] = await self._serve(twin, True)
+            self._implicit_tls[index] = twin
+            previous.close()
 
     def bound(self) -> list[tuple[str, int]]:
         return [sock.getsockname()[:2] for srv in self.servers for sock in srv.sockets]
@@ -116,6 +140,8 @@ class Intake:
         for srv in self.servers:
             srv.close()
         self.ctx.draining = True
+        for session in self.ctx.sessions:  # sessions begun before a reload hold an older ctx
+            session.ctx.draining = True
         deadline = time.monotonic() + grace
         while any(s.in_data for s in self.ctx.sessions) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
