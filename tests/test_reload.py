@@ -315,3 +315,33 @@ def test_a_renewed_certificate_serves_the_next_tls_session(relay_factory: RelayF
     implicit.quit()
     assert sorted(subjects(sink.wait_for(2))) == ["fresh-implicit", "opened-before"]
     assert relay.stop() == 0
+
+
+# --- confidentiality: TLS mode and S/MIME certificates ----------------------------------------
+
+def test_tls_mode_and_smime_certificate_apply_to_the_next_attempt(
+        relay_factory: RelayFactory, sink: Sink, tmp_path: Path) -> None:
+    from smimecerts import write_smime
+
+    relay = relay_factory(policies=route("example.net", sink)).start()
+    assert send(relay, "plain-before")[0] == 250
+    [first] = sink.wait_for(1)
+    assert not first.tls and b"pkcs7" not in first.data
+
+    # An S/MIME certificate for the recipient: its next copy is encrypted.
+    cert, _ = write_smime(tmp_path / "ap", emails=["ap@example.net"])
+    policy_file(relay).write_text(
+        route("example.net", sink)
+        + f'[[recipient]]\nmatch = "ap@example.net"\nsmime_certificate = "{cert}"\n'
+          'encryption = "required"\n')
+    reload(relay, 2)
+    assert send(relay, "encrypted-after")[0] == 250
+    second = sink.wait_for(2)[1]
+    assert b"application/pkcs7-mime" in second.data and b"encrypted-after" in second.data
+
+    # `tls = "required"` on a hop without STARTTLS: never again in clear text.
+    policy_file(relay).write_text(route("example.net", sink) + 'tls = "required"\n')
+    reload(relay, 3)
+    assert send(relay, "required-after")[0] == 250
+    relay.wait_for_log(r"event=deferred .*status=4\.7\.4")
+    assert len(sink.messages) == 2

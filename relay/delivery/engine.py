@@ -116,6 +116,7 @@ class DeliveryEngine:
         self.store.max_lifetime = config.queue.max_lifetime
         for dest in self.destinations.values():
             dest.policy = config.destination_for(dest.key)
+            dest.tls = static_requirement(dest.policy)  # a new `tls` mode: the next attempt
 
     # --- the claim loop -----------------------------------------------------------------
 
