@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import http.server
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,3 +94,27 @@ def test_mta_sts_enforce_uses_only_policy_hosts_with_verified_tls(
     assert (outcome, verified) == ("delivered", 1) and version.startswith("TLSv1.")
     # The policy is kept on disk, so a restart or an outage of the policy host keeps it.
     assert (relay.queue_dir / "mta-sts" / "example.net.json").is_file()
+
+
+def test_mta_sts_set_by_a_reload_applies_to_the_next_message(
+        relay_factory: RelayFactory, sinks: SinkFactory, dns_server: DnsServer,
+        policy_host: Certs, mx_port: int) -> None:
+    tls = server_context(policy_host)
+    mx1 = sinks(host="127.0.0.2", port=mx_port, starttls=tls)
+    mx2 = sinks(host="127.0.0.3", port=mx_port, starttls=tls)
+    dns_server.add(mx_zone("example.net", (10, "mx1", "127.0.0.2"), (20, "mx2", "127.0.0.3")))
+    dns_server.add('_mta-sts.example.net. 300 IN TXT "v=STSv1; id=1;"\n'
+                   "mta-sts.example.net. 300 IN A 127.0.0.1")
+    relay = relay_factory(
+        dns={"nameservers": [dns_server.address]},
+        delivery={"port": mx_port, "tls_ca_file": str(policy_host.ca_cert)},
+        policies=policies(example_net="opportunistic")).start()
+    send(relay, ["ap@example.net"])
+    mx1.wait_for(1)  # the preferred MX, while no policy applies
+
+    (relay.dir / "policies" / "test.toml").write_text(policies(example_net="mta-sts"))
+    relay.signal(signal.SIGHUP)
+    relay.wait_for_log(r"event=reloaded process=delivery ")
+    send(relay, ["ap@example.net"])
+    [got] = mx2.wait_for(1)
+    assert got.tls and len(mx1.messages) == 1

@@ -345,3 +345,19 @@ def test_tls_mode_and_smime_certificate_apply_to_the_next_attempt(
     assert send(relay, "required-after")[0] == 250
     relay.wait_for_log(r"event=deferred .*status=4\.7\.4")
     assert len(sink.messages) == 2
+
+    # Bad input at reload (an EC certificate for S/MIME): refused, naming file and key, and
+    # the running config (tls = "required") stays in force.
+    ec_cert, _ = write_smime(tmp_path / "ec", emails=["ap@example.net"], ec_key=True)
+    policy_file(relay).write_text(
+        route("example.net", sink)
+        + f'[[recipient]]\nmatch = "ap@example.net"\nsmime_certificate = "{ec_cert}"\n')
+    relay.signal(signal.SIGHUP)
+    relay.wait_for_log(r"event=reload_refused ")
+    [refused] = relay.events("reload_refused")  # the main process refuses; no child is asked
+    assert refused["problem"].startswith(f"{policy_file(relay)}: recipient[0].smime_certificate:")
+    code, reply = send(relay, "still-required")
+    assert code == 250
+    queue_id = reply.rsplit(" ", 1)[1]
+    relay.wait_for_log(rf"event=deferred id={queue_id} .*status=4\.7\.4")
+    assert len(sink.messages) == 2
