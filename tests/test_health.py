@@ -22,9 +22,9 @@ from relay.delivery.health import (
     TRANSIENT,
     Breaker,
     HealthBook,
-    Kind,
     PathHealth,
     ReplyClass,
+    ReplyKind,
     all_blocked,
     classify,
 )
@@ -147,10 +147,10 @@ def rule(pattern: str, duration: float) -> OnReply:
 
 def test_on_reply_rules_come_first_and_the_first_match_wins() -> None:
     rules = [rule("TSS04|rate limited", 7200.0), rule("4\\.7\\.", 60.0)]
-    assert classify(YAHOO_TSS04, rules) == ReplyClass(Kind.SUSPEND, 7200.0)
-    assert classify(OUTLOOK_650, rules) == ReplyClass(Kind.SUSPEND, 7200.0)
+    assert classify(YAHOO_TSS04, rules) == ReplyClass(ReplyKind.SUSPEND, 7200.0)
+    assert classify(OUTLOOK_650, rules) == ReplyClass(ReplyKind.SUSPEND, 7200.0)
     # before the message exclusions too: the user's rule says what they want
-    assert classify("550 5.7.26 DMARC policy", [rule("dmarc", 30.0)]).kind is Kind.SUSPEND
+    assert classify("550 5.7.26 DMARC policy", [rule("dmarc", 30.0)]).kind is ReplyKind.SUSPEND
     # a rule that does not match leaves the defaults
     assert classify(GMAIL_RATE, [rule("TSS04", 60.0)]) == BLOCK
 
@@ -169,29 +169,29 @@ def test_cooldown_doubles_up_to_the_cap_and_success_resets_it() -> None:
     assert path.available(0.0) and path.rate_factor(0.0) == 1.0
     now, waits = 0.0, []
     for _ in range(4):
-        path.failure(now, Kind.BLOCK, "554 blocked using spamhaus")
+        path.failure(now, ReplyKind.BLOCK, "554 blocked using spamhaus")
         assert not path.available(now) and path.rate_factor(now) == 0.0
         waits.append(path.until(now) - now)
         now = path.until(now)
         assert path.available(now)
     assert waits == [10.0, 20.0, 35.0, 35.0]
     path.success(now)
-    path.failure(now, Kind.TRANSIENT, "connect refused")
+    path.failure(now, ReplyKind.TRANSIENT, "connect refused")
     assert path.until(now) - now == 10.0
 
 
 def test_failures_of_attempts_already_in_flight_do_not_double_again() -> None:
     path = PathHealth(cooldown=10.0, cooldown_max=1000.0)
-    path.failure(0.0, Kind.TRANSIENT, "timed out")
+    path.failure(0.0, ReplyKind.TRANSIENT, "timed out")
     for t in (1.0, 2.0, 3.0):  # three more connections that were open when it went out
-        path.failure(t, Kind.TRANSIENT, "timed out")
+        path.failure(t, ReplyKind.TRANSIENT, "timed out")
     assert path.until(3.0) == 10.0 and path.failures == 1
 
 
 def test_after_a_cooldown_one_probe_connection_until_a_success() -> None:
     path = PathHealth(cooldown=10.0)
     assert path.connection_cap(0.0, 20, rated=True) == 20
-    path.failure(0.0, Kind.BLOCK, "blocked")
+    path.failure(0.0, ReplyKind.BLOCK, "blocked")
     assert path.connection_cap(5.0, 20, rated=True) == 0
     assert path.probing(10.0) and path.connection_cap(10.0, 20, rated=True) == 1
     path.success(11.0)
@@ -221,7 +221,7 @@ def test_suspension_then_half_rate_ramp_then_full_speed() -> None:
     # then full speed
     assert path.rate_factor(200.0) == 1.0 and not path.ramping(200.0)
     assert path.connection_cap(200.0, 10, rated=False) == 10
-    assert "[TSS04]" in path.reason and path.kind is Kind.SUSPEND
+    assert "[TSS04]" in path.reason and path.kind is ReplyKind.SUSPEND
 
 
 def test_a_later_match_extends_a_suspension_never_shortens_it() -> None:
@@ -235,7 +235,7 @@ def test_a_later_match_extends_a_suspension_never_shortens_it() -> None:
 
 def test_reason_is_one_short_line() -> None:
     path = PathHealth()
-    path.failure(0.0, Kind.BLOCK, GMAIL_RATE + " x" * 500)
+    path.failure(0.0, ReplyKind.BLOCK, GMAIL_RATE + " x" * 500)
     assert "\n" not in path.reason and len(path.reason) <= 300
     assert path.reason.startswith("421-4.7.28 [192.0.2.20] Our system")
 
@@ -246,7 +246,7 @@ def test_reason_is_one_short_line() -> None:
 def test_all_blocked_names_the_block_and_the_first_path_back() -> None:
     book = HealthBook(cooldown=10.0, cooldown_max=100.0)
     a, b = book.path("example.net", "192.0.2.20"), book.path("example.net", "192.0.2.21")
-    a.failure(0.0, Kind.BLOCK, "554 5.7.1 blocked using zen.spamhaus.org")
+    a.failure(0.0, ReplyKind.BLOCK, "554 5.7.1 blocked using zen.spamhaus.org")
     assert book.deferral("example.net", ["192.0.2.20", "192.0.2.21"], 1.0) is None
     b.suspend(0.0, 5.0, "421 4.7.0 [TSS04] deferred")
     found = book.deferral("example.net", ["192.0.2.20", "192.0.2.21"], 1.0)
@@ -304,11 +304,11 @@ def test_late_failures_while_open_do_not_extend_it() -> None:
 def test_configure_keeps_state_and_changes_timings() -> None:
     book = HealthBook(cooldown=10.0, cooldown_max=100.0)
     path = book.path("example.net", "")
-    path.failure(0.0, Kind.BLOCK, "blocked")
+    path.failure(0.0, ReplyKind.BLOCK, "blocked")
     book.configure(1.0, 2.0)
     assert book.path("example.net", "") is path and not path.available(5.0)
     path.success(10.0)
-    path.failure(10.0, Kind.BLOCK, "blocked")
+    path.failure(10.0, ReplyKind.BLOCK, "blocked")
     assert path.until(10.0) == 11.0
     assert book.breaker("example.net").cooldown == 1.0
 

@@ -75,7 +75,7 @@ RAMP_FACTOR = 0.5
 REASON_MAX = 300  # characters of a reply kept for the deferral text
 
 
-class Kind(StrEnum):
+class ReplyKind(StrEnum):
     SUSPEND = "suspend"      # an on_reply rule matched: no connection for `duration`
     MESSAGE = "message"      # about this message: another source will not help; no path action
     BLOCK = "block"          # this source is blocked at this destination: out of rotation
@@ -85,7 +85,7 @@ class Kind(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class ReplyClass:
-    kind: Kind
+    kind: ReplyKind
     duration: float = 0.0  # SUSPEND only: seconds, from the rule
 
     @property
@@ -94,11 +94,11 @@ class ReplyClass:
         return self.kind in _PATH_KINDS
 
 
-_PATH_KINDS = frozenset((Kind.SUSPEND, Kind.BLOCK, Kind.TRANSIENT))
-MESSAGE = ReplyClass(Kind.MESSAGE)
-BLOCK = ReplyClass(Kind.BLOCK)
-TRANSIENT = ReplyClass(Kind.TRANSIENT)
-NONE = ReplyClass(Kind.NONE)
+_PATH_KINDS = frozenset((ReplyKind.SUSPEND, ReplyKind.BLOCK, ReplyKind.TRANSIENT))
+MESSAGE = ReplyClass(ReplyKind.MESSAGE)
+BLOCK = ReplyClass(ReplyKind.BLOCK)
+TRANSIENT = ReplyClass(ReplyKind.TRANSIENT)
+NONE = ReplyClass(ReplyKind.NONE)
 
 # An RFC 3463 code not inside an IP address or a version ("4.16.55.1" is not one).
 _ENHANCED_RE = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
@@ -108,6 +108,7 @@ _MESSAGE_CODES = frozenset({
     (7, 20), (7, 21), (7, 22),  # RFC 7372: no (valid, author-aligned) DKIM signature
     (7, 24),                    # RFC 7372: the sender domain's SPF record is broken
     (7, 26),                    # RFC 7372: several checks failed (DMARC)
+    (7, 512),                   # Outlook: the message's From is not RFC 5322 compliant
     (7, 515),                   # Outlook: sending domain below the required authentication
     (3, 4),                     # message too big for the system
 })
@@ -172,7 +173,7 @@ def classify(reply: str, rules: Sequence[OnReply] = ()) -> ReplyClass:
     """What a non-2xx reply says about its path (order in the module docstring)."""
     for rule in rules:
         if rule.match.search(reply):
-            return ReplyClass(Kind.SUSPEND, rule.duration)
+            return ReplyClass(ReplyKind.SUSPEND, rule.duration)
     code = _enhanced(reply)
     if code is not None and (code in _MESSAGE_CODES or code[0] in _MESSAGE_SUBJECTS):
         return MESSAGE
@@ -199,7 +200,7 @@ class PathHealth:
     cooldown_max: float = DEFAULT_COOLDOWN_MAX
     failures: int = 0            # BLOCK/TRANSIENT failures in a row (each one doubles)
     reason: str = ""             # why it is (or last was) out of rotation
-    kind: Kind = Kind.NONE       # what took it out last
+    kind: ReplyKind = ReplyKind.NONE       # what took it out last
     _out_until: float = 0.0      # no connection before this
     _ramp_until: float = 0.0     # after a suspension: half speed until this
 
@@ -241,10 +242,10 @@ class PathHealth:
         A suspension's ramp is time-bound and continues."""
         self.failures = 0
 
-    def failure(self, now: float, kind: Kind, reason: str) -> None:
+    def failure(self, now: float, kind: ReplyKind, reason: str) -> None:
         """A BLOCK or TRANSIENT outcome: out of rotation for the cool-down, which doubles
         with each failure in a row (up to `cooldown_max`). Other kinds change nothing."""
-        if kind not in (Kind.BLOCK, Kind.TRANSIENT):
+        if kind not in (ReplyKind.BLOCK, ReplyKind.TRANSIENT):
             return
         self.reason, self.kind = _short(reason), kind
         if not self.available(now):
@@ -256,13 +257,13 @@ class PathHealth:
     def suspend(self, now: float, duration: float, reason: str) -> None:
         """An `on_reply` rule matched: no connection for `duration`, then half speed for one
         more `duration`, then full speed. A later match extends, never shortens."""
-        self.reason, self.kind = _short(reason), Kind.SUSPEND
+        self.reason, self.kind = _short(reason), ReplyKind.SUSPEND
         self._out_until = max(self._out_until, now + duration)
         self._ramp_until = max(self._ramp_until, now + 2 * duration)
 
     def record(self, now: float, reply_class: ReplyClass, reason: str) -> None:
         """Apply what `classify` found: suspend, fail, or (MESSAGE, NONE) nothing."""
-        if reply_class.kind is Kind.SUSPEND:
+        if reply_class.kind is ReplyKind.SUSPEND:
             self.suspend(now, reply_class.duration, reason)
         else:
             self.failure(now, reply_class.kind, reason)
