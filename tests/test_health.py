@@ -322,8 +322,14 @@ def test_path_cooldown_keys_parse_with_the_duration_grammar(tmp_path: Path) -> N
     path = tmp_path / "relay.toml"
     path.write_text('[queue]\npath = "var"\n'
                     '[delivery]\npath_cooldown = "30s"\npath_cooldown_max = "2h"\n')
-    delivery = load_config(path).delivery
-    assert (delivery.path_cooldown, delivery.path_cooldown_max) == (30.0, 7200.0)
+    config = load_config(path)
+    assert (config.delivery.path_cooldown, config.delivery.path_cooldown_max) == (30.0, 7200.0)
+    # the engine's book takes them at start and at a reload, keeping what it learnt
+    book = HealthBook.from_config(load_config(None))
+    book.path("example.net", "").failure(0.0, ReplyKind.BLOCK, "blocked")
+    book.apply(config)
+    assert book.path("example.net", "").until(0.0) == 60.0
+    assert (book.cooldown, book.breaker("example.net").cooldown_max) == (30.0, 7200.0)
 
 
 @pytest.mark.parametrize(("keys", "problem"), [
