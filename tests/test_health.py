@@ -313,6 +313,33 @@ def test_configure_keeps_state_and_changes_timings() -> None:
     assert book.breaker("example.net").cooldown == 1.0
 
 
+def test_prune_forgets_only_what_has_nothing_to_remember() -> None:
+    book = HealthBook(cooldown=10.0)
+    book.path("a.example", "192.0.2.20")  # used, healthy
+    book.path("b.example", "192.0.2.20").failure(0.0, ReplyKind.BLOCK, "blocked")
+    book.path("c.example", "192.0.2.20").suspend(0.0, 5.0, "TSS04")
+    book.breaker("a.example")
+    book.breaker("b.example").failure(0.0)
+    assert book.prune(1.0) == 2
+    assert book.path("b.example", "192.0.2.20").failures == 1
+    assert book.path("c.example", "192.0.2.20").ramping(6.0)
+    assert book.breaker("b.example").failures == 1
+
+
+def test_on_reply_rules_from_a_policy_file(tmp_path: Path) -> None:
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "p.toml").write_text(
+        '[[destination]]\ndomain = "yahoo.example"\n'
+        'on_reply = [ { match = "tss04|4\\\\.7\\\\.650", action = "suspend", duration = "2h" } ]\n')
+    path = tmp_path / "relay.toml"
+    path.write_text('[queue]\npath = "var"\n[policies]\npath = "policies"\n')
+    policy = load_config(path).destination_for("yahoo.example")
+    assert policy is not None
+    assert classify(YAHOO_TSS04, policy.on_reply) == ReplyClass(ReplyKind.SUSPEND, 7200.0)
+    assert classify(OUTLOOK_650, policy.on_reply).kind is ReplyKind.SUSPEND
+    assert classify(GMAIL_RATE, policy.on_reply) == BLOCK
+
+
 # --- [delivery] path_cooldown, path_cooldown_max --------------------------------------------
 
 

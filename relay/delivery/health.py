@@ -61,7 +61,8 @@ API, as the engine uses it:
   ("all sources of D are blocked: <reason>").
 
 - `HealthBook`: the engine's store of both, keyed by destination and source, created on first
-  use. `HealthBook.from_config(config)` at start; `apply(config)` at SIGHUP (from
+  use; `prune(now)`, called now and then, forgets the healthy ones.
+  `HealthBook.from_config(config)` at start; `apply(config)` at SIGHUP (from
   `DeliveryEngine.apply`) keeps the state, which is what the remotes said, and changes the
   timings. It is not a `Runtime` field for that reason: a reload must not forget a block.
 
@@ -401,6 +402,18 @@ class HealthBook:
     def deferral(self, destination: str, sources: Iterable[str], now: float) -> Deferral | None:
         """`all_blocked` over the paths from `sources` to `destination`."""
         return all_blocked(destination, (self.path(destination, s) for s in sources), now)
+
+    def prune(self, now: float) -> int:
+        """Forget paths and breakers with nothing to remember (healthy, not ramping), so that
+        a relay sending to many domains keeps only the troubled ones. Returns how many."""
+        healthy = [k for k, p in self._paths.items()
+                   if p.failures == 0 and now >= p._out_until and now >= p._ramp_until]
+        for key in healthy:
+            del self._paths[key]
+        closed = [d for d, b in self._breakers.items() if b.failures == 0 and not b._open]
+        for destination in closed:
+            del self._breakers[destination]
+        return len(healthy) + len(closed)
 
     def configure(self, cooldown: float, cooldown_max: float) -> None:
         """New timings (at reload): they apply from each path's next failure on."""
