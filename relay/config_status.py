@@ -45,6 +45,8 @@ NOT_ENFORCED: dict[str, NotEnforced] = {
     "queue.retention": NotEnforced("warning"),
     "delivery.spf": NotEnforced("warning", ("off",)),
     "delivery.source_addresses[].warmup": NotEnforced("warning"),
+    "delivery.path_cooldown": NotEnforced("warning"),
+    "delivery.path_cooldown_max": NotEnforced("warning"),
     "http.listen": NotEnforced("warning"),
     "http.token": NotEnforced("security", ("",)),
     "cluster.redis": NotEnforced("warning", ("",)),

@@ -31,6 +31,8 @@ SAMPLES: dict[str, tuple[str, str]] = {
     "delivery.source_addresses[].warmup": (
         '[delivery]\nsource_addresses = [{ address = "192.0.2.10", '
         'warmup = { start = "2026-12-01", per_day = [50, 100] } }]\n', ""),
+    "delivery.path_cooldown": ('[delivery]\npath_cooldown = "30s"\n', ""),
+    "delivery.path_cooldown_max": ('[delivery]\npath_cooldown_max = "2h"\n', ""),
     "http.listen": ('[http]\nlisten = "127.0.0.1:9025"\n', ""),
     "http.token": ('[http]\ntoken = "s3cret"\n', ""),
     "cluster.redis": ('[cluster]\nredis = "redis://127.0.0.1:6379/0"\n', ""),

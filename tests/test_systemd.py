@@ -38,7 +38,9 @@ CONTRACT_KEYS = {
         "dedupe_window", "retention",
     },
     "dns": {"nameservers"},
-    "delivery": {"port", "source_addresses", "fallback_relays", "tls_ca_file"},
+    # path_cooldown, path_cooldown_max: our additions (README "Path health"), safe to uncomment
+    "delivery": {"port", "source_addresses", "fallback_relays", "tls_ca_file",
+                 "path_cooldown", "path_cooldown_max"},
     "http": {"listen", "token"},
     "policies": {"path"},
     "cluster": {"redis"},

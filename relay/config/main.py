@@ -134,6 +134,10 @@ class DeliveryConfig:
     connect_timeout: float = 30.0  # our addition: seconds to wait for a TCP connect
     tls_ca_file: Path | None = None  # None: the system CAs (for tls = "verify" / "mta-sts")
     spf: str = "off"  # enforce | off
+    # A failing or blocked path (source address, destination) rests this long, doubling with
+    # each failure in a row up to path_cooldown_max (relay/delivery/health.py).
+    path_cooldown: float = 60.0
+    path_cooldown_max: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -359,8 +363,13 @@ def _delivery(t: _Table, hostname: str, base: Path) -> DeliveryConfig:
         connect_timeout=t.value("connect_timeout", _positive_duration, 30.0),
         tls_ca_file=t.value("tls_ca_file", _path_in(base), None),
         spf=t.value("spf", _choice(SPF_MODES), "off"),
+        path_cooldown=t.value("path_cooldown", _positive_duration, 60.0),
+        path_cooldown_max=t.value("path_cooldown_max", _positive_duration, 3600.0),
     )
     t.finish()
+    if delivery.path_cooldown > delivery.path_cooldown_max:
+        t.report.add(t.key("path_cooldown"),
+                     f"must not exceed path_cooldown_max ({delivery.path_cooldown_max:g}s)")
     _check_file(t, "tls_ca_file", delivery.tls_ca_file)
     _check_ca_file(t, delivery.tls_ca_file)
     seen: set[IPAddress] = set()
