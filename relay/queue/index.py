@@ -28,6 +28,7 @@ from relay.queue.envelope import (
     ACTIVE,
     DEFERRED,
     FINAL_STATES,
+    NORMAL,
     PENDING_STATES,
     QUEUED,
     UNKNOWN,
@@ -75,6 +76,7 @@ CREATE TABLE IF NOT EXISTS recipients (
     last_reply TEXT,
     last_host TEXT,
     updated REAL NOT NULL,
+    priority TEXT,  -- 'high' or 'bulk'; NULL is normal (most rows: it then takes no space)
     UNIQUE (msg, idx)
 );
 -- Finding due work reads only pending rows, in time order: no scan over delivered history.
@@ -125,6 +127,7 @@ class DueRecipient:
     body: str | None
     smtputf8: bool
     location: Location | None = None  # None only for a message the index lost track of
+    priority: str = NORMAL  # high | normal | bulk
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +155,11 @@ class Outcome:
     tls_cipher: str | None = None
     tls_verified: bool | None = None  # None: plain text (or no connection)
     attempted: bool = True  # False when no connection was tried (e.g. expiry, DNS failure)
+
+
+def _stored_priority(priority: str) -> str | None:
+    """The recipients.priority column: NULL for normal."""
+    return None if priority == NORMAL else priority
 
 
 def open_db(path: Path) -> sqlite3.Connection:
@@ -182,6 +190,9 @@ def _upgrade(conn: sqlite3.Connection) -> None:
     if attempts and "tls_cipher" not in attempts:
         conn.execute("ALTER TABLE attempts ADD COLUMN tls_cipher TEXT")
         conn.execute("ALTER TABLE attempts ADD COLUMN tls_verified INTEGER")
+    recipients = {row[1] for row in conn.execute("PRAGMA table_info(recipients)")}
+    if recipients and "priority" not in recipients:
+        conn.execute("ALTER TABLE recipients ADD COLUMN priority TEXT")
 
 
 class Index:
@@ -216,9 +227,9 @@ class Index:
                   segment, c.location.offset) for c in group]).rowcount
             self.conn.executemany(
                 "INSERT OR IGNORE INTO recipients (msg, idx, rcpt, domain, state, next_attempt,"
-                " updated) VALUES (?,?,?,?,?,?,?)",
+                " updated, priority) VALUES (?,?,?,?,?,?,?,?)",
                 [(c.envelope.id, i, rcpt, domain_of(rcpt), state, c.envelope.received,
-                  c.envelope.received)
+                  c.envelope.received, _stored_priority(c.envelope.priority))
                  for c in group for i, rcpt in enumerate(c.envelope.recipients)])
             end = max(c.location.offset + c.location.length for c in group)
             self.conn.execute(
@@ -236,16 +247,17 @@ class Index:
                 f"UPDATE recipients SET state = '{ACTIVE}', updated = ? WHERE rowid IN ("
                 f" SELECT rowid FROM recipients WHERE state IN {PENDING_SQL}"
                 "  AND next_attempt <= ? ORDER BY next_attempt LIMIT ?)"
-                " RETURNING msg, idx, rcpt, domain, attempts", (now, now, limit)).fetchall()
+                " RETURNING msg, idx, rcpt, domain, attempts, priority",
+                (now, now, limit)).fetchall()
             if not claimed:
                 return []
             envelopes = self._envelopes({row[0] for row in claimed})
         due = []
-        for msg, idx, rcpt, domain, attempts in claimed:
+        for msg, idx, rcpt, domain, attempts, priority in claimed:
             sender, received, expires, body, utf8, segment, offset, size = envelopes[msg]
             location = Location(segment, offset, size) if segment is not None else None
             due.append(DueRecipient(msg, idx, rcpt, domain, attempts, sender, received, expires,
-                                    body, bool(utf8), location))
+                                    body, bool(utf8), location, priority or NORMAL))
         due.sort(key=lambda d: (d.msg, d.idx))
         return due
 
