@@ -129,9 +129,34 @@ def test_index_keeps_priority_per_recipient(tmp_path: Path) -> None:
     index.close()
 
 
+def test_claims_take_high_priority_first_but_leave_older_mail_a_tenth(tmp_path: Path) -> None:
+    index = Index(tmp_path / "index.sqlite")
+    backlog = [Committed(envelope("bulk" if i % 2 else "normal"), Location("seg", i, 1))
+               for i in range(50)]  # 100 recipients that waited longer
+    index.add(backlog, 3600.0)
+    urgent = Committed(envelope("high"), Location("seg", 99, 1))
+    index.add([urgent], 3600.0)
+    first = index.claim_due(time.time() + 1, 10)
+    assert [d.priority for d in first].count("high") == 2  # both of its recipients, at once
+    assert {d.msg for d in first if d.priority != "high"} == {c.envelope.id for c in backlog[:4]}
+    # a flood of urgent mail still leaves older mail one recipient in ten of a batch
+    index.add([Committed(envelope("high"), Location("seg", 100 + i, 1)) for i in range(20)],
+              3600.0)
+    assert [d.priority for d in index.claim_due(time.time() + 1, 10)].count("high") == 9
+    plan = index.conn.execute(
+        "EXPLAIN QUERY PLAN SELECT rowid FROM recipients WHERE state IN"
+        " ('queued', 'deferred', 'unknown') AND priority = 'high' AND next_attempt <= ?"
+        " ORDER BY next_attempt LIMIT 5", (time.time(),)).fetchall()
+    assert any("recipients_due_high" in str(row) for row in plan), plan
+    index.close()
+
+
 def test_index_from_before_priorities_is_migrated(tmp_path: Path) -> None:
     path = tmp_path / "index.sqlite"
-    old_schema = "\n".join(line for line in SCHEMA.splitlines()
+    # the schema as it was: no priority column, no index over it
+    old_schema = ";".join(statement for statement in SCHEMA.split(";")
+                          if "recipients_due_high" not in statement)
+    old_schema = "\n".join(line for line in old_schema.splitlines()
                            if not line.strip().startswith("priority TEXT"))
     conn = sqlite3.connect(path)
     conn.executescript(old_schema)
