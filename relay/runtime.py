@@ -26,6 +26,7 @@ from relay.delivery.tls import CaFileError, TlsContexts
 from relay.policy.dkim import Signer
 from relay.policy.smime import Smime
 from relay.smtp.auth import Users, load_users
+from relay.smtp.priority import SenderPriority
 from relay.smtp.senderauth import SenderAuth
 
 
@@ -78,6 +79,8 @@ class Runtime:
     server_tls: ssl.SSLContext | None = field(default=None,
                                               metadata=built_by(server_tls_from_config))
     smime: Smime | None = field(default=None, metadata=built_by(Smime.from_config))
+    sender_priority: SenderPriority | None = field(
+        default=None, metadata=built_by(SenderPriority.from_config))
     client_tls: TlsContexts | None = field(default=None,
                                            metadata=built_by(client_tls_from_config))
 

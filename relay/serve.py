@@ -242,7 +242,7 @@ def intake_settings(rt: Runtime) -> dict[str, Any]:
             "tls_context": rt.server_tls, "error_soft_limit": server.error_soft_limit,
             "error_hard_limit": server.error_hard_limit, "error_delay": server.error_delay,
             "idle_timeout": server.idle_timeout, "sender_auth": rt.sender_auth,
-            "smime": rt.smime}
+            "smime": rt.smime, "sender_priority": rt.sender_priority}
 
 
 # --- intake (main process) -------------------------------------------------------------------

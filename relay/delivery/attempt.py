@@ -60,6 +60,11 @@ class Job:
     def first(self) -> DueRecipient:
         return self.recipients[0]
 
+    @property
+    def priority(self) -> str:
+        """high | normal | bulk: the message's (every recipient of a job shares it)."""
+        return self.recipients[0].priority
+
 
 class Kind(StrEnum):
     """What one attempt did for one recipient (the engine turns it into a `State`)."""

@@ -505,7 +505,8 @@ def fresh_recipients(c: Committed, max_lifetime: float) -> list[DueRecipient]:
     """The recipients of a message just acknowledged, as the index would give them."""
     env = c.envelope
     return [DueRecipient(env.id, idx, rcpt, domain_of(rcpt), 0, env.sender, env.received,
-                         env.received + max_lifetime, env.body, env.smtputf8, c.location)
+                         env.received + max_lifetime, env.body, env.smtputf8, c.location,
+                         env.priority)
             for idx, rcpt in enumerate(env.recipients)]
 
 

@@ -97,6 +97,7 @@ def _show(conn: sqlite3.Connection, spool_dir: Path, queue_id: str) -> int:
           f"{' (auth ' + auth + ')' if auth else ''}")
     print(f"size:       {size}  body={body or '7BIT'}  smtputf8={'yes' if utf8 else 'no'}")
     print(f"message-id: {message_id or '-'}")
+    print(f"priority:   {_priority(conn, queue_id)}")
     print(f"expires:    {_when(expires)}" + (f"  (done {_when(done)})" if done else ""))
     print("headers:")
     try:
@@ -130,6 +131,16 @@ def _show(conn: sqlite3.Connection, spool_dir: Path, queue_id: str) -> int:
             if sha256:  # proof of delivery: the SHA-256 of the bytes sent (as signed)
                 print(f"        sent sha256={sha256}")
     return EXIT_OK
+
+
+def _priority(conn: sqlite3.Connection, queue_id: str) -> str:
+    """The message's delivery priority (kept per recipient; the same for all of them)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(recipients)")}
+    if "priority" not in columns:  # an index the relay has not opened since it was added
+        return "normal"
+    row = conn.execute("SELECT priority FROM recipients WHERE msg = ? LIMIT 1",
+                       (queue_id,)).fetchone()
+    return (row[0] if row is not None else None) or "normal"
 
 
 def _tls_summary(version: str | None, cipher: str | None, verified: int | None) -> str:

@@ -29,6 +29,10 @@ class State(StrEnum):
 QUEUED, ACTIVE, DEFERRED, UNKNOWN = State.QUEUED, State.ACTIVE, State.DEFERRED, State.UNKNOWN
 HOLD, DELIVERED, BOUNCED, EXPIRED = State.HOLD, State.DELIVERED, State.BOUNCED, State.EXPIRED
 
+# Delivery priorities, most urgent first (`[[sender]] priority`, the priority headers).
+HIGH, NORMAL, BULK = "high", "normal", "bulk"
+PRIORITIES = (HIGH, NORMAL, BULK)
+
 PENDING_STATES = (QUEUED, DEFERRED, UNKNOWN)
 FINAL_STATES = (DELIVERED, BOUNCED, EXPIRED)
 
@@ -45,12 +49,17 @@ class Envelope:
     body: str | None = None       # "8BITMIME" when the client said BODY=8BITMIME
     smtputf8: bool = False
     message_id: str | None = None
+    # high | normal | bulk (relay.smtp.priority). Written only when not normal: most records
+    # stay as they were, and a record without it (older spools) reads as normal.
+    priority: str = NORMAL
 
     def to_json(self) -> bytes:
         """The envelope as UTF-8 JSON; UnicodeEncodeError for text that is not valid Unicode
         (intake refuses such addresses and names before a message gets here)."""
         data = {name: getattr(self, name) for name in _FIELDS}
         data["recipients"] = list(self.recipients)
+        if self.priority == NORMAL:
+            del data["priority"]
         return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
     @classmethod

@@ -28,6 +28,11 @@ class Committed:
     envelope: Envelope
     location: Location
 
+    @property
+    def priority(self) -> str:
+        """high | normal | bulk, as intake decided it (kept in the envelope)."""
+        return self.envelope.priority
+
 
 def encode(committed: Iterable[tuple[bytes, Location]]) -> bytes:
     """Notice lines for (envelope JSON, location) of acknowledged messages."""

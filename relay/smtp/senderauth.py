@@ -34,7 +34,7 @@ class SenderAuth:
 
     def allowed(self, domain: str, user: str | None, client: str) -> bool:
         """True unless the policy of `domain` lists clients and this one is not among them."""
-        policy = self._policy_for(_lookup_form(domain))
+        policy = self._policy_for(lookup_form(domain))
         return policy is None or policy.clients is None or policy.clients.allows(user, client)
 
     def refused_envelope(self, sender: str, user: str | None, client: str) -> str | None:
@@ -79,7 +79,7 @@ def _decoded(value: str) -> str:
         return ""
 
 
-def _lookup_form(domain: str) -> str:
+def lookup_form(domain: str) -> str:
     """Policies hold A-labels (xn--): a U-label domain (SMTPUTF8) must match them too."""
     if domain.isascii():
         return domain

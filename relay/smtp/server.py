@@ -20,6 +20,7 @@ from relay.queue.committer import Committer
 from relay.queue.space import FreeSpaceGuard
 from relay.smtp import replies
 from relay.smtp.authlimit import AuthFailureLimiter
+from relay.smtp.priority import SenderPriority
 from relay.smtp.senderauth import SenderAuth
 from relay.smtp.session import RelaySMTP
 
@@ -55,6 +56,8 @@ class IntakeContext:
     auth_limiter: AuthFailureLimiter | None = None
     sender_auth: SenderAuth | None = None   # None: no [[sender]] has clients, nothing to check
     smime: Smime | None = None   # None: no [[recipient]] asks for encryption, nothing to check
+    # `[[sender]] priority`; None: every sender is normal, nothing to look up
+    sender_priority: SenderPriority | None = None
     _trust_cache: dict[str, bool] = field(default_factory=dict)
 
     def is_trusted(self, peer: str) -> bool:

@@ -26,12 +26,13 @@ from aiosmtpd.smtp import Session
 from relay import log
 from relay.addresses import AddressProblem, address_problem
 from relay.queue.committer import QueueWriteError
-from relay.queue.envelope import Envelope, new_queue_id
+from relay.queue.envelope import NORMAL, Envelope, new_queue_id
 from relay.queue.segments import SingleWriter
 from relay.smtp import replies
 from relay.smtp.auth import AuthBusy
 from relay.smtp.compat import AiosmtpdSession, TlsHandshakeFailed, command_names
 from relay.smtp.data import DataReader
+from relay.smtp.priority import message_priority
 from relay.smtp.senderauth import header_block
 
 if TYPE_CHECKING:
@@ -543,7 +544,7 @@ class RelaySMTP(AiosmtpdSession):
         queue_id = new_queue_id()
         now = time.time()
         reader = DataReader(self.ctx.max_message_size)
-        stream = _Stream(self.ctx, queue_id)
+        stream = _Stream(self.ctx, queue_id, self._headers_count())
         failure: str | None = None
         try:
             received = self._received_header(queue_id, now).encode()
@@ -611,7 +612,8 @@ class RelaySMTP(AiosmtpdSession):
         if stream.envelope is not None:
             envelope = stream.envelope  # as written into the file when streaming began
         else:
-            envelope = _with_message_id(envelope, b"".join(reader.parts)[:HEAD_BYTES])
+            envelope = _with_head_facts(envelope, b"".join(reader.parts)[:HEAD_BYTES],
+                                        headers_count=stream.headers_count)
         size = len(received) + reader.size
         committer = self.ctx.committer
         try:
@@ -629,15 +631,25 @@ class RelaySMTP(AiosmtpdSession):
             return replies.INTERNAL_ERROR
         log.event("received", id=envelope.id, client=self.client, sender=envelope.sender,
                   nrcpt=len(envelope.recipients), size=size, message_id=envelope.message_id,
-                  auth=envelope.auth)
+                  auth=envelope.auth,
+                  priority=envelope.priority if envelope.priority != NORMAL else None)
         return replies.QUEUED.format(envelope.id)
+
+    def _headers_count(self) -> bool:
+        """Whether the message's priority header counts: only from a client we trust with
+        relaying (by network or AUTH), as the contract says."""
+        session = self.session
+        return bool(session is not None and session.authenticated) or \
+            self.ctx.is_trusted(self.client)
 
     def _envelope(self, queue_id: str, now: float) -> Envelope:
         smtp_env, session = self.envelope, self.session
         assert smtp_env is not None and session is not None
+        sender = "" if smtp_env.mail_from in (None, "<>") else smtp_env.mail_from
+        by_sender = self.ctx.sender_priority
         return Envelope(
             id=queue_id,
-            sender="" if smtp_env.mail_from in (None, "<>") else smtp_env.mail_from,
+            sender=sender,
             recipients=tuple(smtp_env.rcpt_tos),
             received=now,
             client=self.client,
@@ -645,6 +657,8 @@ class RelaySMTP(AiosmtpdSession):
             auth=session.auth_data if session.authenticated else None,
             body="8BITMIME" if "BODY=8BITMIME" in smtp_env.mail_options else None,
             smtputf8=bool(smtp_env.smtp_utf8),
+            # the sender's; the header may still override it (_with_head_facts)
+            priority=by_sender.of(sender) if by_sender is not None else NORMAL,
         )
 
     def _received_header(self, queue_id: str, now: float) -> str:
@@ -672,9 +686,10 @@ class _Hooks:
 class _Stream:
     """A large message's segment, written while DATA is still arriving."""
 
-    def __init__(self, ctx: IntakeContext, queue_id: str) -> None:
+    def __init__(self, ctx: IntakeContext, queue_id: str, headers_count: bool) -> None:
         self.ctx = ctx
         self.queue_id = queue_id
+        self.headers_count = headers_count  # see RelaySMTP._headers_count
         self.single: SingleWriter | None = None
         self.envelope: Envelope | None = None
         self.flushed = 0  # message bytes already in the file
@@ -697,7 +712,8 @@ class _Stream:
         parts = reader.take_parts()
         if self.single is None:
             self.head = b"".join(parts)[:HEAD_BYTES]
-            envelope = self.envelope = _with_message_id(envelope, self.head)
+            envelope = self.envelope = _with_head_facts(envelope, self.head,
+                                                        headers_count=self.headers_count)
             self.single, cancelled = await _run_to_end(functools.partial(
                 self.ctx.committer.open_stream, envelope, [received, *parts]))
         else:
@@ -800,11 +816,17 @@ def _date_header(now: float) -> str:
     return _date_cache[1]
 
 
-def _with_message_id(envelope: Envelope, head: bytes) -> Envelope:
-    match = _MESSAGE_ID.search(_header_block(head))
-    if match is None:
+def _with_head_facts(envelope: Envelope, head: bytes, *, headers_count: bool) -> Envelope:
+    """The envelope with what the header block says: its Message-ID, and its priority
+    (when `headers_count`: the client is trusted or authenticated)."""
+    block = _header_block(head)
+    match = _MESSAGE_ID.search(block)
+    priority = message_priority(envelope.priority, block, header_counts=headers_count)
+    if match is None and priority == envelope.priority:
         return envelope
-    return dataclasses.replace(envelope, message_id=match.group(1).decode("utf-8", "replace"))
+    return dataclasses.replace(
+        envelope, priority=priority,
+        message_id=match.group(1).decode("utf-8", "replace") if match else envelope.message_id)
 
 
 def _header_block(head: bytes) -> bytes:
