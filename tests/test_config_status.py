@@ -16,8 +16,6 @@ from relay import config as config_module
 from relay.config import ConfigError, load_config
 from relay.config_status import NOT_ENFORCED
 
-SOURCES = '[delivery]\nsource_addresses = [{ address = "192.0.2.10" }]\n'
-
 # One value for every key of NOT_ENFORCED that asks for something: (main config, policy file).
 # A key added to the table needs a sample here; a key made real is deleted from both.
 SAMPLES: dict[str, tuple[str, str]] = {
@@ -35,11 +33,6 @@ SAMPLES: dict[str, tuple[str, str]] = {
     "http.token": ('[http]\ntoken = "s3cret"\n', ""),
     "cluster.redis": ('[cluster]\nredis = "redis://127.0.0.1:6379/0"\n', ""),
     "log.format": ('[log]\nformat = "json"\n', ""),
-    "destination[].rate": ("", '[[destination]]\ndomain = "example.net"\nrate = "1/min"\n'),
-    "destination[].burst": (
-        "", '[[destination]]\ndomain = "example.net"\nrate = "1/min"\nburst = 5\n'),
-    "destination[].source_addresses": (
-        SOURCES, '[[destination]]\ndomain = "example.net"\nsource_addresses = ["192.0.2.10"]\n'),
     "destination[].on_reply": (
         "", '[[destination]]\ndomain = "example.net"\n'
             'on_reply = [{ match = "TSS04", action = "suspend", duration = "2h" }]\n'),
@@ -52,7 +45,9 @@ SAMPLES: dict[str, tuple[str, str]] = {
 # The issue makes these real in the same release: they must never be listed.
 ENFORCED_IN_THIS_RELEASE = ("sender[].dkim", "sender[].clients", "sender[].charset",
                             "destination[].tls", "delivery.tls_ca_file",
-                            "recipient[].smime_certificate", "recipient[].encryption")
+                            "recipient[].smime_certificate", "recipient[].encryption",
+                            "destination[].rate", "destination[].burst",
+                            "destination[].source_addresses")
 
 
 def write_config(folder: Path, main: str, policy: str = "") -> tuple[Path, Path]:

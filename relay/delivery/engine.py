@@ -252,9 +252,13 @@ class DeliveryEngine:
     def _hand_back(self, dest: Destination, job: Job) -> None:
         """Back to the index, due about when the bucket will have a token for it (a little
         before: the window refills in time), with no attempt counted."""
-        assert dest.bucket is not None
-        delay = dest.bucket.backlog_delay(dest.queued) - HANDBACK_HORIZON / 2
-        due = self.now() + max(HANDBACK_MIN, delay)
+        bucket = dest.bucket
+        assert bucket is not None
+        now = self.now()
+        delay = bucket.backlog_delay(dest.queued) - HANDBACK_HORIZON / 2
+        # Each job handed back needs a token after those handed back before it.
+        due = max(now + max(HANDBACK_MIN, delay), dest.handed_back_until + 1 / bucket.per_second)
+        dest.handed_back_until = due
         self.store.postpone([(d.msg, d.idx, due) for d in job.recipients])
         for d in job.recipients:
             self.in_flight.discard((d.msg, d.idx))
@@ -283,8 +287,9 @@ class DeliveryEngine:
                               f"451 4.3.0 Local delivery error: {_cause(exc)}", "4.3.0")
         else:
             for path in list(dest.paths.values()):
-                if path.jobs:
-                    self._wake_path(dest, path)
+                # A connection per waiting job, up to the destination's cap.
+                for _ in range(min(len(path.jobs), dest.max_connections - dest.workers)):
+                    self._start_worker(dest, path)
         finally:
             dest.resolving = None
             self._forget_if_idle(dest)

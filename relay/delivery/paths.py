@@ -63,6 +63,7 @@ class Destination:
     bucket: TokenBucket | None = None
     hops: list[NextHop] | None = None       # resolved before any worker starts
     resolving: asyncio.Task[None] | None = None
+    handed_back_until: float = 0.0  # wall-clock due time of the last job handed back
 
     def __post_init__(self) -> None:
         self.bucket = _bucket(self.policy, self.clock)

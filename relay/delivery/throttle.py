@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 Clock = Callable[[], float]
+_EPSILON = 1e-9
 
 
 class Throttle(Protocol):
@@ -47,8 +48,8 @@ class TokenBucket:
     def try_take(self) -> float:
         """0.0 and one token fewer, or the seconds until a whole token is there."""
         tokens = self._refill()
-        if tokens >= 1.0:
-            self._tokens = tokens - 1.0
+        if tokens >= 1.0 - _EPSILON:  # float steps of the clock must not cost a period
+            self._tokens = max(0.0, tokens - 1.0)
             return 0.0
         return (1.0 - tokens) / self.per_second
 
