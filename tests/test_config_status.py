@@ -163,11 +163,11 @@ def test_packaged_config_sets_nothing_unenforced(tmp_path: Path) -> None:
 
 
 def test_a_wrong_value_gets_one_line_not_two(tmp_path: Path) -> None:
-    path, policy = write_config(tmp_path, "", '[[destination]]\ndomain = "example.net"\n'
-                                             'tls = "dane"\nrate = "1/min"\n')
+    path, policy = write_config(tmp_path, "[server]\nmax_connections = 100\n",
+                                '[[destination]]\ndomain = "example.net"\ntls = "dane"\n')
     with pytest.raises(ConfigError) as caught:
         load_config(path, strict=True)
     assert caught.value.problems == [
         f'{policy}: destination[0].tls: "dane" is not one of opportunistic | required | '
         "verify | mta-sts"]
-    assert caught.value.warnings == [f"{policy}: destination[0].rate: not enforced yet"]
+    assert caught.value.warnings == [f"{path}: server.max_connections: not enforced yet"]
