@@ -311,3 +311,18 @@ async def test_a_handed_back_recipient_is_due_later_with_no_attempt_counted(
     finally:
         index.close()
     assert row[0] == "queued" and row[1] == 0 and row[2] == pytest.approx(later)
+
+
+async def test_an_idle_connection_of_one_source_makes_room_for_another() -> None:
+    pool = (source("192.0.2.1"), source("192.0.2.2"))
+    engine, store, attempter = engine_with(
+        DestinationPolicy("x.test", routes=ROUTE, max_connections=1), sources=pool)
+    engine.dispatch(due("x.test", 1))
+    await _until(lambda: len(store.results) == 1)
+    assert engine.destinations["x.test"].paths  # its connection idles, kept for more jobs
+    started = time.monotonic()
+    engine.dispatch(due("x.test", 1))  # the other source's turn: no slot is free
+    await _until(lambda: len(store.results) == 2)
+    assert time.monotonic() - started < 0.5  # not after the idle connection timed out
+    assert attempter.sources == ["192.0.2.1", "192.0.2.2"] and attempter.most == 1
+    await engine.drain(0.5)

@@ -219,3 +219,17 @@ def test_check_config_is_quiet_about_bindable_sources(tmp_path: Path) -> None:
         "source_addresses": [{"address": "127.0.0.2"}]}})
     checked = run_relay("--config", str(config), "check-config", cwd=tmp_path)
     assert checked.returncode == 0 and "cannot bind" not in checked.stderr
+
+
+async def test_broken_starttls_is_remembered_per_source(sinks: Callable[..., Sink]) -> None:
+    from relay.delivery.nexthop import NextHop
+    from relay.delivery.paths import Path as DeliveryPath
+
+    dest = sinks(broken_tls=True)
+    attempter = Attempter(Config(), own_listeners=set())
+    hop = NextHop("mx.x.test", dest.host, dest.port, "route")
+    first, second = DeliveryPath(source("127.0.0.2")), DeliveryPath(source("127.0.0.3"))
+    conn = await attempter.connect(hop, path=first)
+    await conn.client.quit()
+    assert dest.host in first.tls_broken and not second.tls_broken
+    assert not attempter.tls_broken  # not the attempter's: the path's

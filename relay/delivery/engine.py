@@ -246,8 +246,14 @@ class DeliveryEngine:
             path.more.set()
         # Idle workers take one job each; more jobs than that need more connections (a
         # burst after a quiet spell would otherwise queue behind one idle connection).
-        if len(path.jobs) > path.idle and dest.workers < dest.max_connections:
-            self._start_worker(dest, path)
+        if len(path.jobs) > path.idle:
+            if dest.workers < dest.max_connections:
+                self._start_worker(dest, path)
+            elif not path.workers:
+                # Every slot is taken, by other paths: their idle connections make room.
+                for other in dest.paths.values():
+                    if other.idle:
+                        other.more.set()
 
     def _hand_back(self, dest: Destination, job: Job) -> None:
         """Back to the index, due about when the bucket will have a token for it (a little
