@@ -326,3 +326,15 @@ async def test_an_idle_connection_of_one_source_makes_room_for_another() -> None
     assert time.monotonic() - started < 0.5  # not after the idle connection timed out
     assert attempter.sources == ["192.0.2.1", "192.0.2.2"] and attempter.most == 1
     await engine.drain(0.5)
+
+
+async def test_a_wildcard_policy_limits_each_matching_domain_separately() -> None:
+    engine, store, attempter = engine_with(
+        DestinationPolicy("*.example.org", routes=ROUTE, rate=Rate(10, 1.0)))
+    attempter.hold.clear()
+    engine.dispatch(due("a.example.org", 50) + due("b.example.org", 50))
+    a, b = engine.destinations["a.example.org"], engine.destinations["b.example.org"]
+    assert a.bucket is not b.bucket
+    assert a.queued == b.queued == 30 and len(store.postponed) == 40
+    attempter.hold.set()
+    await engine.drain(0.5)
