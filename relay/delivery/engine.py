@@ -225,12 +225,16 @@ class DeliveryEngine:
     def _enqueue(self, domain: str, job: Job) -> None:
         """Queue a job on its path (its source chosen now), or hand it back when its
         destination is throttled and already holds its window of jobs."""
-        dest = self._destination(domain)
+        # The hot path (no rate, no source pool) is a few dict lookups: keep it so.
+        dest = self.destinations.get(domain) or self._destination(domain)
         if dest.bucket is not None and dest.queued >= dest.window:
             self._hand_back(dest, job)
             return
-        source = self.sources.pick(dest.allowed_sources) if self.sources else None
-        self._queue_on(dest, dest.path_for(source, self.tls_memory), job)
+        if self.sources.sources:
+            path = dest.path_for(self.sources.pick(dest.allowed_sources), self.tls_memory)
+        else:
+            path = dest.paths.get(None) or dest.path_for(None, self.tls_memory)
+        self._queue_on(dest, path, job)
 
     def _queue_on(self, dest: Destination, path: Path, job: Job) -> None:
         job.path = path
