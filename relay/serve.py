@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import uvloop
 
 from relay import log
-from relay.config import load_or_exit
+from relay.config import load_or_exit, unbindable_sources
 from relay.exitcodes import EXIT_CONFIG
 from relay.queue.committer import Committer
 from relay.queue.notices import Committed, NoticeWriter, read_pipes
@@ -69,6 +69,13 @@ def serve(cli_config: str | None) -> int:
     log.setup()
     for line in config.warnings:  # keys set but not enforced yet: said once, at start
         log.event("config_warning", level=30, warning=line)
+    unbindable = unbindable_sources(config)
+    if unbindable:
+        # Not EX_CONFIG: the address may come up later (an interface still being configured).
+        for line in unbindable:
+            log.event("source_unbindable", level=40, error=line)
+            print(line, file=sys.stderr)
+        return 1
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # the forked child inherits this
     root = config.queue.path
     try:
