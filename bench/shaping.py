@@ -51,6 +51,7 @@ TARGET_RATIO = 0.95         # end to end of the 19 with / without the throttled 
 TARGET_RATE_TOLERANCE = 0.10
 TARGET_CPU_RATIO = scale.TARGET_CPU_RATIO
 SAMPLE_S = 0.05             # the throttled sink's counter is read this often
+WARM_UP_MESSAGES = 1000
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,8 @@ def shaping_run(tools: Tools, workdir: Path, sinks: dict[str, Sink], plan: Plan,
         counts[slow] = 0
     kind = "with" if with_throttled else "without"
     # The throttle is configured in both runs alike; only the mail differs.
-    relay = Relay(workdir, f"shape-{pair}-{kind}", tools.relay_cmd,
+    name = f"shape-{pair + 1}-{kind}" if pair >= 0 else "shape-warm-up"
+    relay = Relay(workdir, name, tools.relay_cmd,
                   {d: s.port for d, s in sinks.items()}, autogroup_nice=tools.autogroup_nice,
                   limits={slow: f'rate = "{RATE}"\nburst = {plan.burst}\n'})
     bases = {d: s.current() for d, s in sinks.items()}
@@ -216,7 +218,7 @@ def shaping_run(tools: Tools, workdir: Path, sinks: dict[str, Sink], plan: Plan,
         relay.start()
         stopped = delivery_pid(relay)
         os.kill(stopped, signal.SIGSTOP)
-        log(f"{kind}: queuing {sum(counts.values()):,} x {plan.size} B over "
+        log(f"{name}: queuing {sum(counts.values()):,} x {plan.size} B over "
             f"{sum(1 for n in counts.values() if n)} domains (delivery stopped)")
         queue_s = queue_all(tools, relay, counts, plan)
         early = sum(s.current() - bases[d] for d, s in sinks.items())
@@ -293,7 +295,8 @@ def summarize_run(kind: str, pair: int, counts: dict[str, int], bases: dict[str,
         r["throttled"]["n"] = counts[slow]
         r["throttled"]["points"] = points
     rate = r.get("throttled", {}).get("per_s")
-    log(f"{kind}: queued in {queue_s:.1f}s; the 19 delivered at {r['fast_e2e_per_s']:,.0f} msg/s "
+    who = kind if pair >= 0 else "warm-up"
+    log(f"{who}: queued in {queue_s:.1f}s; the 19 delivered at {r['fast_e2e_per_s']:,.0f} msg/s "
         f"end to end ({r['fast_e2e_s']:.1f}s)"
         + (f"; throttled domain {rate if rate is not None else '-'}/s" if counts[slow] else "")
         + f"; stop {stop_s:.1f}s")
@@ -306,6 +309,10 @@ def measure_shaping(plan: Plan, tools: Tools, workdir: Path) -> dict:
              for d in domain_names()}
     runs: list[dict] = []
     try:
+        # Not counted: the first relay of a run delivered up to a quarter slower than the
+        # next (cold page cache, the sinks' first connections), which would favour `with`.
+        log("warm-up run (not counted)")
+        shaping_run(tools, workdir, sinks, replace(plan, messages=WARM_UP_MESSAGES), False, -1)
         for pair in range(plan.pairs):
             for with_throttled in (False, True):
                 runs.append(shaping_run(tools, workdir, sinks, plan, with_throttled, pair))
