@@ -41,7 +41,7 @@ from pathlib import Path
 import scale
 from scale import Relay, Tools, Window, find_tools, finish_source, host_busy, start_source
 
-from bench import BenchError, Sink, git_state, run_cli, write_results
+from bench import BenchError, Sink, cpu_ticks, git_state, read_stat, run_cli, write_results
 
 BENCH_DIR = Path(__file__).resolve().parent
 DOMAINS = 20
@@ -52,6 +52,7 @@ TARGET_RATE_TOLERANCE = 0.10
 TARGET_CPU_RATIO = scale.TARGET_CPU_RATIO
 SAMPLE_S = 0.05             # the throttled sink's counter is read this often
 WARM_UP_MESSAGES = 1000
+NEIGHBOURS_BUSY = 0.25      # cores used by others during a phase: its timing is suspect
 
 
 @dataclass(frozen=True)
@@ -197,31 +198,82 @@ def settle_all(sinks: list[Sink], quiet: float = 0.5, limit: float = 10.0) -> No
             last, since = now, time.monotonic()
 
 
-def shaping_run(tools: Tools, workdir: Path, sinks: dict[str, Sink], plan: Plan,
-                with_throttled: bool, pair: int) -> dict:
-    """One relay, the backlog queued while its delivery is stopped, then delivered."""
-    names = domain_names()
-    slow = names[0]
-    counts = split(plan)
-    if not with_throttled:
-        counts[slow] = 0
-    kind = "with" if with_throttled else "without"
-    # The throttle is configured in both runs alike; only the mail differs.
-    name = f"shape-{pair + 1}-{kind}" if pair >= 0 else "shape-warm-up"
-    relay = Relay(workdir, name, tools.relay_cmd,
+def wait_idle(pid: int, quiet: float = 0.5, limit: float = 10.0) -> None:
+    """Wait until a process has used no CPU for `quiet` seconds (the delivery process done
+    with the previous phase's bookkeeping), so that it does not count in the next phase."""
+    end = time.monotonic() + limit
+    last, since = _ticks(pid), time.monotonic()
+    while time.monotonic() < end and time.monotonic() - since < quiet:
+        time.sleep(0.1)
+        now = _ticks(pid)
+        if now != last:
+            last, since = now, time.monotonic()
+
+
+def _ticks(pid: int) -> int:
+    st = read_stat(pid)
+    return cpu_ticks(st, with_children=False) if st else 0
+
+
+def shaping_pair(tools: Tools, workdir: Path, sinks: dict[str, Sink], plan: Plan, pair: int,
+                 control: bool) -> dict:
+    """One relay process: a warm-up phase, then the phase without the throttled domain's mail,
+    then the one with it (`control`: without again). Both phases of a ratio run in the same
+    process: one Python process can run 10 % cheaper or dearer than the next for its whole
+    life (bench/scale), more than the 5 % this measures. `with` comes last: its throttled
+    backlog stays queued until the relay stops."""
+    slow = domain_names()[0]
+    # The throttle is configured in every phase alike; only the mail differs.
+    relay = Relay(workdir, f"shape-{pair + 1}", tools.relay_cmd,
                   {d: s.port for d, s in sinks.items()}, autogroup_nice=tools.autogroup_nice,
                   limits={slow: f'rate = "{RATE}"\nburst = {plan.burst}\n'})
-    bases = {d: s.current() for d, s in sinks.items()}
-    stopped: int | None = None
-    watch: ThrottledWatch | None = None
+    delivery: int | None = None
     try:
         relay.start()
-        stopped = delivery_pid(relay)
-        os.kill(stopped, signal.SIGSTOP)
-        log(f"{name}: queuing {sum(counts.values()):,} x {plan.size} B over "
+        delivery = delivery_pid(relay)
+        # not counted: the first deliveries of a process pay for lazy imports, first
+        # connections, cold caches
+        phase(relay, delivery, tools, sinks, replace(plan, messages=WARM_UP_MESSAGES),
+              "warm-up", pair)
+        runs = [phase(relay, delivery, tools, sinks, plan, kind, pair)
+                for kind in ("without", "control" if control else "with")]
+        stop_s = relay.stop()
+    finally:
+        if delivery is not None:
+            with contextlib.suppress(OSError):
+                os.kill(delivery, signal.SIGCONT)  # never leave it stopped: it would not die
+        relay.stop()
+    without, with_ = runs
+    return {"pair": pair, "runs": runs, "stop_s": stop_s,
+            "ratio": round(with_["fast_e2e_per_s"] / without["fast_e2e_per_s"], 3),
+            # the same from the delivery process's CPU alone (delivery is CPU-bound here):
+            # blind to neighbours taking the CPU, which move the end-to-end ratio
+            "cpu_ratio": round(without["window"]["relay_cpu_s"]["delivery"]
+                               / max(0.001, with_["window"]["relay_cpu_s"]["delivery"]), 3),
+            "relay_warnings": [line for line in relay.notable if "config_warning" in line],
+            "relay_notable": list(relay.notable)[-10:]}
+
+
+def phase(relay: Relay, delivery: int, tools: Tools, sinks: dict[str, Sink], plan: Plan,
+          kind: str, pair: int) -> dict:
+    """Queue the phase's backlog while the delivery process is stopped, resume it, and time
+    the 19 unthrottled domains until the last of their mail is at its sink."""
+    slow = domain_names()[0]
+    counts = split(plan)
+    if kind != "with":
+        counts[slow] = 0
+    fast_sinks = [s for d, s in sinks.items() if d != slow]
+    settle_all(fast_sinks)  # the previous phase's last deliveries are in
+    wait_idle(delivery)
+    bases = {d: s.current() for d, s in sinks.items()}
+    watch: ThrottledWatch | None = None
+    stopped = True
+    os.kill(delivery, signal.SIGSTOP)
+    try:
+        log(f"pair {pair + 1}, {kind}: queuing {sum(counts.values()):,} x {plan.size} B over "
             f"{sum(1 for n in counts.values() if n)} domains (delivery stopped)")
         queue_s = queue_all(tools, relay, counts, plan)
-        early = sum(s.current() - bases[d] for d, s in sinks.items())
+        early = sum(s.current() - bases[d] for d, s in sinks.items() if d != slow)
         if early:
             raise BenchError(f"{early} messages reached the sinks while delivery was stopped")
         fast = {d: (sinks[d], bases[d] + n) for d, n in counts.items() if d != slow}
@@ -230,26 +282,23 @@ def shaping_run(tools: Tools, workdir: Path, sinks: dict[str, Sink], plan: Plan,
         window = Window(relay, list(sinks.values()))
         t0 = time.monotonic()
         watch = ThrottledWatch(sinks[slow], bases[slow], t0)
-        os.kill(stopped, signal.SIGCONT)
-        stopped = None
+        os.kill(delivery, signal.SIGCONT)
+        stopped = False
         reached = wait_sinks(fast, relay, timeout=max(120.0, plan.messages / 100))
         cpu = window.close()
         delivered = sum(s.current() - bases[d] for d, s in sinks.items())
-        if with_throttled:
+        if counts[slow]:
             watch_throttled(watch, counts[slow], plan, relay)
         points = watch.close()
-        stop_s = relay.stop()
     finally:
         if watch is not None:
             watch.stop.set()
-        if stopped is not None:
+        if stopped:
             with contextlib.suppress(OSError):
-                os.kill(stopped, signal.SIGCONT)  # never leave it stopped: it would not die
-        relay.stop()
-    settle_all(list(sinks.values()))
+                os.kill(delivery, signal.SIGCONT)
+    settle_all(fast_sinks)
     return summarize_run(kind, pair, counts, bases, sinks, slow, plan, queue_s=queue_s, t0=t0,
-                         reached=reached, cpu=cpu, delivered=delivered, points=points,
-                         stop_s=stop_s, relay=relay)
+                         reached=reached, cpu=cpu, delivered=delivered, points=points)
 
 
 def watch_throttled(watch: ThrottledWatch, n: int, plan: Plan, relay: Relay) -> None:
@@ -271,7 +320,7 @@ def watch_throttled(watch: ThrottledWatch, n: int, plan: Plan, relay: Relay) -> 
 def summarize_run(kind: str, pair: int, counts: dict[str, int], bases: dict[str, int],
                   sinks: dict[str, Sink], slow: str, plan: Plan, *, queue_s: float, t0: float,
                   reached: dict[str, float], cpu: dict, delivered: int,
-                  points: list[tuple[float, int]], stop_s: float, relay: Relay) -> dict:
+                  points: list[tuple[float, int]]) -> dict:
     fast_n = sum(n for d, n in counts.items() if d != slow)
     finish = sorted(reached[d] - t0 for d in reached)
     got = {d: s.current() - bases[d] for d, s in sinks.items()}
@@ -287,49 +336,44 @@ def summarize_run(kind: str, pair: int, counts: dict[str, int], bases: dict[str,
          "delivered_in_window": delivered, "window": cpu,
          "delivery_us_per_msg": round(cpu["relay_cpu_s"]["delivery"] * 1e6 / max(1, delivered),
                                       1),
-         "stop_s": stop_s, "sink_counts": got, "sink_mismatch": mismatched,
-         "relay_warnings": [line for line in relay.notable if "config_warning" in line],
-         "relay_notable": list(relay.notable)[-10:]}
+         "sink_counts": got, "sink_mismatch": mismatched}
     if counts[slow]:
         r["throttled"] = throttled_rate(points, min(plan.burst, counts[slow]), counts[slow])
         r["throttled"]["n"] = counts[slow]
         r["throttled"]["points"] = points
     rate = r.get("throttled", {}).get("per_s")
-    who = kind if pair >= 0 else "warm-up"
-    log(f"{who}: queued in {queue_s:.1f}s; the 19 delivered at {r['fast_e2e_per_s']:,.0f} msg/s "
-        f"end to end ({r['fast_e2e_s']:.1f}s)"
+    log(f"pair {pair + 1}, {kind}: queued in {queue_s:.1f}s; the 19 delivered at "
+        f"{r['fast_e2e_per_s']:,.0f} msg/s end to end ({r['fast_e2e_s']:.1f}s)"
         + (f"; throttled domain {rate if rate is not None else '-'}/s" if counts[slow] else "")
-        + f"; stop {stop_s:.1f}s")
+        + (f"; SINK MISMATCH {mismatched}" if mismatched else ""))
     return r
 
 
-def measure_shaping(plan: Plan, tools: Tools, workdir: Path) -> dict:
-    """Pairs of runs, without then with the throttled domain's mail, one relay each."""
+def measure_shaping(plan: Plan, tools: Tools, workdir: Path, control: bool = False) -> dict:
+    """`plan.pairs` relay processes, each a (without, with) pair of phases; the verdict is the
+    median of the pairs' ratios."""
     sinks = {d: Sink(workdir, tools.smtp_sink, name=f"sink-{d.split('.')[0]}")
              for d in domain_names()}
-    runs: list[dict] = []
     try:
-        # Not counted: the first relay of a run delivered up to a quarter slower than the
-        # next (cold page cache, the sinks' first connections), which would favour `with`.
-        log("warm-up run (not counted)")
-        shaping_run(tools, workdir, sinks, replace(plan, messages=WARM_UP_MESSAGES), False, -1)
-        for pair in range(plan.pairs):
-            for with_throttled in (False, True):
-                runs.append(shaping_run(tools, workdir, sinks, plan, with_throttled, pair))
+        pairs = [shaping_pair(tools, workdir, sinks, plan, pair, control)
+                 for pair in range(plan.pairs)]
     finally:
         for sink in sinks.values():
             sink.stop()
-    ratios = [w["fast_e2e_per_s"] / wo["fast_e2e_per_s"]
-              for wo, w in zip(runs[::2], runs[1::2], strict=True)]
+    runs = [r for p in pairs for r in p["runs"]]
     rates = [r["throttled"]["per_s"] for r in runs if r.get("throttled")]
     measured = [x for x in rates if x is not None]
-    return {"runs": runs, "ratios": [round(x, 3) for x in ratios],
-            "ratio_median": round(statistics.median(ratios), 3),
+    return {"control": control, "pairs": pairs, "runs": runs,
+            "ratios": [p["ratio"] for p in pairs],
+            "cpu_ratios": [p["cpu_ratio"] for p in pairs],
+            "cpu_ratio_median": round(statistics.median(p["cpu_ratio"] for p in pairs), 3),
+            "ratio_median": round(statistics.median(p["ratio"] for p in pairs), 3),
+            "stop_s_median": statistics.median(p["stop_s"] for p in pairs),
             "throttled_per_s": rates,
             "throttled_per_s_median": round(statistics.median(measured), 2) if measured else None,
             # main before issue 9's shaping parses `rate` and says so at start
-            "rate_not_enforced_warning": any(".rate: not enforced" in line for r in runs
-                                             for line in r["relay_warnings"])}
+            "rate_not_enforced_warning": any(".rate: not enforced" in line for p in pairs
+                                             for line in p["relay_warnings"])}
 
 
 # --------------------------------------------------------------------------------------
@@ -344,37 +388,45 @@ def rate_ok(per_s: float | None) -> bool:
 
 
 def shaping_rows(s: dict, plan: Plan) -> list[tuple[str, str, str, str]]:
-    runs = s["runs"]
-    wo, w = runs[0::2], runs[1::2]
-    counts = w[0]["counts"]
-    slow = domain_names()[0]
-    each = counts[domain_names()[1]]
+    wo = [r for r in s["runs"] if r["kind"] == "without"]
+    w = [r for r in s["runs"] if r["kind"] != "without"]  # with (or control)
+    second = "control" if s["control"] else "with"
+    names = domain_names()
+    counts = split(plan)
+    each = counts[names[1]]
 
     def both(key: str, fmt: str) -> str:
         a = statistics.median(r[key] for r in wo)
         b = statistics.median(r[key] for r in w)
         return f"{fmt.format(a)} / {fmt.format(b)}"
 
-    rows = [(f"1 the other 19 (19 x {each:,}) end to end, with / without the throttled "
-             f"domain's {counts[slow]:,}",
-             f"{s['ratio_median']:.3f}x", f">= {TARGET_RATIO:.2f}x",
+    def done(runs: list[dict]) -> str:
+        return (f"{statistics.median(r['first_domain_done_s'] for r in runs):.1f} / "
+                f"{statistics.median(r['fast_e2e_s'] for r in runs):.1f}")
+
+    title = (f"1 CONTROL (A/A): the 19 (19 x {each:,}) end to end, again / first" if s["control"]
+             else f"1 the other 19 (19 x {each:,}) end to end, with / without the throttled "
+                  f"domain's {counts[names[0]]:,}")
+    rows = [(title, f"{s['ratio_median']:.3f}x", f">= {TARGET_RATIO:.2f}x",
              verdict(s["ratio_median"] >= TARGET_RATIO)),
-            (f"  end to end msg/s of the 19, without / with (median of {len(w)} pair(s))",
+            (f"  end to end msg/s of the 19, without / {second} (median of {len(w)} pair(s))",
              both("fast_e2e_per_s", "{:,.0f}"), "", ""),
             *([("  (a drain of a few seconds: the ratio is noise-prone; see the full run)",
                 "", "", "")] if max(r["fast_e2e_s"] for r in w) < 10 else []),
-            ("  s until the first / last of the 19 was done, without",
-             f"{statistics.median(r['first_domain_done_s'] for r in wo):.1f} / "
-             f"{statistics.median(r['fast_e2e_s'] for r in wo):.1f}", "", ""),
-            ("  s until the first / last of the 19 was done, with",
-             f"{statistics.median(r['first_domain_done_s'] for r in w):.1f} / "
-             f"{statistics.median(r['fast_e2e_s'] for r in w):.1f}", "", ""),
-            ("  queuing msg/s (delivery stopped), without / with",
+            ("  ratio per pair (each pair one relay process)",
+             ", ".join(f"{x:.3f}" for x in s["ratios"]), "", ""),
+            ("  the same from delivery CPU for the 19's mail (blind to neighbours)",
+             f"{s['cpu_ratio_median']:.3f}x", "", ""),
+            ("  s until the first / last of the 19 was done, without", done(wo), "", ""),
+            (f"  s until the first / last of the 19 was done, {second}", done(w), "", ""),
+            (f"  queuing msg/s (delivery stopped), without / {second}",
              both("queued_per_s", "{:,.0f}"), "", ""),
-            ("  delivery CPU us/msg, without / with",
+            (f"  delivery CPU us/msg, without / {second}",
              both("delivery_us_per_msg", "{:,.0f}"), "", ""),
-            ("  relay stop, s (with: its throttled backlog), without / with",
-             both("stop_s", "{:.1f}"), "", "")]
+            ("  relay stop after the last phase (its throttled backlog queued), s",
+             f"{s['stop_s_median']:.1f}", "", "")]
+    if s["control"]:
+        return rows
     per_s = s["throttled_per_s_median"]
     t = w[-1]["throttled"]
     rows.append((f'2 throttled domain (rate = "{RATE}", burst = {plan.burst}) after its burst',
@@ -424,10 +476,12 @@ def context_lines(results: dict) -> list[str]:
     for r in results.get("shaping", {}).get("runs", []):
         c = r["window"]
         relay = sum(c["relay_cpu_s"].values())
-        out.append(f"  delivery, {r['kind']:<7} (pair {r['pair'] + 1}): host "
+        out.append(f"  pair {r['pair'] + 1}, {r['kind']:<7}: host "
                    f"{c['host_busy_pct']:3.0f}%; relay {relay / c['seconds']:.2f} cores "
                    f"(delivery {c['relay_cpu_s']['delivery'] / c['seconds']:.2f}), sinks and "
                    f"load gen {c['loadgen_cores']:.2f}, else {c['other_cores']:.2f}"
+                   + (" (BUSY NEIGHBOURS: distrust this pair's end-to-end ratio)"
+                      if c["other_cores"] > NEIGHBOURS_BUSY else "")
                    + (f"; SINK MISMATCH {r['sink_mismatch']}" if r["sink_mismatch"] else ""))
     return out
 
@@ -448,6 +502,9 @@ def main() -> int:
     ap.add_argument("--burst", type=int, help="the throttled domain's burst (default 10)")
     ap.add_argument("--watch", type=float, metavar="S",
                     help="seconds the throttled domain is watched past its burst")
+    ap.add_argument("--control", action="store_true",
+                    help="A/A: the second phase of each pair without the throttled domain's "
+                         "mail too; the ratio shows the harness's own noise and order effect")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, queues)")
     ap.add_argument("--out", default=str(BENCH_DIR / "out"))
     args = ap.parse_args()
@@ -476,7 +533,7 @@ def main() -> int:
         log(f"work dir {workdir}")
         results["host_busy_pct_before"] = host_busy()
         if "shaping" in wanted:
-            results["shaping"] = measure_shaping(plan, tools, workdir)
+            results["shaping"] = measure_shaping(plan, tools, workdir, args.control)
         if "scheduler" in wanted:
             log("scheduler: bench/scale's measurement, K = 0 and 100,000")
             results["scheduler"] = scale.measure_scheduler(plan.sched, tools, workdir)
