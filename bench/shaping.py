@@ -2,20 +2,22 @@
 relay process. Two measurements, each with its target:
 
 1. head-of-line: 20 destination domains, each routed (`[[destination]] routes`) to its own
-   smtp-sink on 127.0.0.1; one of them throttled to `rate = "600/min"`. 50,000 messages of
-   4 KiB, spread evenly over the 20 domains, are queued by smtp-source (one process per domain)
-   while the relay's delivery process is stopped (SIGSTOP), so that the measured phase is the
-   delivery of a backlog and nothing else; then delivery resumes (SIGCONT) and the harness
-   times the 19 unthrottled domains until their last message is at its sink. The same run
-   without the throttled domain's mail is the reference: the ratio of the two end-to-end rates
-   of the 19 must be >= 0.95 (the throttled domain must not slow the others down).
-   The throttled domain's own rate at its sink, after its burst, must be 10/s within 10 %.
+   smtp-sink on 127.0.0.1; one of them throttled to `rate = "600/min"`. A relay process runs
+   three phases; in each, smtp-source (one process per domain, all at once) queues the phase's
+   mail while the relay's delivery process is stopped (SIGSTOP), so that what is measured is
+   the delivery of a backlog and nothing else; then delivery resumes (SIGCONT) and the harness
+   times the 19 unthrottled domains until the last of their mail is at its sink. The phases:
+   a warm-up (1,000 messages, not counted), `without` (the 19 domains' 47,500 messages) and
+   `with` (the same plus the throttled domain's 2,500: 50,000 spread evenly over the 20). The
+   ratio with / without of the 19's end-to-end msg/s must be >= 0.95 (the throttled domain
+   must not slow the others down); the throttled domain's own rate at its sink, after its
+   burst, must be 10/s within 10 %. `--control` runs `without` twice (A/A: the noise).
 2. scheduler: delivery CPU per delivered message with 100,000 deferred recipients in the queue
    against an empty queue, within 10 %: bench/scale.py's "scheduler" measurement, called as it
    is (measure_scheduler), with K = 0 and 100,000 only.
 
-    bench/shaping            # full run: 50,000 messages, a few minutes on 2 cores
-    bench/shaping --quick    # 5,000 messages and one scheduler round per K: about a minute
+    bench/shaping            # full run: 50,000 messages, 3-4 minutes on 2 cores
+    bench/shaping --quick    # 5,000 messages and one scheduler round per K: under a minute
 
 Prints a table with PASS/FAIL per target and writes bench/out/shaping-<timestamp>.json. Needs
 root (smtp-sink -u postfix) and Postfix's smtp-source/smtp-sink; see bench/README.md.
