@@ -9,6 +9,7 @@ the relay takes, with the throttle on the right domain.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,7 @@ def test_mail_is_split_over_twenty_domains() -> None:
     even = shaping.split(shaping.FULL)
     assert len(even) == 20 and set(even.values()) == {2500}
     assert next(iter(even)) == shaping.domain_names()[0] == "throttled.shaping.test"
-    heavy = shaping.split(shaping.replace(shaping.FULL, throttled_share=0.3))
+    heavy = shaping.split(replace(shaping.FULL, throttled_share=0.3))
     assert heavy["throttled.shaping.test"] == 15_000
     assert sum(heavy.values()) <= 50_000 and len(set(heavy.values())) == 2
 
