@@ -61,10 +61,10 @@ NEIGHBOURS_BUSY = 0.25      # cores used by others during a phase: its timing is
 class Plan:
     """How much a run does."""
 
-    messages: int           # queued per run with the throttled domain's mail, all 20 domains
+    messages: int           # queued in the `with` phase, over all 20 domains
     size: int               # bytes per message (smtp-source -l)
     sessions: int           # smtp-source sessions per domain while queuing
-    pairs: int              # (without, with) pairs of runs
+    pairs: int              # relay processes, each a (without, with) pair of phases
     watch_s: float          # the throttled domain is watched at least this long after its burst
     burst: int              # the throttled domain's `burst` (token-bucket depth)
     throttled_share: float  # share of the messages that go to the throttled domain
@@ -119,7 +119,12 @@ class ThrottledWatch:
         while not self.stop.wait(SAMPLE_S):
             self.read()
 
+    def latest(self) -> int:
+        """The count at the thread's last reading."""
+        return self.points[-1][1]
+
     def read(self) -> int:
+        """Only from the thread (and after it has stopped): the points stay in time order."""
         count = self.sink.current() - self.base
         if count != self.points[-1][1]:
             self.points.append((round(time.monotonic() - self.t0, 3), count))
@@ -283,15 +288,17 @@ def phase(relay: Relay, delivery: int, tools: Tools, sinks: dict[str, Sink], pla
             sink.arm(target)
         window = Window(relay, list(sinks.values()))
         t0 = time.monotonic()
-        watch = ThrottledWatch(sinks[slow], bases[slow], t0)
+        if counts[slow]:
+            watch = ThrottledWatch(sinks[slow], bases[slow], t0)
         os.kill(delivery, signal.SIGCONT)
         stopped = False
         reached = wait_sinks(fast, relay, timeout=max(120.0, plan.messages / 100))
         cpu = window.close()
         delivered = sum(s.current() - bases[d] for d, s in sinks.items())
-        if counts[slow]:
+        points: list[tuple[float, int]] = []
+        if watch is not None:
             watch_throttled(watch, counts[slow], plan, relay)
-        points = watch.close()
+            points = watch.close()
     finally:
         if watch is not None:
             watch.stop.set()
@@ -307,7 +314,7 @@ def watch_throttled(watch: ThrottledWatch, n: int, plan: Plan, relay: Relay) -> 
     """Go on watching the throttled sink until it has all its mail, or for plan.watch_s past
     its burst (its rate is what is measured, not how long its backlog takes)."""
     while relay.alive():
-        if watch.read() >= n:
+        if watch.latest() >= n:
             return
         # seconds since the resume at which the count passed the burst (the thread's reading)
         burst_at = next((t for t, c in list(watch.points) if c >= min(plan.burst, n)), None)
