@@ -50,7 +50,6 @@ NOT_ENFORCED: dict[str, NotEnforced] = {
     "http.listen": NotEnforced("warning"),
     "http.token": NotEnforced("security", ("",)),
     "cluster.redis": NotEnforced("warning", ("",)),
-    "log.format": NotEnforced("warning", ("logfmt",)),
     "destination[].rate": NotEnforced("warning"),
     "destination[].burst": NotEnforced("warning"),
     "destination[].source_addresses": NotEnforced("warning", ([],)),

@@ -69,7 +69,7 @@ def serve(cli_config: str | None) -> int:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return EXIT_CONFIG
-    log.setup()
+    log.setup(fmt=config.log.format)
     for line in config.warnings:  # keys set but not enforced yet: said once, at start
         log.event("config_warning", level=30, warning=line)
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # the forked child inherits this
