@@ -50,7 +50,6 @@ NOT_ENFORCED: dict[str, NotEnforced] = {
     "http.listen": NotEnforced("warning"),
     "http.token": NotEnforced("security", ("",)),
     "cluster.redis": NotEnforced("warning", ("",)),
-    "log.format": NotEnforced("warning", ("logfmt",)),
     "destination[].on_reply": NotEnforced("warning", ([],)),
     "sender[].priority": NotEnforced("warning", ("normal",)),
     "sender[].webhook": NotEnforced("warning"),
