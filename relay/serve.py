@@ -126,6 +126,9 @@ def serve(cli_config: str | None) -> int:
     except OSError as exc:
         print(f"{root / DEDUPE_FILE}: cannot use the duplicate table: {exc}", file=sys.stderr)
         return 1
+    if not dedupe.persistent:
+        log.event("dedupe_in_memory", level=30, path=root / DEDUPE_FILE,
+                  note="no room for the file: duplicates are remembered until the next start")
     # One notice pipe per intake process, read by the delivery process (see relay.queue.notices).
     pipes = [os.pipe() for _ in range(INTAKE_PROCESSES)]
     read_ends, write_ends = [r for r, _ in pipes], [w for _, w in pipes]

@@ -94,7 +94,8 @@ def test_two_identical_messages_in_one_batch_queue_one(tmp_path: Path) -> None:
             replies: list[str] = []
             start = threading.Barrier(len(conns))
 
-            def finish(raw: Raw) -> None:
+            def finish(raw: Raw, replies: list[str] = replies,
+                       start: threading.Barrier = start) -> None:
                 start.wait()
                 raw.send(b".\r\n")
                 replies.append(raw.reply())

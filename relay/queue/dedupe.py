@@ -58,23 +58,39 @@ def dedupe_key(message_id: str, sender: str, recipient: str, body_digest: bytes)
     return h.digest()
 
 
+def _map_file(path: Path, size: int, slots: int) -> mmap.mmap:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fresh = os.fstat(fd).st_size != size or os.pread(fd, _HEADER.size, 0) != \
+            _HEADER.pack(_MAGIC, slots)
+        if fresh:  # new, or another layout: start empty (forgets, never misleads)
+            os.ftruncate(fd, 0)
+        # Real blocks for every page: a write through the mapping must never meet ENOSPC.
+        os.posix_fallocate(fd, 0, size)
+        if fresh:
+            os.pwrite(fd, _HEADER.pack(_MAGIC, slots), 0)
+        return mmap.mmap(fd, size, mmap.MAP_SHARED)
+    except OSError:
+        os.ftruncate(fd, 0)
+        raise
+    finally:
+        os.close(fd)
+
+
 class DedupeTable:
     """The shared table. Open it before forking the intake processes."""
 
     def __init__(self, path: Path, slots: int = SLOTS) -> None:
         self.path = path
         size = _HEADER.size + slots * _SLOT.size
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.persistent = True
         try:
-            fresh = os.fstat(fd).st_size != size or os.pread(fd, _HEADER.size, 0) != \
-                _HEADER.pack(_MAGIC, slots)
-            if fresh:  # new, or another layout: start empty (forgets, never misleads)
-                os.ftruncate(fd, 0)
-                os.ftruncate(fd, size)
-                os.pwrite(fd, _HEADER.pack(_MAGIC, slots), 0)
-            self._mem = mmap.mmap(fd, size, mmap.MAP_SHARED)
-        finally:
-            os.close(fd)
+            self._mem = _map_file(path, size, slots)
+        except OSError:
+            # No room for the file (a nearly full disk): remember in memory only until the
+            # next start, rather than risk SIGBUS writing into an unallocated page.
+            self.persistent = False
+            self._mem = mmap.mmap(-1, size)
         self.slots = slots
         self._lock = multiprocessing.Lock()
         self._clear_pending()
