@@ -37,11 +37,6 @@ class NotEnforced:
 # Key paths as `check-config` prints them, with `[]` for "any index". Main config keys start
 # with their section; policy keys with their table (destination, sender, recipient).
 NOT_ENFORCED: dict[str, NotEnforced] = {
-    "server.max_connections": NotEnforced("warning"),
-    "server.max_connections_per_client": NotEnforced("warning"),
-    "server.max_messages_per_client": NotEnforced("warning", ("0", 0)),
-    "queue.max_queued": NotEnforced("warning"),
-    "queue.dedupe_window": NotEnforced("warning", ("0", 0)),
     "queue.retention": NotEnforced("warning"),
     "delivery.spf": NotEnforced("warning", ("off",)),
     "delivery.source_addresses[].warmup": NotEnforced("warning"),

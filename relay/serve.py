@@ -18,6 +18,7 @@ import dataclasses
 import errno
 import fcntl
 import os
+import resource
 import select
 import signal
 import socket
@@ -35,11 +36,14 @@ from relay.config import load_or_exit, unbindable_sources
 from relay.exitcodes import EXIT_CONFIG
 from relay.notify import Heartbeats
 from relay.queue.committer import Committer
+from relay.queue.dedupe import FILE_NAME as DEDUPE_FILE
+from relay.queue.dedupe import DedupeTable
 from relay.queue.notices import Committed, NoticeWriter, read_pipes
 from relay.queue.recovery import recover
 from relay.queue.space import FreeSpaceGuard, Reserve, floor_bytes
 from relay.reload import Reloader
 from relay.runtime import BuildFailed, Live, Runtime
+from relay.smtp.anvil import Anvil
 from relay.smtp.authlimit import AuthFailureLimiter
 
 if TYPE_CHECKING:
@@ -48,6 +52,7 @@ if TYPE_CHECKING:
 
 DRAIN_GRACE = 30.0
 DELIVERY_START_TIMEOUT = 30.0
+QUEUE_COUNT_INTERVAL = 1.0  # how often delivery tells intake the queue depth ([queue] max_queued)
 INTAKE_PROCESSES = max(1, min(2, os.cpu_count() or 1))
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
@@ -70,6 +75,7 @@ def serve(cli_config: str | None) -> int:
             print(line, file=sys.stderr)
         return EXIT_CONFIG
     log.setup(fmt=config.log.format)
+    _raise_open_files()
     for line in config.warnings:  # keys set but not enforced yet: said once, at start
         log.event("config_warning", level=30, warning=line)
     unbindable = unbindable_sources(config)
@@ -127,6 +133,15 @@ def serve(cli_config: str | None) -> int:
     limit = config.server.auth_failure_limit
     # Created before the fork: every intake process shares the same buckets.
     auth_limiter = AuthFailureLimiter(limit.count, limit.period) if limit else None
+    anvil = Anvil()  # connection and rate limits, the queue depth: shared the same way
+    try:
+        dedupe = DedupeTable(root / DEDUPE_FILE)
+    except OSError as exc:
+        print(f"{root / DEDUPE_FILE}: cannot use the duplicate table: {exc}", file=sys.stderr)
+        return 1
+    if not dedupe.persistent:
+        log.event("dedupe_in_memory", level=30, path=root / DEDUPE_FILE,
+                  note="no room for the file: duplicates are remembered until the next start")
     # One notice pipe per intake process, read by the delivery process (see relay.queue.notices).
     pipes = [os.pipe() for _ in range(INTAKE_PROCESSES)]
     read_ends, write_ends = [r for r, _ in pipes], [w for _, w in pipes]
@@ -135,7 +150,7 @@ def serve(cli_config: str | None) -> int:
     interval = notify.watchdog_interval()
     # Slot 0: delivery; slot N: intake process N (the main process is intake 0 and pings).
     beats = Heartbeats(INTAKE_PROCESSES, interval) if interval else None
-    delivery = _fork(lambda: _delivery_main(Live(runtime), read_ends, ready_write), parent,
+    delivery = _fork(lambda: _delivery_main(Live(runtime), read_ends, ready_write, anvil), parent,
                      "relay-delivery", heartbeat=(beats, 0) if beats else None,
                      close=[*write_ends, ready_read, *(sock.fileno() for sock, _ in listeners)])
     for fd in (*read_ends, ready_write):
@@ -148,14 +163,15 @@ def serve(cli_config: str | None) -> int:
     # More intake processes accept from the same listening sockets, so that SMTP intake, the
     # busiest stage, is spread over the cores; delivery runs beside them.
     helpers = [_fork_intake(runtime, slot, write_ends, listeners, reserve_path, auth_limiter,
-                            parent, beats) for slot in range(1, INTAKE_PROCESSES)]
+                            parent, beats, anvil, dedupe) for slot in range(1, INTAKE_PROCESSES)]
     for fd in write_ends[1:]:
         os.close(fd)
     _name_process("relay-intake")
     children = [delivery, *helpers]
     try:
         code = uvloop.run(_intake_main(Live(runtime), 0, write_ends[0], listeners, reserve_path,
-                                       auth_limiter, children=children, beats=beats))
+                                       auth_limiter, children=children, beats=beats,
+                                       anvil=anvil, dedupe=dedupe))
     finally:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
@@ -165,6 +181,15 @@ def serve(cli_config: str | None) -> int:
         lock.close()
         log.flush()
     return code
+
+
+def _raise_open_files() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: every idle client holds a descriptor, and
+    max_connections (1,000 by default) is over the usual soft limit of 1,024 with the rest."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _wait_ready(fd: int, timeout: float) -> bool:
@@ -179,10 +204,11 @@ def _wait_ready(fd: int, timeout: float) -> bool:
 def _fork_intake(runtime: Runtime, slot: int, write_ends: Sequence[int],
                  listeners: Sequence[tuple[socket.socket, bool]], reserve: Path | None,
                  auth_limiter: AuthFailureLimiter | None, parent: int,
-                 beats: Heartbeats | None) -> int:
+                 beats: Heartbeats | None, anvil: Anvil | None = None,
+                 dedupe: DedupeTable | None = None) -> int:
     """Another intake process: segment writer number `slot`, its own notice pipe."""
     return _fork(lambda: _intake_main(Live(runtime), slot, write_ends[slot], listeners, reserve,
-                                      auth_limiter),
+                                      auth_limiter, anvil=anvil, dedupe=dedupe),
                  parent, "relay-intake", close=[w for i, w in enumerate(write_ends) if i != slot],
                  heartbeat=(beats, slot) if beats else None)
 
@@ -273,7 +299,12 @@ def intake_settings(rt: Runtime) -> dict[str, Any]:
             "tls_context": rt.server_tls, "error_soft_limit": server.error_soft_limit,
             "error_hard_limit": server.error_hard_limit, "error_delay": server.error_delay,
             "idle_timeout": server.idle_timeout, "sender_auth": rt.sender_auth,
-            "smime": rt.smime, "sender_priority": rt.sender_priority}
+            "smime": rt.smime, "sender_priority": rt.sender_priority,
+            "max_connections": server.max_connections,
+            "max_connections_per_client": server.max_connections_per_client,
+            "max_messages_per_client": server.max_messages_per_client,
+            "max_queued": rt.config.queue.max_queued,
+            "dedupe_window": rt.config.queue.dedupe_window}
 
 
 # --- intake (main process) -------------------------------------------------------------------
@@ -281,7 +312,8 @@ def intake_settings(rt: Runtime) -> dict[str, Any]:
 async def _intake_main(live: Live, slot: int, notice_fd: int,
                        listeners: Sequence[tuple[socket.socket, bool]],
                        reserve: Path | None = None, auth_limiter: AuthFailureLimiter | None = None,
-                       children: Sequence[int] = (), beats: Heartbeats | None = None) -> int:
+                       children: Sequence[int] = (), beats: Heartbeats | None = None,
+                       anvil: Anvil | None = None, dedupe: DedupeTable | None = None) -> int:
     """SMTP intake. In the main process (`children` given) it also watches the other
     processes: if one dies unexpectedly, the relay stops so that the service manager restarts
     it and startup recovery runs."""
@@ -301,7 +333,7 @@ async def _intake_main(live: Live, slot: int, notice_fd: int,
     await asyncio.to_thread(committer.start)
     space = FreeSpaceGuard(root, floor_bytes(root, config.queue.min_free_space), reserve)
     ctx = IntakeContext(committer=committer, space=space, auth_limiter=auth_limiter,
-                        **intake_settings(live.current))
+                        anvil=anvil, dedupe=dedupe, **intake_settings(live.current))
     committer.may_allocate = space.ok
     intake = Intake(ctx, config.server.listen, config.server.listen_tls)
     await intake.start(listeners)
@@ -362,6 +394,19 @@ def _poll_child(pid: int) -> tuple[int, int]:
 
 # --- delivery (child process) ----------------------------------------------------------------
 
+async def _count_queue(store: Any, anvil: Anvil | None) -> None:
+    """Tell intake the queue depth ([queue] max_queued) about once a second, from the index
+    (on its thread: one small row per segment to add up)."""
+    if anvil is None:
+        return
+    while True:
+        try:
+            anvil.set_queued(await store.queued_messages())
+        except Exception as exc:  # a busy or full index: keep the last count, try again
+            log.event("queue_count_failed", level=30, error=f"{type(exc).__name__}: {exc}")
+        await asyncio.sleep(QUEUE_COUNT_INTERVAL)
+
+
 def _sts_for(config: Config, current: MtaStsResolver | None) -> MtaStsResolver | None:
     """The MTA-STS source for `config` (built only when a destination uses it: it loads the
     system CAs); a replaced one is closed in the background."""
@@ -375,7 +420,8 @@ def _sts_for(config: Config, current: MtaStsResolver | None) -> MtaStsResolver |
     return chosen
 
 
-async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int) -> int:
+async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int,
+                         anvil: Anvil | None = None) -> int:
     from relay.delivery.attempt import Attempter
     from relay.delivery.engine import DeliveryEngine
     from relay.delivery.nexthop import NextHopResolver
@@ -419,7 +465,9 @@ async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int) -
     os.write(ready_fd, b"R")  # intake may start: what it announces is read from now on
     os.close(ready_fd)
     runner = asyncio.get_running_loop().create_task(engine.run())
+    counter = asyncio.get_running_loop().create_task(_count_queue(store, anvil))
     await stop.wait()
+    counter.cancel()
     log.event("draining", process="delivery")
     await engine.drain(DRAIN_GRACE)
     runner.cancel()

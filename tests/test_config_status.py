@@ -19,11 +19,6 @@ from relay.config_status import NOT_ENFORCED
 # One value for every key of NOT_ENFORCED that asks for something: (main config, policy file).
 # A key added to the table needs a sample here; a key made real is deleted from both.
 SAMPLES: dict[str, tuple[str, str]] = {
-    "server.max_connections": ("[server]\nmax_connections = 100\n", ""),
-    "server.max_connections_per_client": ("[server]\nmax_connections_per_client = 5\n", ""),
-    "server.max_messages_per_client": ('[server]\nmax_messages_per_client = "60/min"\n', ""),
-    "queue.max_queued": ("[queue]\nmax_queued = 5000\n", ""),
-    "queue.dedupe_window": ('[queue]\ndedupe_window = "24h"\n', ""),
     "queue.retention": ('[queue]\nretention = "30d"\n', ""),
     "delivery.spf": ('[delivery]\nspf = "enforce"\n', ""),
     "delivery.source_addresses[].warmup": (
@@ -111,7 +106,7 @@ def test_values_that_ask_for_nothing_new_are_not_reported(tmp_path: Path) -> Non
 
 def test_check_config_warns_and_exits_0(tmp_path: Path) -> None:
     path, _ = write_config(
-        tmp_path, "[server]\nmax_connections = 100\n",
+        tmp_path, '[cluster]\nredis = "redis://127.0.0.1:6379/0"\n',
         '[[destination]]\ndomain = "example.net"\nrate = "1/min"\nmax_connections = 2\n'
         'routes = ["127.0.0.1:10026"]\n')
     result = run_relay("check-config", "--config", str(path), cwd=tmp_path)
@@ -119,7 +114,7 @@ def test_check_config_warns_and_exits_0(tmp_path: Path) -> None:
     # Only the keys the relay ignores: a destination's rate, max_connections and routes are
     # real.
     assert result.stderr.splitlines() == [
-        f"{path}: server.max_connections: not enforced yet",
+        f"{path}: cluster.redis: not enforced yet",
     ]
     assert result.stdout.startswith(f"OK: {path}: ")
 
@@ -141,14 +136,14 @@ def test_security_key_is_an_error_and_serve_refuses_it(tmp_path: Path) -> None:
 
 
 def test_serve_logs_each_warning_once_and_runs(tmp_path: Path) -> None:
-    relay = RelayProcess(tmp_path, server={"max_connections_per_client": 5})
+    relay = RelayProcess(tmp_path, queue={"retention": "30d"})
     with relay:  # starts and waits for event=listening
         events = relay.events("config_warning")
     config = relay.config
     # RelayProcess sets [http] listen, which this release does not serve either.
     assert sorted(e["warning"] for e in events) == [
         f"{config}: http.listen: not enforced yet",
-        f"{config}: server.max_connections_per_client: not enforced yet",
+        f"{config}: queue.retention: not enforced yet",
     ]
 
 
@@ -165,11 +160,11 @@ def test_packaged_config_sets_nothing_unenforced(tmp_path: Path) -> None:
 
 
 def test_a_wrong_value_gets_one_line_not_two(tmp_path: Path) -> None:
-    path, policy = write_config(tmp_path, "[server]\nmax_connections = 100\n",
+    path, policy = write_config(tmp_path, '[http]\nlisten = "127.0.0.1:9025"\n',
                                 '[[destination]]\ndomain = "example.net"\ntls = "dane"\n')
     with pytest.raises(ConfigError) as caught:
         load_config(path, strict=True)
     assert caught.value.problems == [
         f'{policy}: destination[0].tls: "dane" is not one of opportunistic | required | '
         "verify | mta-sts"]
-    assert caught.value.warnings == [f"{path}: server.max_connections: not enforced yet"]
+    assert caught.value.warnings == [f"{path}: http.listen: not enforced yet"]

@@ -123,6 +123,10 @@ class DeliveryStore:
         assert self._index is not None
         return await self._run(self._index.claim_due, now, limit)
 
+    async def queued_messages(self) -> int:
+        assert self._index is not None
+        return await self._run(self._index.queued_messages)
+
     async def next_due(self) -> float | None:
         assert self._index is not None
         return await self._run(self._index.next_due)

@@ -384,6 +384,12 @@ class Index:
                 for name, messages, finished, sealed, upto in self.conn.execute(
                     "SELECT name, messages, finished, sealed, indexed_upto FROM segments")}
 
+    def queued_messages(self) -> int:
+        """Messages not final yet: one small row per segment to add up ([queue] max_queued)."""
+        row = self.conn.execute(
+            "SELECT COALESCE(SUM(messages - finished), 0) FROM segments").fetchone()
+        return int(row[0])
+
     def _all_final(self, msg: str) -> bool:
         row = self.conn.execute(
             f"SELECT COUNT(*) FROM recipients WHERE msg = ? AND state NOT IN {FINAL_SQL}",

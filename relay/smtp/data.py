@@ -14,6 +14,7 @@ reports the first problem.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from enum import Enum
 
@@ -31,7 +32,7 @@ class DataError(Enum):
 class DataReader:
     """Feed raw DATA bytes; collect the un-stuffed message in `parts`."""
 
-    def __init__(self, size_limit: int) -> None:
+    def __init__(self, size_limit: int, *, digest: bool = False) -> None:
         # A virtual CRLF in front makes a "." on the very first line look like any other line.
         self._buf = bytearray(b"\r\n")
         self._search_from = 0
@@ -42,6 +43,9 @@ class DataReader:
         self.error: DataError | None = None
         self.leftover = b""  # bytes after the final dot (pipelined commands)
         self.done = False
+        # SHA-256 of the message data, for duplicate suppression (relay.queue.dedupe): taken
+        # here, where every byte passes once anyway (about 0.1 ms per 200 KiB).
+        self._hash = hashlib.sha256() if digest else None
 
     def feed(self, chunk: bytes) -> bool:
         """Consume a chunk; return True once the final dot was seen."""
@@ -92,10 +96,17 @@ class DataReader:
             self._fail(DataError.TOO_BIG)
             return
         self.parts.append(body)
+        if self._hash is not None:
+            self._hash.update(body)
 
     def _fail(self, error: DataError) -> None:
         self.error = error
         self.parts = []
+
+    @property
+    def digest(self) -> bytes | None:
+        """SHA-256 of the message data (when asked for), once `done`."""
+        return self._hash.digest() if self._hash is not None else None
 
     def take_parts(self) -> list[bytes]:
         """Hand over the parts collected so far (for streaming a large message to its file)."""

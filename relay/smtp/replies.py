@@ -45,6 +45,9 @@ TOO_MANY_ERRORS = "421 4.7.0 Error: too many errors"
 AUTH_LIMITED = "421 4.7.0 Error: too many failed authentications, try again later"
 AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
 AUTH_NEEDS_TLS = "538 5.7.11 Encryption required"
+TOO_MANY_CONNECTIONS = "421 4.7.0 Error: too many connections, try again later"
+TOO_MUCH_MAIL = "450 4.7.1 Error: too much mail from {}"
+QUEUE_FULL = "452 4.3.1 Insufficient system storage: the queue is full"
 AUTH_BUSY = "454 4.7.0 Temporary authentication failure, try again later"
 
 # Replies that are not the client's mistake, so they do not count towards the error limits:

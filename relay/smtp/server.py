@@ -19,13 +19,16 @@ from relay.addresses import HostPort, in_networks
 from relay.queue.committer import Committer
 from relay.queue.space import FreeSpaceGuard
 from relay.smtp import replies
+from relay.smtp.anvil import Anvil
 from relay.smtp.authlimit import AuthFailureLimiter
 from relay.smtp.priority import SenderPriority
 from relay.smtp.senderauth import SenderAuth
 from relay.smtp.session import RelaySMTP
 
 if TYPE_CHECKING:
+    from relay.config.values import Rate
     from relay.policy.smime import Smime
+    from relay.queue.dedupe import DedupeTable
 
 LISTEN_BACKLOG = 1024
 
@@ -58,6 +61,14 @@ class IntakeContext:
     smime: Smime | None = None   # None: no [[recipient]] asks for encryption, nothing to check
     # `[[sender]] priority`; None: every sender is normal, nothing to look up
     sender_priority: SenderPriority | None = None
+    # Backpressure (relay.smtp.anvil: counted across the intake processes) and duplicates.
+    anvil: Anvil | None = None
+    max_connections: int = 1000
+    max_connections_per_client: int = 50
+    max_messages_per_client: Rate | None = None
+    max_queued: int = 1_000_000
+    dedupe: DedupeTable | None = None
+    dedupe_window: float = 0.0          # 0: off
     _trust_cache: dict[str, bool] = field(default_factory=dict)
 
     def is_trusted(self, peer: str) -> bool:

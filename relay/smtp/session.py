@@ -26,6 +26,8 @@ from aiosmtpd.smtp import Session
 from relay import log
 from relay.addresses import AddressProblem, address_problem
 from relay.queue.committer import QueueWriteError
+from relay.queue.dedupe import Busy as DedupeBusy
+from relay.queue.dedupe import dedupe_key
 from relay.queue.envelope import NORMAL, Envelope, new_queue_id
 from relay.queue.segments import SingleWriter
 from relay.smtp import replies
@@ -87,6 +89,7 @@ class RelaySMTP(AiosmtpdSession):
         self.in_data = False
         self.errors = 0
         self._command = ""
+        self._counted = False  # admitted by the anvil: uncount at the end
 
     @property
     def client(self) -> str:
@@ -100,6 +103,9 @@ class RelaySMTP(AiosmtpdSession):
 
     def connection_lost(self, error: Exception | None) -> None:
         self.ctx.sessions.discard(self)
+        if self._counted and self.ctx.anvil is not None:
+            self._counted = False
+            self.ctx.anvil.disconnect(self.client)
         if error is not None:  # a reset or a broken TLS session, not an orderly close
             self.session_error("connection lost", error)
         super().connection_lost(error)
@@ -164,6 +170,8 @@ class RelaySMTP(AiosmtpdSession):
 
     async def _handle_client(self) -> None:
         try:
+            if self.ctx.anvil is not None:
+                await self._admit()
             await self.push(f"220 {self.hostname} ESMTP invoice-relay")
             while self.transport is not None and not self.transport.is_closing():
                 await self._next_command()
@@ -185,6 +193,19 @@ class RelaySMTP(AiosmtpdSession):
             if self.transport is not None and not self.transport.is_closing():
                 self.write(replies.INTERNAL_ERROR_CLOSING.encode() + b"\r\n")
         self.close()
+
+    async def _admit(self) -> None:
+        """`max_connections` / `max_connections_per_client`: over them, 421 and close."""
+        ctx = self.ctx
+        assert ctx.anvil is not None
+        over = ctx.anvil.connect(self.client, trusted=ctx.is_trusted(self.client),
+                                 max_total=ctx.max_connections,
+                                 max_per_client=ctx.max_connections_per_client)
+        if over is None:
+            self._counted = True
+            return
+        log.event("rejected", client=self.client, reason=over)
+        await self._close_with(replies.TOO_MANY_CONNECTIONS)
 
     async def _next_command(self) -> None:
         if self.errors >= self.ctx.error_hard_limit:
@@ -312,6 +333,11 @@ class RelaySMTP(AiosmtpdSession):
         if reply is not None:
             await self.push(reply)
             return
+        if self.ctx.max_messages_per_client is not None and not self._mail_allowed():
+            log.event("rejected", client=self.client, sender=address,
+                      reason="max_messages_per_client")
+            await self.push(replies.TOO_MUCH_MAIL.format(self.client))
+            return
         if self.ctx.sender_auth is not None and await self._sender_refused(address):
             return
         self.envelope.mail_from = address
@@ -319,6 +345,13 @@ class RelaySMTP(AiosmtpdSession):
         self.envelope.mail_options = [f"{k}={v}" if v is not True else k
                                       for k, v in params.items()]
         await self.push("250 2.1.0 Ok")
+
+    def _mail_allowed(self) -> bool:
+        rate, anvil = self.ctx.max_messages_per_client, self.ctx.anvil
+        assert rate is not None
+        if anvil is None:
+            return True
+        return anvil.take_message(self.client, rate.count, rate.period, time.monotonic())
 
     async def _sender_refused(self, address: str) -> bool:
         """`[[sender]] clients`: True (after 553 5.7.1) when this client may not use the
@@ -522,6 +555,11 @@ class RelaySMTP(AiosmtpdSession):
             log.event("rejected", client=self.client, reply=replies.INSUFFICIENT_STORAGE)
             await self.push(replies.INSUFFICIENT_STORAGE)
             return
+        anvil = self.ctx.anvil
+        if anvil is not None and anvil.queued >= self.ctx.max_queued:
+            log.event("rejected", client=self.client, reason="max_queued", queued=anvil.queued)
+            await self.push(replies.QUEUE_FULL)
+            return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         self.in_data = True
         try:
@@ -543,7 +581,7 @@ class RelaySMTP(AiosmtpdSession):
         commands."""
         queue_id = new_queue_id()
         now = time.time()
-        reader = DataReader(self.ctx.max_message_size)
+        reader = DataReader(self.ctx.max_message_size, digest=self.ctx.dedupe_window > 0)
         stream = _Stream(self.ctx, queue_id, self._headers_count())
         failure: str | None = None
         try:
@@ -614,6 +652,45 @@ class RelaySMTP(AiosmtpdSession):
         else:
             envelope = _with_head_facts(envelope, b"".join(reader.parts)[:HEAD_BYTES],
                                         headers_count=stream.headers_count)
+        claims: list[bytes] = []
+        if self.ctx.dedupe is not None and envelope.message_id and reader.digest is not None:
+            claims, firsts = await self._claim(envelope, reader.digest)
+            kept = _not_duplicates(envelope, firsts)
+            if not kept:  # every recipient was queued by an earlier message: name it
+                return replies.QUEUED.format(_log_duplicates(envelope, firsts))
+            if stream.single is None and len(kept) < len(envelope.recipients):
+                # A streamed message's envelope is in its file already: it keeps them all.
+                _log_duplicates(envelope, firsts)
+                envelope = dataclasses.replace(envelope, recipients=kept)
+        committed = False
+        try:
+            reply = await self._write(envelope, received, reader, stream)
+            committed = reply.startswith("250")
+        finally:
+            if claims:
+                assert self.ctx.dedupe is not None
+                self.ctx.dedupe.settle(claims, envelope.id, committed=committed)
+        return reply
+
+    async def _claim(self, envelope: Envelope, digest: bytes
+                     ) -> tuple[list[bytes], list[str | None]]:
+        """Claim each recipient for this message (relay.queue.dedupe); the keys, and per
+        recipient the queue id that already has it (or None). An identical message being
+        committed right now is waited for: its outcome decides."""
+        table = self.ctx.dedupe
+        assert table is not None and envelope.message_id is not None
+        keys = [dedupe_key(envelope.message_id, envelope.sender, rcpt, digest)
+                for rcpt in envelope.recipients]
+        while True:
+            try:
+                firsts = table.claim(keys, envelope.id, time.time(), self.ctx.dedupe_window)
+            except DedupeBusy:
+                await asyncio.sleep(0.005)
+                continue
+            return [k for k, f in zip(keys, firsts, strict=True) if f is None], firsts
+
+    async def _write(self, envelope: Envelope, received: bytes, reader: DataReader,
+                     stream: _Stream) -> str:
         size = len(received) + reader.size
         committer = self.ctx.committer
         try:
@@ -629,6 +706,8 @@ class RelaySMTP(AiosmtpdSession):
         except Exception as exc:  # ours, not the disk's: say so in the log, not "write failed"
             self.session_error("internal error", exc, level=logging.ERROR)
             return replies.INTERNAL_ERROR
+        if self.ctx.anvil is not None:
+            self.ctx.anvil.add_queued(1)
         log.event("received", id=envelope.id, client=self.client, sender=envelope.sender,
                   nrcpt=len(envelope.recipients), size=size, message_id=envelope.message_id,
                   auth=envelope.auth,
@@ -827,6 +906,21 @@ def _with_head_facts(envelope: Envelope, head: bytes, *, headers_count: bool) ->
     return dataclasses.replace(
         envelope, priority=priority,
         message_id=match.group(1).decode("utf-8", "replace") if match else envelope.message_id)
+
+
+def _not_duplicates(envelope: Envelope, firsts: list[str | None]) -> tuple[str, ...]:
+    return tuple(r for r, f in zip(envelope.recipients, firsts, strict=True) if f is None)
+
+
+def _log_duplicates(envelope: Envelope, firsts: list[str | None]) -> str:
+    """One `duplicate` line per suppressed recipient; the first earlier queue id."""
+    named = ""
+    for rcpt, first in zip(envelope.recipients, firsts, strict=True):
+        if first is not None:
+            named = named or first
+            log.event("duplicate", id=envelope.id, first=first, rcpt=rcpt,
+                      message_id=envelope.message_id)
+    return named
 
 
 def _header_block(head: bytes) -> bytes:
