@@ -277,3 +277,15 @@ def test_fetch_spf_asks_for_each_source_with_its_helo_name() -> None:
     assert results == spf("pass", "softfail")
     assert checker.calls == [("192.0.2.10", "", "mta-192.0.2.10.example.com"),
                              ("192.0.2.11", "", "mta-192.0.2.11.example.com")]
+
+
+def test_a_late_older_write_never_replaces_a_newer_one(tmp_path: Path) -> None:
+    new = src("192.0.2.20", (5,))
+    counters = WarmupCounters(tmp_path / COUNTS_FILE, Clock(at(0)))
+    counters.record(new, "example.net", 1, at(0))
+    older = counters.snapshot()  # as taken by a flush whose thread is slow
+    counters.record(new, "example.net", 1, at(0))
+    counters.write()             # the final write at shutdown
+    counters._write_snapshot(older)
+    data = json.loads((tmp_path / COUNTS_FILE).read_text())
+    assert data["counts"] == {"192.0.2.20": {"example.net": 2}}

@@ -22,6 +22,7 @@ import datetime
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -83,8 +84,16 @@ class Deferral:
 Decision = Allowed | Deferral
 
 
+_EPOCH = datetime.date(1970, 1, 1)
+_last_day: tuple[int, datetime.date] = (0, _EPOCH)
+
+
 def utc_day(now: float) -> datetime.date:
-    return datetime.datetime.fromtimestamp(now, datetime.UTC).date()
+    global _last_day
+    number = int(now // DAY)  # POSIX time has no leap seconds: days are 86400 s exactly
+    if number != _last_day[0]:
+        _last_day = (number, _EPOCH + datetime.timedelta(days=number))
+    return _last_day[1]
 
 
 def next_utc_midnight(now: float) -> float:
@@ -170,6 +179,13 @@ _Key = tuple[str, str]  # (source address, destination domain), for the current 
 
 
 @dataclass(frozen=True, slots=True)
+class _Snapshot:
+    generation: int
+    day: datetime.date
+    done: dict[_Key, int]
+
+
+@dataclass(frozen=True, slots=True)
 class Reservation:
     """Recipients counted against `source` at `domain` on `day` until settled."""
 
@@ -193,7 +209,9 @@ class WarmupCounters:
         self._done: dict[_Key, int] = {}
         self._pending: dict[_Key, int] = {}
         self._dirty = False
-        self._writer: asyncio.Task[None] | None = None
+        self._generation = 0   # of the last snapshot taken
+        self._written = 0      # of the last snapshot written
+        self._write_lock = threading.Lock()
         if path is not None:
             self._load(path)
 
@@ -271,19 +289,18 @@ class WarmupCounters:
             log.event("warmup_counts_unreadable", level=logging.WARNING, file=str(path),
                       error=str(exc))
 
-    def snapshot(self) -> bytes:
-        counts: dict[str, dict[str, int]] = {}
-        for (source, domain), count in self._done.items():
-            counts.setdefault(source, {})[domain] = count
-        return json.dumps({"day": self.day.isoformat(), "counts": counts}).encode()
+    def snapshot(self) -> _Snapshot:
+        """A copy to serialise in another thread (the loop goes on changing the original)."""
+        self._generation += 1
+        return _Snapshot(self._generation, self.day, dict(self._done))
 
     def write(self) -> None:
         """Write the counts now (blocking: from a thread, or at shutdown)."""
         if self.path is None:
             return
-        data = self.snapshot()
+        snapshot = self.snapshot()
         self._dirty = False
-        _write_atomically(self.path, data)
+        self._write_snapshot(snapshot)
 
     async def run(self) -> None:
         """Write the counts off the event loop, at most once per FLUSH_INTERVAL, while they
@@ -297,13 +314,26 @@ class WarmupCounters:
                 with contextlib.suppress(OSError):
                     self.write()
 
+    def _write_snapshot(self, snapshot: _Snapshot) -> None:
+        """(In a thread.) A write cancelled at shutdown goes on in its thread while the last
+        one starts: one at a time, and an older snapshot never replaces a newer one."""
+        assert self.path is not None
+        counts: dict[str, dict[str, int]] = {}
+        for (source, domain), count in snapshot.done.items():
+            counts.setdefault(source, {})[domain] = count
+        data = json.dumps({"day": snapshot.day.isoformat(), "counts": counts}).encode()
+        with self._write_lock:
+            if snapshot.generation > self._written:
+                _write_atomically(self.path, data)
+                self._written = snapshot.generation
+
     async def flush(self) -> None:
         if not self._dirty or self.path is None:
             return
         data = self.snapshot()
         self._dirty = False
         try:
-            await asyncio.to_thread(_write_atomically, self.path, data)
+            await asyncio.to_thread(self._write_snapshot, data)
         except OSError as exc:
             self._dirty = True
             log.event("warmup_counts_write_failed", level=logging.WARNING, file=str(self.path),
