@@ -21,6 +21,7 @@ from relay.delivery.egress import (
     WarmupCounters,
     decide,
     fetch_spf,
+    pool_for,
 )
 
 START = datetime.date(2026, 12, 1)
@@ -289,3 +290,8 @@ def test_a_late_older_write_never_replaces_a_newer_one(tmp_path: Path) -> None:
     counters._write_snapshot(older)
     data = json.loads((tmp_path / COUNTS_FILE).read_text())
     assert data["counts"] == {"192.0.2.20": {"example.net": 2}}
+
+
+def test_pool_for_a_destination_keeps_the_pools_order() -> None:
+    assert pool_for(POOL, ()) == tuple(POOL)
+    assert pool_for(POOL, (POOL[2].address, POOL[0].address)) == (POOL[0], POOL[2])

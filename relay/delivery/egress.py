@@ -12,6 +12,14 @@ them; the others are given back.
 
 Without a source pool (the kernel's choice) none of this runs, and with no warm-up source and
 `spf = "off"` the engine need not call it (`Egress.needed`).
+
+Wiring (relay/delivery/engine.py, when a job is queued on a path): `pool_for` gives the
+destination's pool; under `spf = "enforce"` `await fetch_spf(checker, pool, job.first.sender)`
+(in a task: `_enqueue` is synchronous); `Egress.eligible(pool, domain, len(job.recipients),
+time.time(), spf_or_None, job.first.sender)`; an `Allowed` picks among its sources (splitting
+the job at `limit`) and reserves; a `Deferral` with `until` is postponed without an attempt
+(as `_hand_back` does), one without is a temporary verdict with its reply; the reservation is
+settled with the job's delivered count when the job ends, whichever way.
 """
 
 from __future__ import annotations
@@ -396,3 +404,13 @@ class Egress:
             log.event("spf_permerror", level=logging.WARNING, source=str(s.address),
                       sender_domain=domain or None, hostname=s.hostname,
                       note="the sender's SPF record is broken; sending anyway")
+
+
+def pool_for(sources: Sequence[SourceAddress], allowed: Sequence[IPAddress]
+             ) -> tuple[SourceAddress, ...]:
+    """A destination's pool: its `source_addresses` among `[delivery] source_addresses`
+    (in the pool's order), or the whole pool when it names none."""
+    if not allowed:
+        return tuple(sources)
+    wanted = set(allowed)
+    return tuple(s for s in sources if s.address in wanted)
