@@ -4,13 +4,16 @@ cached for the records' TTL, one evaluation shared by concurrent callers."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import Iterator
 
 import pytest
 from dnsserver import DnsServer
 
 from relay.addresses import HostPort
+from relay.config import Config, DeliveryConfig, DnsConfig, SourceAddress
 from relay.delivery.spf import SpfChecker
+from relay.runtime import Runtime
 
 ZONE = """
 $ORIGIN test.
@@ -107,3 +110,17 @@ async def test_concurrent_callers_share_one_evaluation(dns_server: DnsServer) ->
     assert set(results) == {results[0]} and results[0].result == "pass"
     assert dns_server.queries.count(("hard.test", "TXT")) == 1
 
+
+
+async def test_runtime_builds_a_checker_only_when_egress_enforces_spf(
+        dns_server: DnsServer) -> None:
+    pool = (SourceAddress(ipaddress.ip_address("127.0.0.2"), "mta1.inv.test"),)
+    dns = DnsConfig((HostPort(dns_server.host, dns_server.port),))
+    assert Runtime.build(Config(delivery=DeliveryConfig(spf="off", source_addresses=pool))
+                         ).spf is None
+    assert Runtime.build(Config(delivery=DeliveryConfig(spf="enforce"))).spf is None
+    runtime = Runtime.build(Config(dns=dns, delivery=DeliveryConfig(
+        spf="enforce", source_addresses=pool)))
+    assert runtime.spf is not None
+    found = await runtime.spf.check("127.0.0.2", "a@hard.test", "mta1.inv.test")
+    assert found.result == "pass"  # asked of [dns] nameservers, not the system resolver

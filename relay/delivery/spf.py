@@ -175,6 +175,15 @@ class SpfChecker:
     def from_config(cls, config: Config) -> SpfChecker:
         return cls(config.dns.nameservers)
 
+    @classmethod
+    def for_egress(cls, config: Config) -> SpfChecker | None:
+        """The checker SPF-aware egress consults; None when it has nothing to do (`[delivery]
+        spf = "off"`, or no source pool: the kernel picks the address)."""
+        delivery = config.delivery
+        if delivery.spf != "enforce" or not delivery.source_addresses:
+            return None
+        return cls.from_config(config)
+
     def cached(self, ip: str, sender: str, helo: str) -> SpfResult | None:
         """The result if it is known and fresh (no DNS, no await): for hot paths."""
         key = (ip, identity_domain(sender, helo))
