@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="rsa (2048 bits, the default) or ed25519")
     keygen.add_argument("--out", metavar="DIR",
                         help="folder for DOMAIN.SELECTOR.pem (default: keys/ beside the config)")
+    doctor = verbs.add_parser("doctor", parents=[common],
+                              help="check SPF, DKIM, DMARC and PTR records in DNS")
+    doctor.add_argument("--domain", help="check only this sender domain")
     return parser
 
 
@@ -92,6 +95,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from relay.ops.dkimcmd import keygen_command
 
         return keygen_command(config_path, args.domain, args.selector, args.algorithm, args.out)
+    if args.verb == "doctor":
+        from relay.ops.doctor import doctor_command
+
+        return doctor_command(config_path, args.domain)
     if args.verb == "queue":
         from relay.ops.queuecmd import queue_command
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay.config import Config
+from relay.delivery.spf import SpfChecker
 from relay.delivery.tls import CaFileError, TlsContexts
 from relay.policy.dkim import Signer
 from relay.policy.smime import Smime
@@ -83,6 +84,7 @@ class Runtime:
         default=None, metadata=built_by(SenderPriority.from_config))
     client_tls: TlsContexts | None = field(default=None,
                                            metadata=built_by(client_tls_from_config))
+    spf: SpfChecker | None = field(default=None, metadata=built_by(SpfChecker.for_egress))
 
     @classmethod
     def build(cls, config: Config, epoch: int = 1) -> Runtime:
