@@ -142,3 +142,14 @@ def test_an_app_is_served_under_1000_idle_connections(tmp_path: Path) -> None:
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_trusted_apps_are_not_limited_per_client(tmp_path: Path) -> None:
+    # The app's pool on a trusted host may hold more connections than the per-client limit.
+    with RelayProcess(tmp_path, server={"max_connections_per_client": 2}) as relay:
+        held = [greeting("127.0.0.1", relay.port) for _ in range(4)]
+        try:
+            assert all(reply.startswith("220 ") for _, reply in held)
+        finally:
+            for raw, _ in held:
+                raw.close()

@@ -3,7 +3,10 @@ queue depth that delivery reports to intake.
 
 - `[server] max_connections`: all clients together; clients outside `trusted_networks` may
   take only nine tenths of the slots, so the apps always get in.
-- `[server] max_connections_per_client`: per client address (IPv6: per /64).
+- `[server] max_connections_per_client`: per client address (IPv6: per /64), except clients in
+  `trusted_networks`: the apps' own connection pools (often more than 50 connections from one
+  host) must never be refused, as Postfix exempts `mynetworks` from its anvil limits. They
+  still count in `max_connections`.
 - `[server] max_messages_per_client` ("N/period"): MAIL commands per client address, a
   token bucket N deep refilled at N per period (kept as its "theoretical arrival time",
   GCRA, so one float per client is the whole state).
@@ -55,7 +58,7 @@ class Anvil:
             limit = max_total if trusted else max_total - max_total // 10
             if total >= limit:
                 return "max_connections"
-            slot = self._find(key, claim=True, now=time.monotonic())
+            slot = None if trusted else self._find(key, claim=True, now=time.monotonic())
             if slot is not None:
                 _, conns, tat = self._read(slot)
                 if conns >= max_per_client:
@@ -64,13 +67,13 @@ class Anvil:
             _HEAD.pack_into(self._mem, 0, total + 1, queued)
             return None
 
-    def disconnect(self, address: str) -> None:
+    def disconnect(self, address: str, *, trusted: bool = False) -> None:
         """An admitted connection ended."""
         key = client_key(address)
         with self._lock:
             total, queued = _HEAD.unpack_from(self._mem, 0)
             _HEAD.pack_into(self._mem, 0, max(0, total - 1), queued)
-            slot = self._find(key, claim=False, now=0.0)
+            slot = None if trusted else self._find(key, claim=False, now=0.0)
             if slot is not None:
                 _, conns, tat = self._read(slot)
                 self._write(slot, key, max(0, conns - 1), tat)

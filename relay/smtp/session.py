@@ -105,7 +105,7 @@ class RelaySMTP(AiosmtpdSession):
         self.ctx.sessions.discard(self)
         if self._counted and self.ctx.anvil is not None:
             self._counted = False
-            self.ctx.anvil.disconnect(self.client)
+            self.ctx.anvil.disconnect(self.client, trusted=self.ctx.is_trusted(self.client))
         if error is not None:  # a reset or a broken TLS session, not an orderly close
             self.session_error("connection lost", error)
         super().connection_lost(error)
