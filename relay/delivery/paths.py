@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from relay.config import DestinationPolicy, IPAddress, SourceAddress
+from relay.delivery.jobqueue import JobQueue
 from relay.delivery.throttle import TokenBucket
 from relay.delivery.tls import static_requirement
 from relay.delivery.tlspolicy import OPPORTUNISTIC, TlsRequirement
@@ -25,9 +25,6 @@ if TYPE_CHECKING:
     from relay.delivery.attempt import Job
     from relay.delivery.nexthop import NextHop
 
-# The job container of a path: anything with append, popleft, len/bool and iteration
-# (relay/delivery/jobqueue.py's JobQueue, ordered by priority, drops in here).
-JobQueue = deque
 DEFAULT_MAX_CONNECTIONS = 20
 DEFAULT_MAX_PER_CONNECTION = 100
 # A throttled destination keeps in memory what its rate lets out in this many seconds (plus
