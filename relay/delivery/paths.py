@@ -46,6 +46,11 @@ class Path:
     def key(self) -> IPAddress | None:
         return self.source.address if self.source is not None else None
 
+    @property
+    def health_key(self) -> str:
+        """The source as the HealthBook keys it ("" for the kernel's choice)."""
+        return str(self.source.address) if self.source is not None else ""
+
 
 @dataclass(eq=False)
 class Destination:
@@ -61,6 +66,9 @@ class Destination:
     hops: list[NextHop] | None = None       # resolved before any worker starts
     resolving: asyncio.Task[None] | None = None
     handed_back_until: float = 0.0  # wall-clock due time of the last job handed back
+    # Path health or its breaker has state for this destination (relay/delivery/health.py):
+    # dispatch and workers consult it. False on the hot path, which then pays nothing.
+    troubled: bool = False
 
     def __post_init__(self) -> None:
         self.bucket = _bucket(self.policy, self.clock)
