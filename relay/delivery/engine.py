@@ -64,6 +64,7 @@ FLUSH_WAIT = 5.0           # at a stop: for the last outcomes to be recorded
 HANDBACK_MIN = 0.5         # a handed-back recipient is due again at the earliest this late
 PRUNE_EVERY = 60.0         # seconds between HealthBook prunes (forget healthy paths)
 _RETRY_ELSEWHERE = (ReplyKind.SUSPEND, ReplyKind.BLOCK)  # the recipient is not at fault
+_DELIVERED = Kind.DELIVERED
 _SETTLED = (Kind.DELIVERED, Kind.RELEASED, Kind.UNKNOWN)  # no reply to classify
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
@@ -919,7 +920,10 @@ def _close(conn: Connection | None) -> None:
 
 
 def _all_delivered(verdicts: list[Verdict]) -> bool:
-    return all(v.kind is Kind.DELIVERED for v in verdicts)
+    # The common case, one recipient delivered, without a generator.
+    if len(verdicts) == 1:
+        return verdicts[0].kind is _DELIVERED
+    return all(v.kind is _DELIVERED for v in verdicts)
 
 
 def _rules(dest: Destination) -> tuple[OnReply, ...]:
