@@ -40,13 +40,9 @@ NOT_ENFORCED: dict[str, NotEnforced] = {
     "queue.retention": NotEnforced("warning"),
     "delivery.spf": NotEnforced("warning", ("off",)),
     "delivery.source_addresses[].warmup": NotEnforced("warning"),
-    "delivery.path_cooldown": NotEnforced("warning"),
-    "delivery.path_cooldown_max": NotEnforced("warning"),
     "http.listen": NotEnforced("warning"),
     "http.token": NotEnforced("security", ("",)),
     "cluster.redis": NotEnforced("warning", ("",)),
-    "destination[].on_reply": NotEnforced("warning", ([],)),
-    "sender[].priority": NotEnforced("warning", ("normal",)),
     "sender[].webhook": NotEnforced("warning"),
 }
 

@@ -49,6 +49,7 @@ class _SinkSMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._sink._connections.add(self)
+        self._sink.connected.append(time.monotonic())
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -112,6 +113,10 @@ class _Handler:
                           address: str, rcpt_options: list[str]) -> Any:
         if self.sink.hang == "rcpt":
             await self.sink._hang()
+        if self.sink.peer_reply is not None:
+            reply = self.sink.peer_reply(session.peer[0])
+            if reply is not None:
+                return _close_if_421(server, reply)
         if self.sink.rcpt_reply is not None:
             reply = self.sink.rcpt_reply(address)
             if reply is not None:
@@ -158,7 +163,9 @@ class Sink:
     connection after the final dot without replying and counts it in `dropped`;
     `accept_delay` waits that many seconds before replying to the final dot; `hang` ("rcpt" or
     "dot", settable while running) never answers that RCPT or the final dot, until the connection
-    goes (`drop_connections()`), and counts the sessions stuck so in `hung`.
+    goes (`drop_connections()`), and counts the sessions stuck so in `hung`;
+    `peer_reply(client_address)` refuses every RCPT of that client address (None accepts).
+    `connected` lists when each connection came in (time.monotonic()).
     Accepted messages land in `messages` as `Received`; `dots` counts final dots that arrived.
     """
 
@@ -175,6 +182,7 @@ class Sink:
         greeting_code: int = 220,
         mail_reply: str | None = None,
         rcpt_reply: Callable[[str], str | None] | None = None,
+        peer_reply: Callable[[str], str | None] | None = None,
         data_reply: Callable[[bytes], str | None] | None = None,
         drop_after_dot: Callable[[int], bool] | bool = False,
         accept_delay: float = 0,
@@ -192,6 +200,8 @@ class Sink:
         self.greeting_code = greeting_code
         self.mail_reply = mail_reply
         self.rcpt_reply = rcpt_reply
+        self.peer_reply = peer_reply
+        self.connected: list[float] = []
         self.data_reply = data_reply
         self.drop_after_dot = drop_after_dot
         self.accept_delay = accept_delay

@@ -24,15 +24,9 @@ SAMPLES: dict[str, tuple[str, str]] = {
     "delivery.source_addresses[].warmup": (
         '[delivery]\nsource_addresses = [{ address = "192.0.2.10", '
         'warmup = { start = "2026-12-01", per_day = [50, 100] } }]\n', ""),
-    "delivery.path_cooldown": ('[delivery]\npath_cooldown = "30s"\n', ""),
-    "delivery.path_cooldown_max": ('[delivery]\npath_cooldown_max = "2h"\n', ""),
     "http.listen": ('[http]\nlisten = "127.0.0.1:9025"\n', ""),
     "http.token": ('[http]\ntoken = "s3cret"\n', ""),
     "cluster.redis": ('[cluster]\nredis = "redis://127.0.0.1:6379/0"\n', ""),
-    "destination[].on_reply": (
-        "", '[[destination]]\ndomain = "example.net"\n'
-            'on_reply = [{ match = "TSS04", action = "suspend", duration = "2h" }]\n'),
-    "sender[].priority": ("", '[[sender]]\ndomain = "a.example"\npriority = "bulk"\n'),
     "sender[].webhook": (
         "", '[[sender]]\ndomain = "a.example"\n'
             'webhook = { url = "http://127.0.0.1:9000/e", secret_file = "hook.key" }\n'),
@@ -43,7 +37,9 @@ ENFORCED_IN_THIS_RELEASE = ("sender[].dkim", "sender[].clients", "sender[].chars
                             "destination[].tls", "delivery.tls_ca_file",
                             "recipient[].smime_certificate", "recipient[].encryption",
                             "destination[].rate", "destination[].burst",
-                            "destination[].source_addresses")
+                            "destination[].source_addresses",
+                            "destination[].on_reply", "delivery.path_cooldown",
+                            "delivery.path_cooldown_max", "sender[].priority")
 
 
 def write_config(folder: Path, main: str, policy: str = "") -> tuple[Path, Path]:

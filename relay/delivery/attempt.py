@@ -64,6 +64,10 @@ class Job:
     path: Path | None = None
     # Source addresses that could not be bound for it (it moved on to another source).
     unbindable: tuple[object, ...] = ()
+    # Set by the attempt, for path health: some hop replied after its greeting (the
+    # destination is up); or every hop tried failed at connection level (no session).
+    answered: bool = False
+    unreachable: bool = False
 
     @property
     def first(self) -> DueRecipient:
@@ -346,6 +350,7 @@ class Attempter:
                     continue
                 finally:
                     job.client = None
+                job.answered = True
                 if not tx.mail.is_ok and not tx.mail.is_permanent:
                     last = (tx.mail.text, _status_of(tx.mail, "4.0.0"), hop)
                     _close(conn)
@@ -365,6 +370,8 @@ class Attempter:
                              " this message needs", "5.6.7", None), None
         if refused is not None:
             last = refused
+        else:
+            job.unreachable = not job.answered and last[2] is not None
         return self._all(job, Kind.TEMPORARY, last[0], last[1], last[2]), None
 
     def _smime_decision(self, job: Job) -> Decision | None:

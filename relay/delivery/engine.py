@@ -9,6 +9,12 @@ jobs, and take a token of the destination's bucket (`rate`) before each job. A t
 destination keeps only a short window of jobs in memory and hands the rest back to the index,
 due when its bucket will have tokens for them, with no attempt counted: it never holds the
 in-flight room other destinations need.
+
+Path health (relay/delivery/health.py): every attempt that draws a non-2xx reply or reaches no
+next hop feeds its path's health and its destination's breaker. Only then is the destination
+marked `troubled`; until the HealthBook forgets it again, its dispatch skips paths out of
+rotation, its workers respect each path's connection cap and the breaker, and recipients
+refused by a block or an `on_reply` rule go to another source at once.
 """
 
 from __future__ import annotations
@@ -23,9 +29,20 @@ from dataclasses import dataclass
 
 from relay import log
 from relay.addresses import address_problem, domain_of
-from relay.config import Config, IPAddress
+from relay.config import Config, IPAddress, SourceAddress
+from relay.config.policies import OnReply
 from relay.delivery import retry
 from relay.delivery.attempt import Attempter, Connection, Job, Kind, SourceUnusable, Verdict
+from relay.delivery.health import (
+    BLOCK,
+    CLOSED,
+    TRANSIENT,
+    HealthBook,
+    PathHealth,
+    ReplyClass,
+    ReplyKind,
+    classify,
+)
 from relay.delivery.nexthop import DnsFailure, NextHop, NextHopResolver
 from relay.delivery.paths import HANDBACK_HORIZON, Destination, Path
 from relay.delivery.sources import SourcePicker
@@ -45,6 +62,10 @@ MAX_HOPS = 50              # more Received headers than this: a mail loop (Postf
 STOP_WAIT = 2.0            # after the drain grace: for workers to record what they cut off
 FLUSH_WAIT = 5.0           # at a stop: for the last outcomes to be recorded
 HANDBACK_MIN = 0.5         # a handed-back recipient is due again at the earliest this late
+PRUNE_EVERY = 60.0         # seconds between HealthBook prunes (forget healthy paths)
+_RETRY_ELSEWHERE = (ReplyKind.SUSPEND, ReplyKind.BLOCK)  # the recipient is not at fault
+_DELIVERED = Kind.DELIVERED
+_SETTLED = (Kind.DELIVERED, Kind.RELEASED, Kind.UNKNOWN)  # no reply to classify
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 
@@ -105,6 +126,11 @@ class DeliveryEngine:
         self._resolvers: set[asyncio.Task[None]] = set()
         self._running: dict[asyncio.Task[None], Job] = {}  # worker -> the job it runs now
         self._handback_due = float("inf")  # earliest due time of a handed-back recipient
+        # Path health and breakers: kept across reloads (what the remotes said is not config).
+        self.health = HealthBook.from_config(config)
+        self._troubled: set[str] = set()         # destinations the book has state for
+        self._down: set[tuple[str, str]] = set()  # paths logged path_down, not yet path_up
+        self._pruned_at = clock()
         store.on_recorded = self._recorded
 
     def apply(self, config: Config) -> None:
@@ -120,6 +146,7 @@ class DeliveryEngine:
         self.attempter.config = config
         self.store.hostname = config.server.hostname
         self.store.max_lifetime = config.queue.max_lifetime
+        self.health.apply(config)
         for dest in self.destinations.values():
             dest.apply(config.destination_for(dest.key))
 
@@ -162,6 +189,7 @@ class DeliveryEngine:
             self.dispatch(due)
             if len(due) == min(room, CLAIM_BATCH):
                 return True
+        self._prune_health()
         await self.store.maintain()
         return False
 
@@ -219,6 +247,7 @@ class DeliveryEngine:
         if dest is None:
             dest = Destination.for_policy(domain, self.config.destination_for(domain),
                                           self.clock)
+            dest.troubled = domain in self._troubled
             self.destinations[domain] = dest
         return dest
 
@@ -227,6 +256,9 @@ class DeliveryEngine:
         destination is throttled and already holds its window of jobs."""
         # The hot path (no rate, no source pool) is a few dict lookups: keep it so.
         dest = self.destinations.get(domain) or self._destination(domain)
+        if dest.troubled:
+            self._enqueue_troubled(dest, job)
+            return
         if dest.bucket is not None and dest.queued >= dest.window:
             self._hand_back(dest, job)
             return
@@ -251,7 +283,8 @@ class DeliveryEngine:
         # Idle workers take one job each; more jobs than that need more connections (a
         # burst after a quiet spell would otherwise queue behind one idle connection).
         if len(path.jobs) > path.idle:
-            if dest.workers < dest.max_connections:
+            if dest.workers < dest.max_connections and (
+                    not dest.troubled or path.workers < self._path_cap(dest, path)):
                 self._start_worker(dest, path)
             elif not path.workers:
                 # Every slot is taken, by other paths: their idle connections make room.
@@ -269,6 +302,10 @@ class DeliveryEngine:
         # Each job handed back needs a token after those handed back before it.
         due = max(now + max(HANDBACK_MIN, delay), dest.handed_back_until + 1 / bucket.per_second)
         dest.handed_back_until = due
+        self._postpone(job, due)
+
+    def _postpone(self, job: Job, due: float) -> None:
+        """Back to the index, due at `due` (wall clock), with no attempt counted."""
         self.store.postpone([(d.msg, d.idx, due) for d in job.recipients])
         for d in job.recipients:
             self.in_flight.discard((d.msg, d.idx))
@@ -298,7 +335,10 @@ class DeliveryEngine:
         else:
             for path in list(dest.paths.values()):
                 # A connection per waiting job, up to the destination's cap.
-                for _ in range(min(len(path.jobs), dest.max_connections - dest.workers)):
+                room = dest.max_connections - dest.workers
+                if dest.troubled:
+                    room = min(room, self._path_cap(dest, path) - path.workers)
+                for _ in range(min(len(path.jobs), room)):
                     self._start_worker(dest, path)
         finally:
             dest.resolving = None
@@ -346,8 +386,12 @@ class DeliveryEngine:
                 await self.store.room_to_record()
                 if not path.jobs or self.stopping:
                     continue
+                if dest.troubled and self._must_leave(dest, path):
+                    break
                 if dest.bucket is not None:
                     delay = await dest.bucket.acquire()
+                    if delay == 0 and dest.troubled and self._ramping(dest, path):
+                        delay = await dest.bucket.acquire()  # half rate: a job costs two
                     if delay > 0:
                         if conn is not None and delay > CONNECTION_IDLE:
                             await conn.client.quit()
@@ -356,6 +400,9 @@ class DeliveryEngine:
                         continue
                 job = path.jobs.popleft()
                 dest.queued -= 1
+                if dest.troubled and not self.health.breaker(dest.key).allow(self.clock()):
+                    self._hold_destination(dest, job)
+                    break
                 conn = await self._attempt(dest, job, conn)
                 if conn is not None and conn.sent >= dest.max_per_connection:
                     await conn.client.quit()
@@ -460,6 +507,8 @@ class DeliveryEngine:
         except SourceUnusable as exc:
             self._next_source(dest, job, exc)
             return None
+        if dest.troubled or job.unreachable or not _all_delivered(verdicts):
+            verdicts = self._observe(dest, job, verdicts)
         self._finish(job, verdicts)
         return conn
 
@@ -467,6 +516,8 @@ class DeliveryEngine:
         """The job's source address cannot be bound: the job moves to another source (not
         to the next hop, which would fail the same way); with none left it is deferred."""
         self.sources.unbindable(exc.source)
+        if job.path is not None:
+            self._path_failed(dest, job.path, BLOCK, f"cannot bind: {exc}")
         job.unbindable += (exc.source.address,)
         failed = set(job.unbindable)
         source = self.sources.next_after(failed, dest.allowed_sources)
@@ -523,9 +574,215 @@ class DeliveryEngine:
                 hops = hops + await self.resolver.for_hosts(fallback, "fallback")
         return hops
 
+    # --- path health ----------------------------------------------------------------------
+
+    def _source_keys(self, dest: Destination) -> list[str]:
+        """The sources a destination may use, as the HealthBook keys them."""
+        if not self.sources.sources:
+            return [""]
+        allowed = dest.allowed_sources or [s.address for s in self.sources.sources]
+        return [str(a) for a in allowed]
+
+    def _enqueue_troubled(self, dest: Destination, job: Job) -> None:
+        """`_enqueue` for a destination with health state: a breaker that is open holds the
+        job back; a source out of rotation is never picked; none left: defer."""
+        now = self.clock()
+        breaker = self.health.breaker(dest.key)
+        if breaker.until(now) > now:
+            self._postpone(job, self._wall(breaker.until(now), now))
+            return
+        if dest.bucket is not None and dest.queued >= dest.window:
+            self._hand_back(dest, job)
+            return
+        book, key = self.health, dest.key
+        source: SourceAddress | None = None
+        if self.sources.sources:
+            source = self.sources.pick(
+                dest.allowed_sources,
+                lambda s: not book.path(key, str(s.address)).available(now))
+            available = source is not None
+        else:
+            available = book.path(key, "").available(now)
+        if not available:
+            self._defer_blocked(dest, job, now)
+            return
+        self._queue_on(dest, dest.path_for(source, self.tls_memory), job)
+
+    def _defer_blocked(self, dest: Destination, job: Job, now: float) -> None:
+        """Every source is out of rotation: defer with the reason, due no earlier than the
+        first comes back (never bounced: the recipient is not at fault)."""
+        deferral = self.health.deferral(dest.key, self._source_keys(dest), now)
+        reason = deferral.reason if deferral else f"all sources of {dest.key} are blocked"
+        until = deferral.until if deferral else now
+        reply = f"451 4.7.1 {reason}"
+        self._finish(job, [Verdict(d, Kind.TEMPORARY, reply, "4.7.1") for d in job.recipients],
+                     not_before=self._wall(until, now))
+
+    def _wall(self, monotonic: float, now: float) -> float:
+        """A time of the health clock as a wall-clock due time."""
+        return self.now() + max(0.0, monotonic - now)
+
+    def _path_health(self, dest: Destination, path: Path) -> PathHealth:
+        return self.health.path(dest.key, path.health_key)
+
+    def _path_cap(self, dest: Destination, path: Path) -> int:
+        return self._path_health(dest, path).connection_cap(
+            self.clock(), dest.max_connections, dest.bucket is not None)
+
+    def _ramping(self, dest: Destination, path: Path) -> bool:
+        return self._path_health(dest, path).ramping(self.clock())
+
+    def _must_leave(self, dest: Destination, path: Path) -> bool:
+        """A worker of a troubled destination quits (freeing its slot) when the breaker is
+        open (the work is held back) or its path carries fewer connections now (a path out
+        of rotation moves its jobs to other sources first)."""
+        now = self.clock()
+        if self.health.breaker(dest.key).until(now) > now:
+            self._hold_destination(dest, None)
+            return True
+        health = self._path_health(dest, path)
+        if not health.available(now):
+            self._evacuate(dest, path)
+            return True
+        return path.workers > health.connection_cap(now, dest.max_connections,
+                                                    dest.bucket is not None)
+
+    def _hold_destination(self, dest: Destination, job: Job | None) -> None:
+        """The breaker is open: `job` and every queued job wait in the index until it
+        half-opens (no attempt counted); its workers leave, holding no slots."""
+        now = self.clock()
+        due = self._wall(self.health.breaker(dest.key).until(now), now)
+        if job is not None:
+            self._postpone(job, due)
+        for path in dest.paths.values():
+            while path.jobs:
+                dest.queued -= 1
+                self._postpone(path.jobs.popleft(), due)
+
+    def _evacuate(self, dest: Destination, path: Path) -> None:
+        """A path left rotation: its queued jobs go to other sources at once (or defer)."""
+        jobs = list(path.jobs)
+        path.jobs.clear()
+        dest.queued -= len(jobs)
+        for job in jobs:
+            self._enqueue_troubled(dest, job)
+
+    def _observe(self, dest: Destination, job: Job, verdicts: list[Verdict]) -> list[Verdict]:
+        """Feed an attempt's outcome to path health and the breaker; returns the verdicts to
+        record. Recipients refused by a block or an `on_reply` rule are not among them:
+        they go to another source at once, or defer when there is none."""
+        path = job.path
+        if path is None:
+            return verdicts
+        if job.unreachable:
+            reply = verdicts[0].reply if verdicts else ""
+            found = classify(reply, _rules(dest))
+            if found.kind in _RETRY_ELSEWHERE:  # e.g. a greeting that names a block
+                self._path_failed(dest, path, found, reply)
+                self._retry_elsewhere(dest, job, verdicts)
+                return []
+            self._path_failed(dest, path, TRANSIENT, reply)
+            self._breaker_failed(dest)
+            return verdicts
+        if job.answered:
+            self._breaker_answered(dest)
+        keep: list[Verdict] = []
+        retry: list[Verdict] = []
+        acted = False
+        seen: dict[str, ReplyClass] = {}
+        for v in verdicts:
+            if v.kind in _SETTLED:
+                keep.append(v)
+                continue
+            found = seen.get(v.reply) or seen.setdefault(v.reply, classify(v.reply, _rules(dest)))
+            if found.path_action and not acted:
+                acted = True
+                self._path_failed(dest, path, found, v.reply)
+            (retry if found.kind in _RETRY_ELSEWHERE else keep).append(v)
+        if not acted and job.answered and dest.troubled:
+            self._path_succeeded(dest, path)
+        if retry:
+            self._retry_elsewhere(dest, job, retry)
+        return keep
+
+    def _retry_elsewhere(self, dest: Destination, job: Job, verdicts: list[Verdict]) -> None:
+        retry = Job(job.msg, [v.due for v in verdicts])
+        self._enqueue_troubled(dest, retry)
+
+    def _path_failed(self, dest: Destination, path: Path, found: ReplyClass,
+                     reason: str) -> None:
+        now = self.clock()
+        self._watch(dest)
+        health = self._path_health(dest, path)
+        was_up = health.available(now)
+        health.record(now, found, reason)
+        if not was_up or health.available(now):
+            return
+        key = (dest.key, path.health_key)
+        self._down.add(key)
+        until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._wall(health.until(now),
+                                                                            now)))
+        if found.kind is ReplyKind.SUSPEND:
+            rule = next((r.match.pattern for r in _rules(dest) if r.match.search(reason)), "")
+            log.event("path_suspended", level=30, destination=dest.key, source=key[1] or None,
+                      rule=rule, duration=found.duration, reason=health.reason, until=until)
+        else:
+            log.event("path_down", level=30, destination=dest.key, source=key[1] or None,
+                      reason=health.reason, until=until)
+        self._evacuate(dest, path)
+
+    def _path_succeeded(self, dest: Destination, path: Path) -> None:
+        self._path_health(dest, path).success(self.clock())
+        key = (dest.key, path.health_key)
+        if key in self._down:
+            self._down.discard(key)
+            log.event("path_up", destination=dest.key, source=key[1] or None)
+
+    def _breaker_failed(self, dest: Destination) -> None:
+        now = self.clock()
+        breaker = self.health.breaker(dest.key)
+        was = breaker.state(now)
+        breaker.failure(now)
+        if was == CLOSED and breaker.state(now) != CLOSED:
+            until = self._wall(breaker.until(now), now)
+            log.event("breaker_open", level=30, destination=dest.key,
+                      until=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(until)))
+        if breaker.until(now) > now:
+            self._hold_destination(dest, None)
+
+    def _breaker_answered(self, dest: Destination) -> None:
+        if not dest.troubled:
+            return  # no breaker state kept: nothing to close
+        breaker = self.health.breaker(dest.key)
+        if breaker.failures or breaker.state(self.clock()) != CLOSED:
+            was_open = breaker.state(self.clock()) != CLOSED
+            breaker.success(self.clock())
+            if was_open:
+                log.event("breaker_closed", destination=dest.key)
+
+    def _watch(self, dest: Destination) -> None:
+        """The destination has health state from now on: its dispatch consults it."""
+        dest.troubled = True
+        self._troubled.add(dest.key)
+
+    def _prune_health(self) -> None:
+        """Now and then, forget healthy paths and closed breakers: those destinations go
+        back to the hot path."""
+        now = self.clock()
+        if now - self._pruned_at < PRUNE_EVERY:
+            return
+        self._pruned_at = now
+        self.health.prune(now)
+        self._troubled = self.health.destinations()
+        self._down = {k for k in self._down if k[0] in self._troubled}
+        for dest in self.destinations.values():
+            dest.troubled = dest.key in self._troubled
+
     # --- outcomes -----------------------------------------------------------------------
 
-    def _finish(self, job: Job, verdicts: list[Verdict]) -> None:
+    def _finish(self, job: Job, verdicts: list[Verdict], not_before: float = 0.0) -> None:
+        """Record the outcomes; a deferral is due no earlier than `not_before` (wall clock:
+        when a blocked destination has a source back)."""
         now = time.time()
         schedule = self.config.queue.retry_schedule
         # One jitter draw per job: its deferred recipients come due together and are retried in
@@ -550,6 +807,8 @@ class DeliveryEngine:
                                                        rng=random.Random(seed))
                 if state == EXPIRED:
                     status = "4.4.7"
+                elif next_at < not_before:
+                    next_at = not_before
             hop = v.hop
             outcome = Outcome(due.msg, due.idx, state, now, next_at, v.reply,
                               host=hop.name if hop else None,
@@ -658,6 +917,17 @@ def _starving(dest: Destination) -> bool:
 def _close(conn: Connection | None) -> None:
     if conn is not None:
         conn.client.close()
+
+
+def _all_delivered(verdicts: list[Verdict]) -> bool:
+    # The common case, one recipient delivered, without a generator.
+    if len(verdicts) == 1:
+        return verdicts[0].kind is _DELIVERED
+    return all(v.kind is _DELIVERED for v in verdicts)
+
+
+def _rules(dest: Destination) -> tuple[OnReply, ...]:
+    return dest.policy.on_reply if dest.policy is not None else ()
 
 
 def _cause(exc: BaseException) -> str:

@@ -415,6 +415,10 @@ class HealthBook:
             del self._breakers[destination]
         return len(healthy) + len(closed)
 
+    def destinations(self) -> set[str]:
+        """Destinations with any state kept (the engine watches only these closely)."""
+        return {d for d, _ in self._paths} | set(self._breakers)
+
     def configure(self, cooldown: float, cooldown_max: float) -> None:
         """New timings (at reload): they apply from each path's next failure on."""
         self.cooldown, self.cooldown_max = cooldown, cooldown_max

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from relay.config import DestinationPolicy, IPAddress, SourceAddress
+from relay.delivery.jobqueue import JobQueue
 from relay.delivery.throttle import TokenBucket
 from relay.delivery.tls import static_requirement
 from relay.delivery.tlspolicy import OPPORTUNISTIC, TlsRequirement
@@ -25,9 +25,6 @@ if TYPE_CHECKING:
     from relay.delivery.attempt import Job
     from relay.delivery.nexthop import NextHop
 
-# The job container of a path: anything with append, popleft, len/bool and iteration
-# (relay/delivery/jobqueue.py's JobQueue, ordered by priority, drops in here).
-JobQueue = deque
 DEFAULT_MAX_CONNECTIONS = 20
 DEFAULT_MAX_PER_CONNECTION = 100
 # A throttled destination keeps in memory what its rate lets out in this many seconds (plus
@@ -49,6 +46,11 @@ class Path:
     def key(self) -> IPAddress | None:
         return self.source.address if self.source is not None else None
 
+    @property
+    def health_key(self) -> str:
+        """The source as the HealthBook keys it ("" for the kernel's choice)."""
+        return str(self.source.address) if self.source is not None else ""
+
 
 @dataclass(eq=False)
 class Destination:
@@ -64,6 +66,9 @@ class Destination:
     hops: list[NextHop] | None = None       # resolved before any worker starts
     resolving: asyncio.Task[None] | None = None
     handed_back_until: float = 0.0  # wall-clock due time of the last job handed back
+    # Path health or its breaker has state for this destination (relay/delivery/health.py):
+    # dispatch and workers consult it. False on the hot path, which then pays nothing.
+    troubled: bool = False
 
     def __post_init__(self) -> None:
         self.bucket = _bucket(self.policy, self.clock)

@@ -57,10 +57,13 @@ class SourcePicker:
     def __bool__(self) -> bool:
         return bool(self.sources)
 
-    def pick(self, allowed: tuple[IPAddress, ...] = ()) -> SourceAddress | None:
+    def pick(self, allowed: tuple[IPAddress, ...] = (),
+             unavailable: Callable[[SourceAddress], bool] | None = None) -> SourceAddress | None:
         """The source for the next message; `allowed` (a destination's list) restricts it.
 
-        A source that failed to bind lately is skipped while others remain."""
+        A source that failed to bind lately is skipped while others remain. With
+        `unavailable` (path health: out of rotation), those are never picked: None when
+        every source is unavailable."""
         if not self.sources:
             return None
         rotation = self._rotations.get(allowed)
@@ -68,6 +71,11 @@ class SourcePicker:
             rotation = SmoothWeighted([self._by_address[a] for a in allowed
                                        if a in self._by_address])
             self._rotations[allowed] = rotation
+        if unavailable is not None:
+            if not self._unbindable:
+                return rotation.pick(unavailable)
+            return rotation.pick(lambda s: unavailable(s) or self._is_unbindable(s)) \
+                or rotation.pick(unavailable)
         if not self._unbindable:
             return rotation.pick()
         return rotation.pick(self._is_unbindable) or rotation.pick()
