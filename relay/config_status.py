@@ -38,8 +38,6 @@ class NotEnforced:
 # with their section; policy keys with their table (destination, sender, recipient).
 NOT_ENFORCED: dict[str, NotEnforced] = {
     "queue.retention": NotEnforced("warning"),
-    "delivery.spf": NotEnforced("warning", ("off",)),
-    "delivery.source_addresses[].warmup": NotEnforced("warning"),
     "http.listen": NotEnforced("warning"),
     "http.token": NotEnforced("security", ("",)),
     "cluster.redis": NotEnforced("warning", ("",)),
