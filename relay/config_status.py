@@ -42,7 +42,6 @@ NOT_ENFORCED: dict[str, NotEnforced] = {
     "server.max_messages_per_client": NotEnforced("warning", ("0", 0)),
     "queue.max_queued": NotEnforced("warning"),
     "queue.dedupe_window": NotEnforced("warning", ("0", 0)),
-    "queue.retention": NotEnforced("warning"),
     "delivery.spf": NotEnforced("warning", ("off",)),
     "delivery.source_addresses[].warmup": NotEnforced("warning"),
     "delivery.path_cooldown": NotEnforced("warning"),

@@ -344,6 +344,7 @@ async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int) -
     store = DeliveryStore(root, root / "index.sqlite", hostname=config.server.hostname,
                           max_lifetime=config.queue.max_lifetime,
                           segment_size=config.queue.segment_size)
+    store.retention = config.queue.retention  # delivery records ([queue] retention)
     await store.start()
     listeners = {(hp.host, hp.port) for hp in (*config.server.listen, *config.server.listen_tls)}
     sts = _sts_for(config, None)
@@ -356,6 +357,7 @@ async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int) -
         """A reload: the next job and attempt use the new policies, keys and settings."""
         nonlocal sts
         engine.apply(rt.config)
+        store.retention = rt.config.queue.retention
         engine.attempter.signer = rt.signer
         engine.attempter.smime = rt.smime
         engine.attempter.tls = rt.client_tls

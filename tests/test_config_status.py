@@ -26,7 +26,6 @@ SAMPLES: dict[str, tuple[str, str]] = {
     "server.max_messages_per_client": ('[server]\nmax_messages_per_client = "60/min"\n', ""),
     "queue.max_queued": ("[queue]\nmax_queued = 5000\n", ""),
     "queue.dedupe_window": ('[queue]\ndedupe_window = "24h"\n', ""),
-    "queue.retention": ('[queue]\nretention = "30d"\n', ""),
     "delivery.spf": ('[delivery]\nspf = "enforce"\n', ""),
     "delivery.source_addresses[].warmup": (
         '[delivery]\nsource_addresses = [{ address = "192.0.2.10", '
