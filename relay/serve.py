@@ -92,6 +92,12 @@ def serve(cli_config: str | None) -> int:
     except OSError as exc:
         print(f"{root}: startup recovery failed: {exc}", file=sys.stderr)
         return 1
+    from relay.queue.records import RECORDS_FILE, records_problem
+
+    problem = records_problem(root / RECORDS_FILE)
+    if problem is not None:  # damage does not heal by restarting (78 stops a restart loop)
+        print(problem, file=sys.stderr)
+        return EXIT_CONFIG
     # Every count, zeros too: "released=0 reindexed=0" says the last stop was clean.
     log.event("recovered", seconds=round(time.monotonic() - started, 3), **vars(report))
     # Before intake takes any mail: the room delivery needs to record outcomes on a full disk.

@@ -163,7 +163,9 @@ def test_bad_inputs_get_a_clear_message(tmp_path: Path) -> None:
     damaged = relay_cli(config, "status", "ABC")
     assert damaged.returncode == 1 and "cannot read the delivery records" in damaged.stderr
     assert "Traceback" not in damaged.stderr
-    (tmp_path / "var" / "spool").mkdir()
+    refused = relay_cli(config, "serve")  # says so before it starts, and no restart loop
+    assert refused.returncode == 78 and "delivery records are unusable" in refused.stderr
+    (tmp_path / "var" / "spool").mkdir(exist_ok=True)
     (tmp_path / "var" / "index.sqlite").write_bytes(b"garbage" * 1000)
     rebuilt = relay_cli(config, "queue", "rebuild")  # a damaged index needs no --force
     assert rebuilt.returncode == 0, rebuilt.stderr

@@ -188,6 +188,17 @@ class Records:
         return len(old)
 
 
+def records_problem(path: Path) -> str | None:
+    """Why the delivery records cannot be written (None: fine, or created now): checked by
+    `serve` before it starts, so a damaged file is a clear message and not a dead child."""
+    try:
+        Records(path).close()
+    except sqlite3.DatabaseError as exc:
+        return (f"{path}: the delivery records are unusable: {exc}; move the file aside to"
+                " start a new one (keep it: it holds the proof of past deliveries)")
+    return None
+
+
 # --- readers (`invoice-relay status`): a read-only connection, the relay running or not ---
 
 
