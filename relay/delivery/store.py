@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import sqlite3
 import time
@@ -96,7 +97,7 @@ class DeliveryStore:
         self._index: Index | None = None
         self._records: Records | None = None
         self.retention = DEFAULT_RETENTION  # [queue] retention; set again by a reload
-        self._pruned = 0.0
+        self._pruned = -math.inf  # the first maintenance step prunes
         self._batch = _Batch()
         self._flusher: asyncio.Task[None] | None = None
         self._unrecorded = 0
@@ -277,7 +278,7 @@ class DeliveryStore:
         if removed:
             log.event("records_pruned", messages=removed)
             if removed >= 5000:
-                self._pruned = 0.0  # more to do: the next maintenance step goes on
+                self._pruned = -math.inf  # more to do: the next maintenance step goes on
 
     def _checkpoint(self, mode: str) -> None:
         assert self._index is not None
