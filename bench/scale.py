@@ -196,7 +196,8 @@ class Relay:
 
     def __init__(self, workdir: Path, name: str, relay_cmd: list[str], routes: dict[str, int],
                  *, retry: list[str] | None = None, queue: Path | None = None,
-                 autogroup_nice: int | None = None) -> None:
+                 autogroup_nice: int | None = None,
+                 limits: dict[str, str] | None = None) -> None:
         self.name = name
         self.autogroup_nice = autogroup_nice
         self.dir = workdir / name
@@ -209,8 +210,10 @@ class Relay:
             f'[server]\nlisten = ["127.0.0.1:{self.port}"]\nmax_connections_per_client = 1000\n'
             f'[queue]\npath = "{self.queue}"\n{retry_line}'
             f'[http]\nlisten = "127.0.0.1:{free_port()}"\n[policies]\npath = "policies"\n')
+        # limits: more TOML lines for a domain's [[destination]] (bench/shaping.py: its rate)
         (self.dir / "policies" / "bench.toml").write_text("".join(
             f'[[destination]]\ndomain = "{dom}"\nroutes = ["127.0.0.1:{port}"]\n'
+            f'{(limits or {}).get(dom, "")}'
             for dom, port in routes.items()))
         self.cmd = [*relay_cmd, "serve", "--config", str(self.dir / "relay.toml")]
         self.lock = threading.Lock()

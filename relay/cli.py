@@ -10,6 +10,9 @@ from collections.abc import Sequence
 
 from relay.exitcodes import EXIT_OK, EXIT_USAGE
 
+# The verbs that open the queue folder: run as root, they act as its owner.
+QUEUE_VERBS = frozenset({"queue", "status", "backup", "restore"})
+
 
 def _version() -> str:
     try:
@@ -78,6 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     config_path: str | None = getattr(args, "config", None)
+    if os.geteuid() == 0 and args.verb in QUEUE_VERBS:
+        # Root must not leave root-owned files the service cannot open (relay.ops.privileges).
+        from relay.ops.privileges import act_as_queue_owner
+
+        if (refused := act_as_queue_owner(config_path)) is not None:
+            return refused
     if args.verb == "serve":
         from relay.serve import serve
 

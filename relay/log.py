@@ -1,4 +1,6 @@
-"""The operator's log: one logfmt line per event on stderr, always with the queue id.
+"""The operator's log: one line per event on stderr, always with the queue id: logfmt
+(`time=... event=NAME key=value`) or, with `[log] format = "json"`, one JSON object per line with
+the same keys.
 
 Never pass passwords or keys here; replies from remote servers are logged verbatim (quoted).
 """
@@ -7,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import sys
@@ -15,7 +18,10 @@ import time
 _log = logging.getLogger("invoice-relay")
 
 
-def setup(level: int = logging.INFO) -> None:
+def setup(level: int = logging.INFO, fmt: str = "logfmt") -> None:
+    """Log to stderr as `fmt` ("logfmt" or "json"; chosen once, at start)."""
+    global _render
+    _render = _json_line if fmt == "json" else _line
     handler = _BatchingHandler(sys.stderr)
     handler.setFormatter(_OneLine())
     root = logging.getLogger()
@@ -83,7 +89,7 @@ class _OneLine(logging.Formatter):
         if record.name == _log.name:
             return record.getMessage()
         error = record.exc_info[1] if record.exc_info else None
-        return _line("library_error", logger=record.name, message=record.getMessage(),
+        return _render("library_error", logger=record.name, message=record.getMessage(),
                      error=f"{type(error).__name__}: {error}" if error is not None else None)
 
 
@@ -124,22 +130,36 @@ def event(name: str, level: int = logging.INFO, **fields: object) -> None:
     """Log one event: `time=... event=NAME key=value ...` (None values are left out)."""
     if not _log.isEnabledFor(level):
         return
-    _log.log(level, _line(name, **fields))
+    _log.log(level, _render(name, **fields))
 
 
 _stamp: tuple[int, str] = (0, "")
 
 
 def _now() -> str:
-    """`time=...Z` of this second, formatted once per second."""
+    """`...Z`, the UTC time of this second, formatted once per second."""
     global _stamp
     second = int(time.time())
     if _stamp[0] != second:
-        _stamp = (second, time.strftime("time=%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)))
+        _stamp = (second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)))
     return _stamp[1]
 
 
 def _line(name: str, **fields: object) -> str:
-    parts = [_now(), f"event={name}"]
+    parts = [f"time={_now()}", f"event={name}"]
     parts.extend(f"{key}={_quote(value)}" for key, value in fields.items() if value is not None)
     return " ".join(parts)
+
+
+def _json_line(name: str, **fields: object) -> str:
+    """The same keys as a JSON object; numbers and booleans stay numbers and booleans, other
+    values become their text. ASCII only: a control character or a byte that was not UTF-8
+    stays an escape, never a raw byte in the log."""
+    record: dict[str, object] = {"time": _now(), "event": name}
+    for key, value in fields.items():
+        if value is not None:
+            record[key] = value if isinstance(value, int | float | str) else str(value)
+    return json.dumps(record, separators=(",", ":"))
+
+
+_render = _line

@@ -16,9 +16,10 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Callable, Sequence
 
-from relay import log
+from relay import log, notify
 from relay.config import ConfigError, load_config
 from relay.runtime import BuildFailed, Live, Runtime, changes, keep_restart_keys
 
@@ -55,7 +56,17 @@ class Reloader:
                 await self._task
 
     async def _run(self) -> None:
+        # The main process brackets the reload for systemd (its children follow on their own).
+        if self.children:
+            notify.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         self._again = True
+        try:
+            await self._reload_until_settled()
+        finally:
+            if self.children:  # refused or not, the relay serves (with the config in force)
+                notify.notify("READY=1")
+
+    async def _reload_until_settled(self) -> None:
         while self._again:
             self._again = False
             try:

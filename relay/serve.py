@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 import uvloop
 
-from relay import log
-from relay.config import load_or_exit
+from relay import log, notify
+from relay.config import load_or_exit, unbindable_sources
 from relay.exitcodes import EXIT_CONFIG
+from relay.notify import Heartbeats
 from relay.queue.committer import Committer
 from relay.queue.notices import Committed, NoticeWriter, read_pipes
 from relay.queue.recovery import recover
@@ -50,6 +51,8 @@ DELIVERY_START_TIMEOUT = 30.0
 INTAKE_PROCESSES = max(1, min(2, os.cpu_count() or 1))
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
+# Failures that go away by themselves or by a fix outside the config (exit 1, not 78).
+_TRANSIENT = {errno.EADDRINUSE, errno.EACCES, errno.EPERM, errno.EAGAIN}
 # Tasks nobody awaits (closing a replaced MTA-STS source): held so they are not collected.
 _background: set[asyncio.Task[None]] = set()
 # Held back until each process has its handlers: the default action of all three is to die.
@@ -66,17 +69,26 @@ def serve(cli_config: str | None) -> int:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return EXIT_CONFIG
-    log.setup()
+    log.setup(fmt=config.log.format)
     for line in config.warnings:  # keys set but not enforced yet: said once, at start
         log.event("config_warning", level=30, warning=line)
+    unbindable = unbindable_sources(config)
+    if unbindable:
+        # Not EX_CONFIG: the address may come up later (an interface still being configured).
+        for line in unbindable:
+            log.event("source_unbindable", level=40, error=line)
+            print(line, file=sys.stderr)
+        return 1
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # the forked child inherits this
     root = config.queue.path
     try:
         root.mkdir(parents=True, exist_ok=True)
         lock = _lock_queue(root)
     except OSError as exc:
-        print(f"{root}: cannot use the queue folder: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        print(f"{root}: cannot use the queue folder: {exc.strerror or exc}", file=sys.stderr)
+        # Permissions get fixed and a lock held by a relay that is stopping goes away: exit 1,
+        # which systemd restarts; only a path that can never work (a file, ...) is the config's.
+        return 1 if exc.errno in _TRANSIENT else EXIT_CONFIG
     db_path = root / "index.sqlite"
     started = time.monotonic()
     try:
@@ -113,9 +125,10 @@ def serve(cli_config: str | None) -> int:
         message = exc.strerror or str(exc)  # "cannot listen on HOST:PORT: why"
         log.event("listen_failed", level=40, error=message)
         print(message, file=sys.stderr)
-        # A port still held by a process that is going away frees up: exit 1, which systemd
-        # restarts. Anything else (no such address, no permission) is the config's: 78.
-        return 1 if exc.errno == errno.EADDRINUSE else EXIT_CONFIG
+        # A port still held by a process that is going away frees up, and a missing capability
+        # is granted by a drop-in: exit 1, which systemd restarts. An address this machine does
+        # not have is the config's: 78.
+        return 1 if exc.errno in _TRANSIENT else EXIT_CONFIG
     reserve_path = reserve.path if reserve.path.exists() else None
     limit = config.server.auth_failure_limit
     # Created before the fork: every intake process shares the same buckets.
@@ -125,8 +138,11 @@ def serve(cli_config: str | None) -> int:
     read_ends, write_ends = [r for r, _ in pipes], [w for _, w in pipes]
     parent = os.getpid()
     ready_read, ready_write = os.pipe()
+    interval = notify.watchdog_interval()
+    # Slot 0: delivery; slot N: intake process N (the main process is intake 0 and pings).
+    beats = Heartbeats(INTAKE_PROCESSES, interval) if interval else None
     delivery = _fork(lambda: _delivery_main(Live(runtime), read_ends, ready_write), parent,
-                     "relay-delivery",
+                     "relay-delivery", heartbeat=(beats, 0) if beats else None,
                      close=[*write_ends, ready_read, *(sock.fileno() for sock, _ in listeners)])
     for fd in (*read_ends, ready_write):
         os.close(fd)
@@ -138,14 +154,14 @@ def serve(cli_config: str | None) -> int:
     # More intake processes accept from the same listening sockets, so that SMTP intake, the
     # busiest stage, is spread over the cores; delivery runs beside them.
     helpers = [_fork_intake(runtime, slot, write_ends, listeners, reserve_path, auth_limiter,
-                            parent) for slot in range(1, INTAKE_PROCESSES)]
+                            parent, beats) for slot in range(1, INTAKE_PROCESSES)]
     for fd in write_ends[1:]:
         os.close(fd)
     _name_process("relay-intake")
     children = [delivery, *helpers]
     try:
         code = uvloop.run(_intake_main(Live(runtime), 0, write_ends[0], listeners, reserve_path,
-                                       auth_limiter, children=children))
+                                       auth_limiter, children=children, beats=beats))
     finally:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
@@ -168,16 +184,19 @@ def _wait_ready(fd: int, timeout: float) -> bool:
 
 def _fork_intake(runtime: Runtime, slot: int, write_ends: Sequence[int],
                  listeners: Sequence[tuple[socket.socket, bool]], reserve: Path | None,
-                 auth_limiter: AuthFailureLimiter | None, parent: int) -> int:
+                 auth_limiter: AuthFailureLimiter | None, parent: int,
+                 beats: Heartbeats | None) -> int:
     """Another intake process: segment writer number `slot`, its own notice pipe."""
     return _fork(lambda: _intake_main(Live(runtime), slot, write_ends[slot], listeners, reserve,
                                       auth_limiter),
-                 parent, "relay-intake", close=[w for i, w in enumerate(write_ends) if i != slot])
+                 parent, "relay-intake", close=[w for i, w in enumerate(write_ends) if i != slot],
+                 heartbeat=(beats, slot) if beats else None)
 
 
 def _fork(main: Callable[[], Coroutine[Any, Any, int]], parent: int, name: str,
-          close: Sequence[int] = ()) -> int:
-    """Run `main` on uvloop in a child process that dies with its parent."""
+          close: Sequence[int] = (), heartbeat: tuple[Heartbeats, int] | None = None) -> int:
+    """Run `main` on uvloop in a child process that dies with its parent (and, under a
+    systemd watchdog, beats from its event loop into its heartbeat slot)."""
     pid = os.fork()
     if pid:
         return pid
@@ -189,10 +208,22 @@ def _fork(main: Callable[[], Coroutine[Any, Any, int]], parent: int, name: str,
     try:
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
-        code = uvloop.run(main())
+        code = uvloop.run(_beating(main(), heartbeat))
     finally:
         log.flush()
         os._exit(code)
+
+
+async def _beating(main: Coroutine[Any, Any, int],
+                   heartbeat: tuple[Heartbeats, int] | None) -> int:
+    if heartbeat is None:
+        return await main
+    beats, slot = heartbeat
+    beating = asyncio.get_running_loop().create_task(beats.beat_forever(slot))
+    try:
+        return await main
+    finally:
+        beating.cancel()
 
 
 def _lock_queue(root: Path):  # type: ignore[no-untyped-def]
@@ -201,7 +232,7 @@ def _lock_queue(root: Path):  # type: ignore[no-untyped-def]
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise OSError(f"another invoice-relay is using {root}") from None
+        raise OSError(errno.EAGAIN, f"another invoice-relay is using {root}") from None
     return handle
 
 
@@ -256,7 +287,7 @@ def intake_settings(rt: Runtime) -> dict[str, Any]:
 async def _intake_main(live: Live, slot: int, notice_fd: int,
                        listeners: Sequence[tuple[socket.socket, bool]],
                        reserve: Path | None = None, auth_limiter: AuthFailureLimiter | None = None,
-                       children: Sequence[int] = ()) -> int:
+                       children: Sequence[int] = (), beats: Heartbeats | None = None) -> int:
     """SMTP intake. In the main process (`children` given) it also watches the other
     processes: if one dies unexpectedly, the relay stops so that the service manager restarts
     it and startup recovery runs."""
@@ -287,12 +318,17 @@ async def _intake_main(live: Live, slot: int, notice_fd: int,
               hostname=config.server.hostname, pid=os.getpid())
     loop = asyncio.get_running_loop()
     watchers = {loop.create_task(_watch_child(pid)) for pid in children}
+    if children:  # the main process: the only one systemd listens to (NotifyAccess=main)
+        notify.notify("READY=1", f"MAINPID={os.getpid()}", "STATUS=accepting mail")
+    pinger = loop.create_task(_watchdog(beats, children)) if children and beats else None
     stopper = loop.create_task(stop.wait())
     done, _ = await asyncio.wait({*watchers, stopper}, return_when=asyncio.FIRST_COMPLETED)
     code = 0
     if stopper not in done:
         log.event("child_died", level=40, note="stopping so the service manager restarts us")
         code = 1
+    if children:
+        notify.notify("STOPPING=1", "STATUS=draining")
     log.event("draining", process="intake")
     for pid in children:  # the others drain at the same time
         with contextlib.suppress(ProcessLookupError):
@@ -300,10 +336,19 @@ async def _intake_main(live: Live, slot: int, notice_fd: int,
     await intake.drain(DRAIN_GRACE)
     await asyncio.to_thread(committer.stop)
     notices.close()
-    for task in (*watchers, stopper):
+    for task in (*watchers, stopper, *([pinger] if pinger else [])):
         task.cancel()
     log.event("stopped", process="intake")
     return code
+
+
+async def _watchdog(beats: Heartbeats, children: Sequence[int]) -> None:
+    """WATCHDOG=1 while every child's loop turns; a stuck one is logged."""
+    def stuck(slots: list[int]) -> None:
+        log.event("watchdog_withheld", level=40, pids=",".join(str(children[s]) for s in slots),
+                  note="a process stopped beating; systemd restarts the relay after WatchdogSec")
+
+    await beats.watchdog(stuck)
 
 
 async def _watch_child(pid: int) -> None:

@@ -27,8 +27,10 @@ from sink import Received, Sink
 
 from relay.config import Config, DestinationPolicy
 from relay.delivery.attempt import Attempter
-from relay.delivery.engine import DeliveryEngine, Destination, received_count
+from relay.delivery.engine import DeliveryEngine, received_count
 from relay.delivery.nexthop import NextHop
+from relay.delivery.paths import Destination
+from relay.delivery.paths import Path as DeliveryPath
 from relay.queue.index import DueRecipient
 
 SENDER = "app@invoices.test"
@@ -788,21 +790,28 @@ async def test_burst_gets_new_connections_beside_idle_ones() -> None:
     engine = DeliveryEngine(Config(destinations=(policy,)), store, None, None)  # type: ignore[arg-type]
     started: list[str] = []
 
-    def start(dest: Destination) -> None:
+    def start(dest: Destination, path: DeliveryPath) -> None:
         started.append(dest.key)
         dest.workers += 1
+        path.workers += 1
 
     engine._start_worker = start  # type: ignore[method-assign]
-    dest = Destination("example.net", policy, workers=1, idle=1)  # one idle connection
+    dest = Destination.for_policy("example.net", policy)
+    dest.hops = []  # resolved
+    path = dest.path_for(None, engine.tls_memory)
+    path.workers = path.idle = dest.workers = 1  # one idle connection
     engine.destinations["example.net"] = dest
     engine.dispatch([DueRecipient(f"M{n}", 0, f"ap{n}@example.net", "example.net", 0, SENDER,
                                   0.0, 1e12, None, False) for n in range(8)])
-    assert len(dest.jobs) == 8
-    assert dest.more.is_set()
+    assert len(path.jobs) == 8
+    assert path.more.is_set()
     assert started == ["example.net"] * 3  # 1 idle + 3 new = max_connections
     engine.dispatch([DueRecipient("M9", 0, "x@other.test", "other.test", 0, SENDER, 0.0, 1e12,
                                   None, False)])
-    assert started[-1] == "other.test"
+    # A new destination's next hops are resolved before any worker starts.
+    other = engine.destinations["other.test"]
+    assert started[-1] == "example.net" and other.resolving is not None
+    other.resolving.cancel()
 
 
 def test_received_count_looks_at_the_header_block_only() -> None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+from pathlib import Path
 
 import pytest
 
 from relay import log
+from tests.relayproc import RelayProcess
 
 
 @pytest.mark.parametrize(("value", "shown"), [
@@ -53,3 +57,40 @@ def test_an_event_is_one_line(caplog: pytest.LogCaptureFixture) -> None:
     assert "\r" not in line and "\n" not in line
     assert line.endswith(' event=bounced id=Q1 rcpt="bo\\rb@example.net"'
                          ' reply="553 5.1.3 x\\r\\ny"')
+
+
+def test_json_lines_carry_the_same_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    fields = {"id": "Q1", "rcpt": "bo\rb@example.net", "reply": "250 2.0.0 Ok: queued as X",
+              "attempts": 3, "tls": True, "path": Path("/var/lib/x"), "none": None}
+    try:
+        log.setup(fmt="json")
+        log.event("delivered", **fields)
+        log.event("sent\u00e9", rcpt="b\udcf8b@example.net")  # not UTF-8: still a valid line
+    finally:
+        log.setup()
+    log.event("delivered", **fields)
+    json_line, odd_line, logfmt_line = capsys.readouterr().err.splitlines()
+    record = json.loads(json_line)
+    assert list(record) == ["time", "event", "id", "rcpt", "reply", "attempts", "tls", "path"]
+    assert record["event"] == "delivered" and record["rcpt"] == "bo\rb@example.net"
+    assert (record["attempts"], record["tls"], record["path"]) == (3, True, "/var/lib/x")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", record["time"])
+    assert odd_line.isascii() and json.loads(odd_line)["event"] == "sent\u00e9"
+    # logfmt names exactly the same keys, in the same order
+    assert re.findall(r"(\w+)=", logfmt_line.replace('"bo\\rb', "")) [:len(record)] == \
+        list(record)
+
+
+def test_a_relay_configured_for_json_logs_json(tmp_path: Path) -> None:
+    relay = RelayProcess(tmp_path)  # writes its config
+    relay.config.write_text(relay.config.read_text() + '\n[log]\nformat = "json"\n')
+    relay.start(wait=False)
+    try:
+        relay.wait_for_log('"event":"listening"', timeout=15)
+        assert relay.stop() == 0
+        records = [json.loads(line) for line in relay.new_log().splitlines()]
+        assert {"recovered", "listening", "draining", "stopped"} <= {r["event"] for r in records}
+        assert not [r for r in records if "log.format" in r.get("warning", "")]  # enforced now
+    finally:
+        if relay.proc is not None and relay.proc.poll() is None:
+            relay.kill()

@@ -28,6 +28,7 @@ from relay.config.check import (
     find_config_file,
     load_config,
     load_or_exit,
+    unbindable_sources,
 )
 from relay.config.main import (
     DEFAULT_AUTH_FAILURE_LIMIT,
@@ -141,4 +142,5 @@ __all__ = [
     "parse_duration",
     "parse_rate",
     "parse_size",
+    "unbindable_sources",
 ]

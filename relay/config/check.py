@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -158,8 +159,26 @@ def check_config_command(cli_value: str | None) -> int:
         print(f"{name}: unexpected error: {type(exc).__name__}: {exc}")
         return 1
     _print_lines(config.warnings, sys.stderr)
+    # Only a warning here: the config may be checked on another machine than the relay's.
+    _print_lines(unbindable_sources(config), sys.stderr)
     print(_summary(config, name))
     return 0
+
+
+def unbindable_sources(config: Config) -> list[str]:
+    """`FILE: delivery.source_addresses[i].address: ...` for each outbound address this
+    machine cannot bind (`serve` refuses to start with one: exit 1, it may come up later)."""
+    problems = []
+    for index, source in enumerate(config.delivery.source_addresses):
+        family = socket.AF_INET6 if source.address.version == 6 else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.bind((str(source.address), 0))
+        except OSError as exc:
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            problems.append(f"{config.source_name}: delivery.source_addresses[{index}].address:"
+                            f" cannot bind {source.address} on this machine: {why}")
+    return problems
 
 
 def _print_lines(lines: Iterable[str], stream: TextIO) -> None:

@@ -9,17 +9,18 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
-import random
 import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from relay import log
 from relay.config import Config, SourceAddress
 from relay.delivery.client import (
     Abandoned,
+    BindFailed,
     ConnectionLost,
     LocalAddressError,
     Reply,
@@ -40,6 +41,9 @@ from relay.policy.prepare import Prepared, prepare
 from relay.policy.smime import NO_CERTIFICATE, Decision, Smime
 from relay.queue.index import DueRecipient
 
+if TYPE_CHECKING:
+    from relay.delivery.paths import Path
+
 TLS_BROKEN_MEMORY = 3600.0  # after a failed handshake, talk plain text to that host for an hour
 _UNKNOWN_LOST = "connection lost after the final dot: outcome unknown"
 _UNKNOWN_STOPPING = "relay stopped before the reply to the final dot: outcome unknown"
@@ -56,6 +60,11 @@ class Job:
     # the final dot is out (SmtpClient.abandon).
     client: SmtpClient | None = None
     invoice_id: str | None = None  # its X-Invoice-Id, once its bytes were read (records)
+    # The path (source address, destination) it was dispatched to; None: the kernel's
+    # choice of source and the attempter's own TLS memory (tests that run no engine).
+    path: Path | None = None
+    # Source addresses that could not be bound for it (it moved on to another source).
+    unbindable: tuple[object, ...] = ()
 
     @property
     def first(self) -> DueRecipient:
@@ -106,6 +115,14 @@ class Connection:
     report: str | None = None
 
 
+class SourceUnusable(Exception):
+    """The job's source address cannot be bound: the engine moves it to another source."""
+
+    def __init__(self, source: SourceAddress, why: str) -> None:
+        super().__init__(why)
+        self.source = source
+
+
 class TlsRefused(Exception):
     """A hop cannot meet the TLS requirement (its connection is closed): skip it."""
 
@@ -125,8 +142,8 @@ class Attempter:
     own_listeners: set[tuple[str, int]]
     # The SSL contexts of this config (None: built from `config` here).
     tls: TlsContexts | None = None
+    # Broken-STARTTLS memory of jobs without a path (the engine's paths keep their own).
     tls_broken: dict[str, float] = field(default_factory=dict)
-    rng: random.Random = field(default_factory=random.Random)
     # Keys of this config load; None when no [[sender]] signs (then nothing is parsed).
     signer: Signer | None = None
     # Certificates of this config load; None when no [[recipient]] asks for encryption.
@@ -148,31 +165,28 @@ class Attempter:
         wildcard = {p for a, p in self.own_listeners if a in ("0.0.0.0", "::")}
         return hop.port in wildcard and ipaddress.ip_address(hop.address).is_loopback
 
-    def _source(self) -> SourceAddress | None:
-        pool = self.config.delivery.source_addresses
-        if not pool:
-            return None
-        return self.rng.choices(pool, weights=[s.weight for s in pool])[0]
-
     async def _open(self, hop: NextHop, source: SourceAddress | None) -> SmtpClient:
         helo = source.hostname if source else self.config.server.hostname
         address = str(source.address) if source else None
         return await SmtpClient.connect(hop.address, hop.port, helo_name=helo,
                                         source_address=address, timeouts=self.timeouts())
 
-    async def connect(self, hop: NextHop, requirement: TlsRequirement = OPPORTUNISTIC
-                      ) -> Connection:
-        """A connection to `hop` that meets `requirement`; TlsRefused when it cannot."""
+    async def connect(self, hop: NextHop, requirement: TlsRequirement = OPPORTUNISTIC,
+                      path: Path | None = None) -> Connection:
+        """A connection to `hop` from `path`'s source address that meets `requirement`;
+        TlsRefused when it cannot."""
+        source = path.source if path is not None else None
+        broken = path.tls_broken if path is not None else self.tls_broken
         if not requirement.plain_text_allowed:
-            return await self._connect_enforced(hop, requirement)
+            return await self._connect_enforced(hop, requirement, source)
         if requirement.report_only:
-            return await self._connect_reporting(hop, requirement)
-        return await self._connect_opportunistic(hop)
+            return await self._connect_reporting(hop, requirement, source, broken)
+        return await self._connect_opportunistic(hop, source, broken)
 
-    async def _connect_opportunistic(self, hop: NextHop) -> Connection:
-        source = self._source()
+    async def _connect_opportunistic(self, hop: NextHop, source: SourceAddress | None,
+                                     broken: dict[str, float]) -> Connection:
         client = await self._open(hop, source)
-        if client.supports("STARTTLS") and self.tls_broken.get(hop.address, 0) < time.time():
+        if client.supports("STARTTLS") and broken.get(hop.address, 0) < time.time():
             assert self.tls is not None
             try:
                 await client.starttls(self.tls.plain, server_hostname=_sni(hop.name))
@@ -190,16 +204,16 @@ class Attempter:
                 tls_failed = False
             if tls_failed:
                 # Remember the broken host, then talk plain text rather than defer forever.
-                self.tls_broken[hop.address] = time.time() + TLS_BROKEN_MEMORY
+                broken[hop.address] = time.time() + TLS_BROKEN_MEMORY
                 client.close()
                 client = await self._open(hop, source)
         return Connection(client, hop)
 
-    async def _connect_enforced(self, hop: NextHop, requirement: TlsRequirement
-                                ) -> Connection:
+    async def _connect_enforced(self, hop: NextHop, requirement: TlsRequirement,
+                                source: SourceAddress | None) -> Connection:
         """`required` / `verify`: TLS or nothing. No plain-text retry, no broken-host memory:
         a hop that fails is skipped."""
-        client = await self._open(hop, self._source())
+        client = await self._open(hop, source)
         where = f"{hop.name}[{hop.address}]:{hop.port}"
         if not client.supports("STARTTLS"):
             client.close()
@@ -228,7 +242,8 @@ class Attempter:
                              f" failed: {_one_line(str(exc))}") from None
         return Connection(client, hop, requirement=requirement, verified=verify)
 
-    async def _connect_reporting(self, hop: NextHop, requirement: TlsRequirement
+    async def _connect_reporting(self, hop: NextHop, requirement: TlsRequirement,
+                                 source: SourceAddress | None, broken: dict[str, float]
                                  ) -> Connection:
         """MTA-STS testing: try what enforce would do, deliver as opportunistic either way,
         and keep what enforce would have refused for the tls_policy_report event. A host that
@@ -237,10 +252,10 @@ class Attempter:
         if not requirement.allows_host(hop.name):
             problems.append(f"{hop.name} matches no mx pattern of the policy")
         try:
-            conn = await self._connect_enforced(hop, VERIFY)
+            conn = await self._connect_enforced(hop, VERIFY, source)
         except TlsRefused as exc:
             problems.append(str(exc))
-            conn = await self._connect_opportunistic(hop)
+            conn = await self._connect_opportunistic(hop, source, broken)
         conn.requirement = requirement
         conn.report = "; ".join(problems) or None
         return conn
@@ -294,7 +309,12 @@ class Attempter:
                     _close(conn)
                     conn = None
                     try:
-                        conn = await self.connect(hop, requirement)
+                        conn = await self.connect(hop, requirement, job.path)
+                    except BindFailed as exc:
+                        if job.path is None or job.path.source is None:
+                            raise
+                        # Not the hop's fault: no hop works from here. Another source may.
+                        raise SourceUnusable(job.path.source, str(exc)) from None
                     except TlsRefused as exc:
                         # The first (best MX) reason, not a fallback relay's after it.
                         refused = refused or (exc.reply, exc.status, hop)

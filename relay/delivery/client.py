@@ -90,6 +90,10 @@ class LocalAddressError(ConnectFailed):
     """Binding the source address failed: a local configuration problem, not the destination's."""
 
 
+class BindFailed(LocalAddressError):
+    """The source address cannot be bound here (EADDRNOTAVAIL): no hop will work with it."""
+
+
 class ReplyError(SmtpClientError):
     """Unexpected non-2xx reply at greeting, EHLO/HELO, STARTTLS or RSET."""
 
@@ -259,7 +263,7 @@ async def _open_socket(address: str, port: int, source_address: str | None,
             try:
                 sock.bind((source_address, 0))
             except OSError as exc:
-                raise LocalAddressError(f"cannot bind source address {source_address}: "
+                raise BindFailed(f"cannot bind source address {source_address}: "
                                         f"{_why(exc)}",
                                         stage="connect") from exc
         loop = asyncio.get_running_loop()

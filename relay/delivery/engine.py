@@ -1,8 +1,14 @@
-"""The delivery engine: claims due recipients, queues them per destination, runs connections.
+"""The delivery engine: claims due recipients, queues them per path, runs connections.
 
-Each destination (recipient domain) has its own queue of jobs and at most `max_connections`
-connection workers; a worker reuses its connection for up to `max_messages_per_connection`
-jobs. This is where the later shaping (rates, source-address pools, circuit breakers) plugs in.
+A job (one message's recipients at one domain) gets its source address when it is dispatched
+(smooth weighted round-robin, relay/delivery/sources.py) and waits in the queue of its path,
+(source address, destination) (relay/delivery/paths.py). A destination's next hops are
+resolved before any of its workers starts; its workers, at most `max_connections` over all its
+paths, each hold one connection of one path, reused for up to `max_messages_per_connection`
+jobs, and take a token of the destination's bucket (`rate`) before each job. A throttled
+destination keeps only a short window of jobs in memory and hands the rest back to the index,
+due when its bucket will have tokens for them, with no attempt counted: it never holds the
+in-flight room other destinations need.
 """
 
 from __future__ import annotations
@@ -12,17 +18,18 @@ import contextlib
 import random
 import re
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from relay import log
 from relay.addresses import address_problem, domain_of
-from relay.config import Config, DestinationPolicy
+from relay.config import Config, IPAddress
 from relay.delivery import retry
-from relay.delivery.attempt import Attempter, Connection, Job, Kind, Verdict
+from relay.delivery.attempt import Attempter, Connection, Job, Kind, SourceUnusable, Verdict
 from relay.delivery.nexthop import DnsFailure, NextHop, NextHopResolver
+from relay.delivery.paths import HANDBACK_HORIZON, Destination, Path
+from relay.delivery.sources import SourcePicker
 from relay.delivery.store import DeliveryStore, Result
-from relay.delivery.tls import static_requirement
 from relay.delivery.tlspolicy import OPPORTUNISTIC, StsSource, TlsRequirement
 from relay.queue.envelope import BOUNCED, DEFERRED, DELIVERED, EXPIRED, UNKNOWN, State
 from relay.queue.index import DueRecipient, Outcome
@@ -38,27 +45,8 @@ RCPTS_PER_TRANSACTION = 50
 MAX_HOPS = 50              # more Received headers than this: a mail loop (Postfix hopcount_limit)
 STOP_WAIT = 2.0            # after the drain grace: for workers to record what they cut off
 FLUSH_WAIT = 5.0           # at a stop: for the last outcomes to be recorded
+HANDBACK_MIN = 0.5         # a handed-back recipient is due again at the earliest this late
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
-
-
-@dataclass
-class Destination:
-    key: str
-    policy: DestinationPolicy | None
-    jobs: deque[Job] = field(default_factory=deque)
-    workers: int = 0
-    idle: int = 0
-    more: asyncio.Event = field(default_factory=asyncio.Event)
-    # Fixed by the policy's `tls`; None: `mta-sts`, asked of the StsSource per attempt.
-    tls: TlsRequirement | None = OPPORTUNISTIC
-
-    @property
-    def max_connections(self) -> int:
-        return self.policy.max_connections if self.policy else 20
-
-    @property
-    def max_per_connection(self) -> int:
-        return self.policy.max_messages_per_connection if self.policy else 100
 
 
 @dataclass
@@ -69,6 +57,7 @@ class Counters:
     expired: int = 0
     unknown: int = 0
     released: int = 0   # claimed, then given back unattempted by a graceful stop
+    handed_back: int = 0  # given back by a throttled destination, due later, unattempted
 
     def count(self, state: State) -> None:
         """One more outcome in `state` (the final states, deferred and unknown)."""
@@ -88,7 +77,10 @@ class Counters:
 
 class DeliveryEngine:
     def __init__(self, config: Config, store: DeliveryStore, resolver: NextHopResolver,
-                 attempter: Attempter, sts: StsSource | None = None) -> None:
+                 attempter: Attempter, sts: StsSource | None = None, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 now: Callable[[], float] = time.time,
+                 sources: SourcePicker | None = None) -> None:
         self.config = config
         # Where `tls = "mta-sts"` destinations get their requirement; None: opportunistic
         # (relay/delivery/mtasts.py provides the real one).
@@ -96,28 +88,41 @@ class DeliveryEngine:
         self.store = store
         self.resolver = resolver
         self.attempter = attempter
+        # Seams: `clock` (monotonic) drives the buckets, `now` (wall clock) the due times.
+        self.clock = clock
+        self.now = now
+        self.sources = sources if sources is not None \
+            else SourcePicker(config.delivery.source_addresses, clock)
         self.destinations: dict[str, Destination] = {}
+        # Broken-STARTTLS memory per source address, keyed by remote address: it outlives
+        # the destination objects, which come and go with their work.
+        self.tls_memory: dict[IPAddress | None, dict[str, float]] = {}
         self.in_flight: set[tuple[str, int]] = set()
         self.wake = asyncio.Event()
         self.stopping = False
+        self._stop = asyncio.Event()
         self.counters = Counters()
         self._workers: set[asyncio.Task[None]] = set()
+        self._resolvers: set[asyncio.Task[None]] = set()
         self._running: dict[asyncio.Task[None], Job] = {}  # worker -> the job it runs now
+        self._handback_due = float("inf")  # earliest due time of a handed-back recipient
         store.on_recorded = self._recorded
 
     def apply(self, config: Config) -> None:
         """A reloaded config: the next job of every destination uses its new policy (routes,
-        connection limits), the next attempt the new settings; open connections and the jobs
-        in flight are kept. A new nameserver list gets a new resolver (and an empty cache)."""
+        limits, rate), the next attempt the new settings, the next message the new source
+        pool; open connections and the jobs in flight are kept. A new nameserver list gets
+        a new resolver (and an empty cache)."""
         if config.dns.nameservers != self.config.dns.nameservers:
             self.resolver = NextHopResolver(config.dns.nameservers)
+        if config.delivery.source_addresses != self.config.delivery.source_addresses:
+            self.sources = SourcePicker(config.delivery.source_addresses, self.clock)
         self.config = config
         self.attempter.config = config
         self.store.hostname = config.server.hostname
         self.store.max_lifetime = config.queue.max_lifetime
         for dest in self.destinations.values():
-            dest.policy = config.destination_for(dest.key)
-            dest.tls = static_requirement(dest.policy)  # a new `tls` mode: the next attempt
+            dest.apply(config.destination_for(dest.key))
 
     # --- the claim loop -----------------------------------------------------------------
 
@@ -131,7 +136,15 @@ class DeliveryEngine:
             if more:
                 continue  # more may be due right now
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), IDLE_POLL)
+                await asyncio.wait_for(self.wake.wait(), self._poll_interval())
+
+    def _poll_interval(self) -> float:
+        """IDLE_POLL, or less when handed-back recipients come due sooner."""
+        wait = self._handback_due - self.now()
+        if wait >= IDLE_POLL:
+            return IDLE_POLL
+        self._handback_due = float("inf")
+        return max(0.0, wait)
 
     async def _claim_round(self) -> bool:
         """Claim and dispatch due recipients; True when more may be due right now."""
@@ -200,22 +213,119 @@ class DeliveryEngine:
             else:
                 jobs[key] = Job(d.msg, [d])
         for (_, domain, _), job in jobs.items():
-            dest = self.destinations.get(domain)
-            if dest is None:
-                policy = self.config.destination_for(domain)
-                dest = Destination(domain, policy, tls=static_requirement(policy))
-                self.destinations[domain] = dest
-            dest.jobs.append(job)
-            if dest.idle > 0:
-                dest.more.set()
-            # Idle workers take one job each; more jobs than that need more connections (a
-            # burst after a quiet spell would otherwise queue behind one idle connection).
-            if len(dest.jobs) > dest.idle and dest.workers < dest.max_connections:
-                self._start_worker(dest)
+            self._enqueue(domain, job)
 
-    def _start_worker(self, dest: Destination) -> None:
+    def _destination(self, domain: str) -> Destination:
+        dest = self.destinations.get(domain)
+        if dest is None:
+            dest = Destination.for_policy(domain, self.config.destination_for(domain),
+                                          self.clock)
+            self.destinations[domain] = dest
+        return dest
+
+    def _enqueue(self, domain: str, job: Job) -> None:
+        """Queue a job on its path (its source chosen now), or hand it back when its
+        destination is throttled and already holds its window of jobs."""
+        # The hot path (no rate, no source pool) is a few dict lookups: keep it so.
+        dest = self.destinations.get(domain) or self._destination(domain)
+        if dest.bucket is not None and dest.queued >= dest.window:
+            self._hand_back(dest, job)
+            return
+        if self.sources.sources:
+            path = dest.path_for(self.sources.pick(dest.allowed_sources), self.tls_memory)
+        else:
+            path = dest.paths.get(None) or dest.path_for(None, self.tls_memory)
+        self._queue_on(dest, path, job)
+
+    def _queue_on(self, dest: Destination, path: Path, job: Job) -> None:
+        job.path = path
+        path.jobs.append(job)
+        dest.queued += 1
+        if dest.hops is None:
+            self._resolve(dest)  # its workers start once the next hops are known
+        else:
+            self._wake_path(dest, path)
+
+    def _wake_path(self, dest: Destination, path: Path) -> None:
+        if path.idle > 0:
+            path.more.set()
+        # Idle workers take one job each; more jobs than that need more connections (a
+        # burst after a quiet spell would otherwise queue behind one idle connection).
+        if len(path.jobs) > path.idle:
+            if dest.workers < dest.max_connections:
+                self._start_worker(dest, path)
+            elif not path.workers:
+                # Every slot is taken, by other paths: their idle connections make room.
+                for other in dest.paths.values():
+                    if other.idle:
+                        other.more.set()
+
+    def _hand_back(self, dest: Destination, job: Job) -> None:
+        """Back to the index, due about when the bucket will have a token for it (a little
+        before: the window refills in time), with no attempt counted."""
+        bucket = dest.bucket
+        assert bucket is not None
+        now = self.now()
+        delay = bucket.backlog_delay(dest.queued) - HANDBACK_HORIZON / 2
+        # Each job handed back needs a token after those handed back before it.
+        due = max(now + max(HANDBACK_MIN, delay), dest.handed_back_until + 1 / bucket.per_second)
+        dest.handed_back_until = due
+        self.store.postpone([(d.msg, d.idx, due) for d in job.recipients])
+        for d in job.recipients:
+            self.in_flight.discard((d.msg, d.idx))
+        self.counters.handed_back += len(job.recipients)
+        self._handback_due = min(self._handback_due, due)
+
+    def _resolve(self, dest: Destination) -> None:
+        if dest.resolving is None and not self.stopping:
+            task = asyncio.get_running_loop().create_task(self._resolve_hops(dest))
+            dest.resolving = task
+            self._resolvers.add(task)
+            task.add_done_callback(self._resolvers.discard)
+
+    async def _resolve_hops(self, dest: Destination) -> None:
+        """Resolve before any worker starts: a destination whose DNS fails takes no
+        connection slot; its queued jobs get the DNS failure as their outcome."""
+        try:
+            dest.hops = await self._hops(dest)
+        except DnsFailure as exc:
+            kind = Kind.TEMPORARY if exc.temporary else Kind.PERMANENT
+            reply = f"{'451' if exc.temporary else '550'} {exc.status} {exc.text}"
+            self._fail_queued(dest, kind, reply, exc.status)
+        except Exception as exc:
+            log.event("delivery_error", level=40, error=_cause(exc), stage="resolve")
+            self._fail_queued(dest, Kind.TEMPORARY,
+                              f"451 4.3.0 Local delivery error: {_cause(exc)}", "4.3.0")
+        else:
+            for path in list(dest.paths.values()):
+                # A connection per waiting job, up to the destination's cap.
+                for _ in range(min(len(path.jobs), dest.max_connections - dest.workers)):
+                    self._start_worker(dest, path)
+        finally:
+            dest.resolving = None
+            self._forget_if_idle(dest)
+
+    def _fail_queued(self, dest: Destination, kind: Kind, reply: str, status: str) -> None:
+        for path in dest.paths.values():
+            while path.jobs:
+                job = path.jobs.popleft()
+                dest.queued -= 1
+                self._finish(job, [Verdict(d, kind, reply, status) for d in job.recipients])
+
+    def _forget_if_idle(self, dest: Destination) -> None:
+        """Drop a destination with nothing to do (kept while its bucket is not full: a new
+        one would start full and let a burst through too early)."""
+        if dest.workers or dest.queued or dest.resolving is not None:
+            return
+        if dest.bucket is not None and not dest.bucket.full():
+            return
+        if self.destinations.get(dest.key) is dest:
+            del self.destinations[dest.key]
+
+    def _start_worker(self, dest: Destination, path: Path) -> None:
         dest.workers += 1
-        task = asyncio.get_running_loop().create_task(self._worker(dest))
+        path.workers += 1
+        task = asyncio.get_running_loop().create_task(self._worker(dest, path))
         self._workers.add(task)
         task.add_done_callback(self._worker_done)
 
@@ -228,48 +338,73 @@ class DeliveryEngine:
 
     # --- connection workers ---------------------------------------------------------------
 
-    async def _worker(self, dest: Destination) -> None:
+    async def _worker(self, dest: Destination, path: Path) -> None:
         conn: Connection | None = None
         try:
             while not self.stopping:
-                if not dest.jobs and not await self._wait_for_job(dest):
+                if not path.jobs and not await self._wait_for_job(dest, path):
                     break
                 await self.store.room_to_record()
-                if not dest.jobs or self.stopping:
+                if not path.jobs or self.stopping:
                     continue
-                job = dest.jobs.popleft()
+                if dest.bucket is not None:
+                    delay = await dest.bucket.acquire()
+                    if delay > 0:
+                        if conn is not None and delay > CONNECTION_IDLE:
+                            await conn.client.quit()
+                            conn = None
+                        await self._pause(delay)
+                        continue
+                job = path.jobs.popleft()
+                dest.queued -= 1
                 conn = await self._attempt(dest, job, conn)
                 if conn is not None and conn.sent >= dest.max_per_connection:
                     await conn.client.quit()
                     conn = None
         finally:
             dest.workers -= 1
+            path.workers -= 1
             if conn is not None:
                 await conn.client.quit()
-            if dest.workers == 0 and not dest.jobs:
-                self.destinations.pop(dest.key, None)
+            self._worker_left(dest, path)
 
-    async def _wait_for_job(self, dest: Destination) -> bool:
-        """Keep the connection open up to CONNECTION_IDLE for another job of this destination.
+    def _worker_left(self, dest: Destination, path: Path) -> None:
+        """A connection slot is free: a path of this destination that waits for one gets it."""
+        if not path.workers and not path.jobs and dest.paths.get(path.key) is path:
+            del dest.paths[path.key]
+        if not self.stopping and dest.queued and dest.hops is not None:
+            for other in list(dest.paths.values()):
+                if other.jobs and not other.workers:
+                    self._wake_path(dest, other)
+        self._forget_if_idle(dest)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, unless the engine stops first."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def _wait_for_job(self, dest: Destination, path: Path) -> bool:
+        """Keep the connection open up to CONNECTION_IDLE for another job of this path,
+        unless another path of the destination waits for a connection slot.
 
         Every idle worker wakes when a job arrives but only one takes it; the others wait on
         for the rest of their idle time instead of closing a reusable connection."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CONNECTION_IDLE
-        dest.idle += 1
+        path.idle += 1
         try:
-            while not dest.jobs and not self.stopping:
+            while not path.jobs and not self.stopping and not _starving(dest):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
-                dest.more.clear()
+                path.more.clear()
                 try:
-                    await asyncio.wait_for(dest.more.wait(), remaining)
+                    await asyncio.wait_for(path.more.wait(), remaining)
                 except TimeoutError:
                     break
         finally:
-            dest.idle -= 1
-        return bool(dest.jobs) and not self.stopping
+            path.idle -= 1
+        return bool(path.jobs) and not self.stopping
 
     async def _attempt(self, dest: Destination, job: Job, conn: Connection | None
                        ) -> Connection | None:
@@ -322,9 +457,29 @@ class DeliveryEngine:
                                              "5.4.6") for d in job.recipients])
             return conn
         requirement = dest.tls if dest.tls is not None else await self._sts_requirement(dest)
-        verdicts, conn = await self.attempter.deliver(job, data, hops, conn, requirement)
+        try:
+            verdicts, conn = await self.attempter.deliver(job, data, hops, conn, requirement)
+        except SourceUnusable as exc:
+            self._next_source(dest, job, exc)
+            return None
         self._finish(job, verdicts)
         return conn
+
+    def _next_source(self, dest: Destination, job: Job, exc: SourceUnusable) -> None:
+        """The job's source address cannot be bound: the job moves to another source (not
+        to the next hop, which would fail the same way); with none left it is deferred."""
+        self.sources.unbindable(exc.source)
+        job.unbindable += (exc.source.address,)
+        failed = set(job.unbindable)
+        source = self.sources.next_after(failed, dest.allowed_sources)
+        log.event("source_unusable", level=40, id=job.msg, source=str(exc.source.address),
+                  error=str(exc), next=str(source.address) if source else None)
+        if source is None:
+            reply = f"451 4.4.0 Local source address problem: {exc}"
+            self._finish(job, [Verdict(d, Kind.TEMPORARY, reply, "4.4.0")
+                               for d in job.recipients])
+            return
+        self._queue_on(dest, dest.path_for(source, self.tls_memory), job)
 
     @staticmethod
     def _screen(job: Job) -> list[Verdict]:
@@ -454,8 +609,12 @@ class DeliveryEngine:
         self.stopping = True
         self.attempter.draining = True
         self.wake.set()
+        self._stop.set()  # workers waiting for a token stop waiting
+        for task in list(self._resolvers):
+            task.cancel()
         for dest in self.destinations.values():
-            dest.more.set()  # idle workers quit their connections
+            for path in dest.paths.values():
+                path.more.set()  # idle workers quit their connections
         for task, job in list(self._running.items()):
             if job.client is None:  # resolving, reading the spool, connecting: nothing sent
                 for due in job.recipients:
@@ -491,6 +650,12 @@ class DeliveryEngine:
         except Exception as exc:
             log.event("release_failed", level=40, error=_cause(exc),
                       note="claimed recipients become due again at the next start")
+
+
+def _starving(dest: Destination) -> bool:
+    """All of the destination's connection slots are taken and a path with jobs has none."""
+    return dest.workers >= dest.max_connections and len(dest.paths) > 1 and any(
+        p.jobs and not p.workers for p in dest.paths.values())
 
 
 def _close(conn: Connection | None) -> None:

@@ -69,11 +69,12 @@ class _Batch:
     results: list[Result] = field(default_factory=list)
     sealed: list[str] = field(default_factory=list)
     forgotten: list[str] = field(default_factory=list)
+    postponed: list[tuple[str, int, float]] = field(default_factory=list)
     futures: list[asyncio.Future[None]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.claimed or self.queued or self.results or self.sealed
-                    or self.forgotten)
+                    or self.forgotten or self.postponed)
 
 
 class DeliveryStore:
@@ -157,6 +158,13 @@ class DeliveryStore:
     def submit_new(self, committed: Sequence[Committed], *, claimed: bool) -> None:
         """Index messages announced by intake; `claimed`: handed to connections right now."""
         (self._batch.claimed if claimed else self._batch.queued).extend(committed)
+        self._kick()
+
+    def postpone(self, items: Sequence[tuple[str, int, float]]) -> None:
+        """Hand claimed recipients (msg, idx, due time) back to the index, no attempt counted.
+        In the next batch, after the messages it indexes (a handed-back recipient may be one
+        intake announced moments ago)."""
+        self._batch.postponed.extend(items)
         self._kick()
 
     def submit_sealed(self, names: Sequence[str]) -> None:
@@ -302,6 +310,8 @@ class DeliveryStore:
             index.add_in_transaction(batch.claimed, self.max_lifetime, claimed=True)
             index.add_in_transaction(batch.queued + dsns, self.max_lifetime)
             _, removable = index.record_in_transaction([r.outcome for r in batch.results])
+            if batch.postponed:
+                index.postpone_in_transaction(batch.postponed)
             removable += index.seal_in_transaction(sealed)
             index.forget_in_transaction(batch.forgotten)
         self._dsn_sealed.clear()

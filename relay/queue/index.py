@@ -420,6 +420,14 @@ class Index:
                 f" ELSE '{DEFERRED}' END, next_attempt = ? WHERE state = '{ACTIVE}'", (now,))
         return cur.rowcount
 
+    def postpone_in_transaction(self, items: Sequence[tuple[str, int, float]]) -> None:
+        """Give claimed recipients back, due at the time given, without counting an attempt
+        (a throttled destination hands back what it cannot send soon)."""
+        self.conn.executemany(
+            f"UPDATE recipients SET state = CASE WHEN attempts = 0 THEN '{QUEUED}'"
+            f" ELSE '{DEFERRED}' END, next_attempt = ? WHERE msg = ? AND idx = ?"
+            f" AND state = '{ACTIVE}'", [(due, msg, idx) for msg, idx, due in items])
+
     # --- recovery and inspection -------------------------------------------------------------
 
     def pending_in_segments(self, names: Iterable[str]) -> dict[str, list[str]]:
