@@ -43,7 +43,18 @@ def _parser() -> argparse.ArgumentParser:
     qlist.add_argument("--json", action="store_true")
     qshow = qverbs.add_parser("show", parents=[common], help="envelope, state and attempts")
     qshow.add_argument("id")
-    qverbs.add_parser("rebuild", parents=[common], help="rebuild the index from the spool files")
+    rebuild = qverbs.add_parser("rebuild", parents=[common],
+                                help="rebuild the index from the spool files")
+    rebuild.add_argument("--force", action="store_true",
+                         help="rebuild even an index that looks healthy")
+    status = verbs.add_parser("status", parents=[common],
+                              help="delivery records of a message, or an export of them")
+    status.add_argument("key", nargs="?", metavar="KEY",
+                        help="a queue id, a Message-ID (with or without <>) or an X-Invoice-Id")
+    status.add_argument("--export", nargs=2, metavar=("FROM", "TO"),
+                        help="every record between two UTC dates (YYYY-MM-DD, inclusive)")
+    status.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
+                        help="of --export (default: jsonl)")
     dkim = verbs.add_parser("dkim", parents=[common], help="DKIM keys")
     dverbs = dkim.add_subparsers(dest="dkim_verb", metavar="DKIM_COMMAND", required=True)
     keygen = dverbs.add_parser("keygen", parents=[common],
@@ -99,6 +110,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from relay.ops.doctor import doctor_command
 
         return doctor_command(config_path, args.domain)
+    if args.verb == "status":
+        from relay.ops.statuscmd import status_command
+
+        return status_command(config_path, args)
     if args.verb == "queue":
         from relay.ops.queuecmd import queue_command
 

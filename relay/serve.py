@@ -110,6 +110,12 @@ def serve(cli_config: str | None) -> int:
     except OSError as exc:
         print(f"{root}: startup recovery failed: {exc}", file=sys.stderr)
         return 1
+    from relay.queue.records import RECORDS_FILE, records_problem
+
+    problem = records_problem(root / RECORDS_FILE)
+    if problem is not None:  # damage does not heal by restarting (78 stops a restart loop)
+        print(problem, file=sys.stderr)
+        return EXIT_CONFIG
     # Every count, zeros too: "released=0 reindexed=0" says the last stop was clean.
     log.event("recovered", seconds=round(time.monotonic() - started, 3), **vars(report))
     # Before intake takes any mail: the room delivery needs to record outcomes on a full disk.
@@ -435,6 +441,7 @@ async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int,
     store = DeliveryStore(root, root / "index.sqlite", hostname=config.server.hostname,
                           max_lifetime=config.queue.max_lifetime,
                           segment_size=config.queue.segment_size)
+    store.retention = config.queue.retention  # delivery records ([queue] retention)
     await store.start()
     listeners = {(hp.host, hp.port) for hp in (*config.server.listen, *config.server.listen_tls)}
     sts = _sts_for(config, None)
@@ -447,6 +454,7 @@ async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int,
         """A reload: the next job and attempt use the new policies, keys and settings."""
         nonlocal sts
         engine.apply(rt.config)
+        store.retention = rt.config.queue.retention
         engine.attempter.signer = rt.signer
         engine.attempter.smime = rt.smime
         engine.attempter.tls = rt.client_tls

@@ -19,7 +19,6 @@ from relay.config_status import NOT_ENFORCED
 # One value for every key of NOT_ENFORCED that asks for something: (main config, policy file).
 # A key added to the table needs a sample here; a key made real is deleted from both.
 SAMPLES: dict[str, tuple[str, str]] = {
-    "queue.retention": ('[queue]\nretention = "30d"\n', ""),
     "delivery.spf": ('[delivery]\nspf = "enforce"\n', ""),
     "delivery.source_addresses[].warmup": (
         '[delivery]\nsource_addresses = [{ address = "192.0.2.10", '

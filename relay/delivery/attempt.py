@@ -59,6 +59,7 @@ class Job:
     # The connection its transaction runs on, while it runs: a graceful stop asks it whether
     # the final dot is out (SmtpClient.abandon).
     client: SmtpClient | None = None
+    invoice_id: str | None = None  # its X-Invoice-Id, once its bytes were read (records)
     # The path (source address, destination) it was dispatched to; None: the kernel's
     # choice of source and the attempter's own TLS memory (tests that run no engine).
     path: Path | None = None
@@ -102,6 +103,8 @@ class Verdict:
     sha256: str | None = None  # of the bytes sent, when the data went out
     tls_cipher: str | None = None
     tls_verified: bool = False  # chain and host name checked (tls = "verify", MTA-STS)
+    source: str | None = None   # our address:port (delivery records)
+    signed_by: tuple[str, ...] = ()  # DKIM "d/selector" of the bytes sent (delivery records)
 
 
 @dataclass(slots=True)
@@ -357,6 +360,8 @@ class Attempter:
                     conn = None
                     continue
                 verdicts = self._judge(job, tx, conn, ready.sha256)
+                for v in verdicts:
+                    v.source, v.signed_by = conn.client.source, ready.signed_by
                 conn.sent += 1
                 if conn.report is not None:
                     _report(job, conn)

@@ -51,6 +51,7 @@ from relay.delivery.tlspolicy import OPPORTUNISTIC, StsSource, TlsRequirement
 from relay.queue.envelope import BOUNCED, DEFERRED, DELIVERED, EXPIRED, UNKNOWN, State
 from relay.queue.index import DueRecipient, Outcome
 from relay.queue.notices import Committed
+from relay.queue.records import invoice_id_of
 from relay.queue.segments import SegmentCorrupt
 
 MAX_IN_FLIGHT = 5000       # recipients held in memory at once; the rest wait in the index
@@ -495,6 +496,7 @@ class DeliveryEngine:
             self._finish(job, [Verdict(d, Kind.TEMPORARY, f"451 4.3.0 spool read failed: {exc}",
                                              "4.3.0") for d in job.recipients])
             return conn
+        job.invoice_id = invoice_id_of(data)  # for the delivery records; header block only
         hops_seen = received_count(data)
         if hops_seen > MAX_HOPS:
             self._finish(job, [Verdict(d, Kind.PERMANENT, f"554 5.4.6 Too many hops:"
@@ -814,7 +816,8 @@ class DeliveryEngine:
                               host=hop.name if hop else None,
                               address=f"{hop.address}:{hop.port}" if hop else None, tls=v.tls,
                               sha256=v.sha256, tls_cipher=v.tls_cipher,
-                              tls_verified=v.tls_verified if v.tls else None)
+                              tls_verified=v.tls_verified if v.tls else None,
+                              source=v.source, dkim=v.signed_by, invoice_id=job.invoice_id)
             results.append(Result(due, outcome, status))
         # Not awaited: the connection goes on with its next job while the outcome is recorded
         # in the next batch. The recipients stay in flight (claimed) until it is.

@@ -14,6 +14,7 @@ from pathlib import Path
 from relay.config import Config, ConfigError, find_config_file, load_config
 from relay.exitcodes import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE
 from relay.queue.envelope import FINAL_STATES
+from relay.queue.records import RECORDS_FILE, apply_recorded_finals
 from relay.queue.recovery import recover
 from relay.queue.segments import Location, SegmentCorrupt, read_at
 
@@ -27,7 +28,7 @@ def queue_command(cli_config: str | None, args: argparse.Namespace) -> int:
         return EXIT_PROBLEM
     root = config.queue.path
     if args.queue_verb == "rebuild":
-        return _rebuild(config)
+        return _rebuild(config, force=getattr(args, "force", False))
     db = root / "index.sqlite"
     if not db.exists():
         hint = ("if mail was queued here, run `invoice-relay queue rebuild`"
@@ -155,11 +156,20 @@ def _tls_summary(version: str | None, cipher: str | None, verified: int | None) 
     return text
 
 
-def _rebuild(config: Config) -> int:
-    """Move the damaged index aside and rebuild it from the spool segments."""
+def _rebuild(config: Config, *, force: bool = False) -> int:
+    """Move the damaged index aside and rebuild it from the spool segments.
+
+    The delivery records (records.sqlite) are not touched; recipients they show as final
+    stay final in the new index, so a rebuild never sends a delivered invoice again."""
     root = config.queue.path
     if not (root / "spool").is_dir():
         print(f"{root}: no spool folder", file=sys.stderr)
+        return EXIT_PROBLEM
+    db = root / "index.sqlite"
+    problem = _index_problem(db)
+    if problem is None and not force:
+        print(f"{db}: the queue index is healthy; `queue rebuild` is for a lost or damaged"
+              " index (add --force to rebuild it anyway)", file=sys.stderr)
         return EXIT_PROBLEM
     with open(root / "lock", "a+") as lock:
         try:
@@ -176,11 +186,33 @@ def _rebuild(config: Config) -> int:
                 old.rename(Path(f"{db}.broken-{stamp}{suffix}"))
         report = recover(root, db, max_lifetime=config.queue.max_lifetime,
                          segment_size=config.queue.segment_size)
+        final = apply_recorded_finals(db, root / RECORDS_FILE)
         _give_to_queue_owner(root)
     print(f"rebuilt {db}: {report.reindexed} messages from the spool segments,"
           f" {report.removed_incomplete} incomplete streamed messages removed,"
-          f" {report.corrupt} damaged records skipped")
+          f" {report.corrupt} damaged records skipped,"
+          f" {final} recipients final according to the delivery records")
     return EXIT_OK
+
+
+def _index_problem(db: Path) -> str | None:
+    """Why the index needs a rebuild, or None when it looks healthy."""
+    if not db.exists():
+        return "missing"
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        try:
+            (check,) = conn.execute("PRAGMA quick_check").fetchone()
+            tables = {row[0] for row in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        return str(exc)
+    if check != "ok":
+        return str(check)
+    missing = {"messages", "recipients", "segments"} - tables
+    return f"tables missing: {', '.join(sorted(missing))}" if missing else None
 
 
 def _give_to_queue_owner(root: Path) -> None:

@@ -158,6 +158,10 @@ class Outcome:
     tls_cipher: str | None = None
     tls_verified: bool | None = None  # None: plain text (or no connection)
     attempted: bool = True  # False when no connection was tried (e.g. expiry, DNS failure)
+    # For the delivery records only (relay/queue/records.py), not the index:
+    source: str | None = None          # our address:port of the connection
+    dkim: tuple[str, ...] = ()         # "d/selector" per DKIM signature of the bytes sent
+    invoice_id: str | None = None      # the message's X-Invoice-Id header
 
 
 def _stored_priority(priority: str) -> str | None:
@@ -283,6 +287,22 @@ class Index:
                     "SELECT id, sender, received, expires, body, smtputf8, segment, offset, size"
                     " FROM messages"
                     f" WHERE id IN ({marks})", chunk):
+                found[row[0]] = row[1:]
+        return found
+
+    def message_ids(self, ids: Iterable[str]) -> dict[str, str]:
+        """The Message-ID header of each of these messages that has one."""
+        return {msg: mid for msg, (mid,) in self._rows("message_id", ids).items()
+                if mid is not None}
+
+    def _rows(self, columns: str, ids: Iterable[str]) -> dict[str, tuple]:
+        ids = list(ids)
+        found: dict[str, tuple] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self.conn.execute(
+                    f"SELECT id, {columns} FROM messages WHERE id IN ({marks})", chunk):
                 found[row[0]] = row[1:]
         return found
 
