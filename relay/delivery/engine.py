@@ -817,7 +817,8 @@ class DeliveryEngine:
                               address=f"{hop.address}:{hop.port}" if hop else None, tls=v.tls,
                               sha256=v.sha256, tls_cipher=v.tls_cipher,
                               tls_verified=v.tls_verified if v.tls else None,
-                              source=v.source, dkim=v.signed_by, invoice_id=job.invoice_id)
+                              source=v.source, dkim=v.signed_by, invoice_id=job.invoice_id,
+                              remote=v.remote)
             results.append(Result(due, outcome, status))
         # Not awaited: the connection goes on with its next job while the outcome is recorded
         # in the next batch. The recipients stay in flight (claimed) until it is.
@@ -841,6 +842,8 @@ class DeliveryEngine:
             "tls": o.tls, "cipher": o.tls_cipher,
             "verified": ("yes" if o.tls_verified else "no") if o.tls else None,
             "status": r.status, "attempt": r.due.attempts + 1, "reply": o.reply,
+            # The relay's own text (a connect error, a timeout, a policy), not the host's.
+            "origin": None if o.remote else "relay",
         }
         if state not in (DELIVERED, BOUNCED, EXPIRED):
             fields["next_attempt"] = time.strftime("%Y-%m-%dT%H:%M:%SZ",

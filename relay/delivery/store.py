@@ -421,7 +421,8 @@ class DeliveryStore:
             headers = b""
         failures = [FailedRecipient(
             recipient=r.due.rcpt, status=r.status, diagnostic=r.outcome.reply,
-            remote_mta=r.outcome.host, last_attempt=r.outcome.time) for r in items]
+            remote_mta=r.outcome.host if r.outcome.remote else None,
+            last_attempt=r.outcome.time) for r in items]
         data = build_dsn(reporting_mta=self.hostname, queue_id=msg, original_sender=first.sender,
                          arrival=first.received, original_headers=headers, failures=failures)
         now = time.time()

@@ -162,6 +162,9 @@ class Outcome:
     source: str | None = None          # our address:port of the connection
     dkim: tuple[str, ...] = ()         # "d/selector" per DKIM signature of the bytes sent
     invoice_id: str | None = None      # the message's X-Invoice-Id header
+    # Whether `reply` is the remote server's text (False: the relay's own, e.g. a connect
+    # error): a DSN names the host that "said" it only then.
+    remote: bool = False
 
 
 def _stored_priority(priority: str) -> str | None:
