@@ -9,6 +9,9 @@ import sys
 from collections.abc import Sequence
 
 from relay.exitcodes import EXIT_OK, EXIT_USAGE
+from relay.queue.envelope import State
+
+STATE_NAMES = tuple(s.value for s in State)
 
 # The verbs that open the queue folder: run as root, they act as its owner.
 QUEUE_VERBS = frozenset({"queue", "status", "backup", "restore"})
@@ -38,9 +41,28 @@ def _parser() -> argparse.ArgumentParser:
     queue = verbs.add_parser("queue", parents=[common], help="inspect and repair the queue")
     qverbs = queue.add_subparsers(dest="queue_verb", metavar="QUEUE_COMMAND", required=True)
     qlist = qverbs.add_parser("list", parents=[common], help="one line per queued recipient")
-    qlist.add_argument("--state")
-    qlist.add_argument("--domain")
-    qlist.add_argument("--json", action="store_true")
+    qlist.add_argument("--state", choices=STATE_NAMES, metavar="STATE",
+                       help="only recipients in this state (" + ", ".join(STATE_NAMES)
+                            + "); default: every state that is not final")
+    qlist.add_argument("--domain", help="only recipients at this domain")
+    qlist.add_argument("--limit", type=int, metavar="N", help="print at most N recipients")
+    qlist.add_argument("--offset", type=int, default=0, metavar="N",
+                       help="skip the first N recipients")
+    qlist.add_argument("--json", action="store_true", help="one JSON object per line")
+    qsum = qverbs.add_parser("summary", parents=[common],
+                             help="counts by state and by domain, with the oldest message's age")
+    qsum.add_argument("--json", action="store_true", help="one JSON object")
+    qretry = qverbs.add_parser("retry", parents=[common],
+                               help="make deferred recipients due now (held ones stay held)")
+    qretry.add_argument("ids", nargs="*", metavar="ID", help="queue ids")
+    qretry.add_argument("--all", action="store_true", help="every pending recipient")
+    qretry.add_argument("--domain", help="every pending recipient at this domain")
+    for verb, text in (("hold", "stop delivery attempts until `queue release`"),
+                       ("release", "resume delivery attempts of held recipients, due now"),
+                       ("delete", "remove without notifying anyone (a `deleted` record stays)"),
+                       ("bounce", "fail now and send the sender a DSN")):
+        qverb = qverbs.add_parser(verb, parents=[common], help=text, description=text)
+        qverb.add_argument("ids", nargs="+", metavar="ID", help="queue ids")
     qshow = qverbs.add_parser("show", parents=[common], help="envelope, state and attempts")
     qshow.add_argument("id")
     rebuild = qverbs.add_parser("rebuild", parents=[common],

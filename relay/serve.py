@@ -429,6 +429,7 @@ def _sts_for(config: Config, current: MtaStsResolver | None) -> MtaStsResolver |
 async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int,
                          anvil: Anvil | None = None) -> int:
     from relay.delivery.attempt import Attempter
+    from relay.delivery.control import ControlServer
     from relay.delivery.engine import DeliveryEngine
     from relay.delivery.nexthop import NextHopResolver
     from relay.delivery.store import DeliveryStore
@@ -473,9 +474,12 @@ async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int,
     os.write(ready_fd, b"R")  # intake may start: what it announces is read from now on
     os.close(ready_fd)
     runner = asyncio.get_running_loop().create_task(engine.run())
+    control = ControlServer(root, store, engine.control, engine.wake.set)
+    await control.start()
     counter = asyncio.get_running_loop().create_task(_count_queue(store, anvil))
     await stop.wait()
     counter.cancel()
+    await control.close()
     log.event("draining", process="delivery")
     await engine.drain(DRAIN_GRACE)
     runner.cancel()

@@ -48,7 +48,7 @@ from relay.delivery.paths import HANDBACK_HORIZON, Destination, Path
 from relay.delivery.sources import SourcePicker
 from relay.delivery.store import DeliveryStore, Result
 from relay.delivery.tlspolicy import OPPORTUNISTIC, StsSource, TlsRequirement
-from relay.queue.envelope import BOUNCED, DEFERRED, DELIVERED, EXPIRED, UNKNOWN, State
+from relay.queue.envelope import BOUNCED, DEFERRED, DELETED, DELIVERED, EXPIRED, UNKNOWN, State
 from relay.queue.index import DueRecipient, Outcome
 from relay.queue.notices import Committed
 from relay.queue.records import invoice_id_of
@@ -79,6 +79,7 @@ class Counters:
     unknown: int = 0
     released: int = 0   # claimed, then given back unattempted by a graceful stop
     handed_back: int = 0  # given back by a throttled destination, due later, unattempted
+    deleted: int = 0    # `queue delete` by an operator
 
     def count(self, state: State) -> None:
         """One more outcome in `state` (the final states, deferred and unknown)."""
@@ -92,6 +93,8 @@ class Counters:
             self.expired += 1
         elif state == UNKNOWN:
             self.unknown += 1
+        elif state == DELETED:
+            self.deleted += 1
         else:
             raise ValueError(f"not an outcome: {state}")
 
@@ -857,6 +860,23 @@ class DeliveryEngine:
         log.event("released", id=due.msg, rcpt=due.rcpt, host=hop.name if hop else None,
                   address=f"{hop.address}:{hop.port}" if hop else None, reply=why,
                   attempt=due.attempts + 1, note="not counted as an attempt; due again")
+
+    # --- queue control -------------------------------------------------------------------
+
+    def control(self, msgs: frozenset[str]) -> frozenset[tuple[str, int]]:
+        """`queue hold|delete|bounce`: drop these messages' jobs that wait for a connection
+        (their attempt must not start); returns the recipients in an attempt now (it ends)."""
+        busy = frozenset((d.msg, d.idx) for job in self._running.values() if job.msg in msgs
+                         for d in job.recipients)
+        for dest in self.destinations.values():
+            for path in dest.paths.values():
+                dropped = [job for job in path.jobs if job.msg in msgs]
+                for job in dropped:
+                    path.jobs.remove(job)
+                    dest.queued -= 1
+                    for d in job.recipients:
+                        self.in_flight.discard((d.msg, d.idx))
+        return busy
 
     # --- shutdown -----------------------------------------------------------------------
 

@@ -129,6 +129,11 @@ class DeliveryStore:
         self._thread.stop()
         self.reader.close()
 
+    async def with_index(self, fn: Callable[..., T], *args: object) -> T:
+        """`fn(index, *args)` on the index thread (an operator's action: relay.queue.operator)."""
+        assert self._index is not None
+        return await self._run(fn, self._index, *args)
+
     async def claim(self, now: float, limit: int) -> list[DueRecipient]:
         assert self._index is not None
         return await self._run(self._index.claim_due, now, limit)

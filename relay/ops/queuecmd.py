@@ -13,10 +13,14 @@ from pathlib import Path
 
 from relay.config import Config, ConfigError, find_config_file, load_config
 from relay.exitcodes import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE
-from relay.queue.envelope import FINAL_STATES
+from relay.queue.envelope import ACTIVE, DEFERRED, FINAL_STATES, HOLD, QUEUED, UNKNOWN
+from relay.queue.index import FINAL_SQL
+from relay.queue.operator import VERBS
 from relay.queue.records import RECORDS_FILE, apply_recorded_finals
 from relay.queue.recovery import recover
 from relay.queue.segments import Location, SegmentCorrupt, read_at
+
+SUMMARY_STATES = (QUEUED, ACTIVE, DEFERRED, UNKNOWN, HOLD)
 
 
 def queue_command(cli_config: str | None, args: argparse.Namespace) -> int:
@@ -35,10 +39,16 @@ def queue_command(cli_config: str | None, args: argparse.Namespace) -> int:
                 if (root / "spool").is_dir() else "nothing was ever queued here?")
         print(f"{db}: no queue index ({hint})", file=sys.stderr)
         return EXIT_PROBLEM
+    if args.queue_verb in VERBS:
+        from relay.ops.queuectl import control_command
+
+        return control_command(config, args)
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
     try:
         if args.queue_verb == "list":
-            return _list(conn, args.state, args.domain, args.json)
+            return _list(conn, args)
+        if args.queue_verb == "summary":
+            return _summary(conn, args.json)
         if args.queue_verb == "show":
             return _show(conn, root / "spool", args.id)
     except sqlite3.DatabaseError as exc:
@@ -55,32 +65,94 @@ def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else "-"
 
 
-def _list(conn: sqlite3.Connection, state: str | None, domain: str | None, as_json: bool) -> int:
-    where, params = [], []
-    if state:
-        where.append("state = ?")
-        params.append(state)
-    else:
-        where.append(f"state NOT IN ({','.join('?' * len(FINAL_STATES))})")
-        params.extend(FINAL_STATES)
-    if domain:
-        where.append("domain = ?")
-        params.append(domain.lower())
+def _list(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
+    """One line per recipient, in queue id order; by default those not final yet."""
+    where, params = _filters(args.state, args.domain)
+    page = " LIMIT ? OFFSET ?"
+    params += [args.limit if args.limit is not None else -1, max(args.offset, 0)]
     rows = conn.execute(
         "SELECT msg, state, rcpt, attempts, next_attempt, last_reply FROM recipients"
-        f" WHERE {' AND '.join(where)} ORDER BY msg, idx", params)
+        f" WHERE {where} ORDER BY msg, idx{page}", params)
+    printed = 0
     for msg, st, rcpt, attempts, next_at, reply in rows:
-        pending = st not in FINAL_STATES
-        if as_json:
+        pending = st not in FINAL_STATES and st != HOLD
+        if args.json:
             print(json.dumps({"queue_id": msg, "state": st, "recipient": rcpt,
                               "attempts": attempts,
                               "next_attempt": _when(next_at) if pending else None,
                               "last_response": reply}, ensure_ascii=False))
         else:
-            last = (reply or "-").replace("\n", " / ")
-            print(f"{msg}  {st:9}  {rcpt}  attempts={attempts}"
-                  f"  next={_when(next_at) if pending else '-'}  last={last}")
+            if not printed:
+                print(f"{'QUEUE ID':22}  {'STATE':9}  {'ATTEMPTS':>8}  {'NEXT ATTEMPT':20}"
+                      "  RECIPIENT / LAST RESPONSE")
+            last = " / ".join((reply or "-").splitlines())
+            print(f"{msg:22}  {st:9}  {attempts:>8}  {_when(next_at) if pending else '-':20}"
+                  f"  <{rcpt}>")
+            print(f"{'':22}  {'':9}  {'':>8}  {'':20}  {last}")
+        printed += 1
+    if not printed and not args.json:
+        print("queue is empty" if not (args.state or args.domain or args.offset)
+              else "no recipient matches")
     return EXIT_OK
+
+
+def _filters(state: str | None, domain: str | None) -> tuple[str, list[object]]:
+    where, params = [], []
+    if state:
+        where.append("state = ?")
+        params.append(state)
+    else:
+        where.append(f"state NOT IN {FINAL_SQL}")
+    if domain:
+        where.append("domain = ?")
+        params.append(domain.lower())
+    return " AND ".join(where), params
+
+
+def _summary(conn: sqlite3.Connection, as_json: bool) -> int:
+    """Counts of recipients not final yet, by state and by domain (most first), and the age of
+    the oldest message that has one (Postfix's qshape, without the age buckets)."""
+    by_state = dict(conn.execute(
+        f"SELECT state, COUNT(*) FROM recipients WHERE state NOT IN {FINAL_SQL}"
+        " GROUP BY state").fetchall())
+    by_domain: dict[str, dict[str, int]] = {}
+    for domain, st, n in conn.execute(
+            f"SELECT domain, state, COUNT(*) FROM recipients WHERE state NOT IN {FINAL_SQL}"
+            " GROUP BY domain, state"):
+        by_domain.setdefault(domain, {})[st] = n
+    oldest = conn.execute("SELECT MIN(received) FROM messages WHERE done IS NULL").fetchone()[0]
+    age = max(0, int(time.time() - oldest)) if oldest is not None else None
+    total = sum(by_state.values())
+    ranked = sorted(by_domain.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))
+    if as_json:
+        print(json.dumps({"total": total, "by_state": by_state, "oldest_age_seconds": age,
+                          "by_domain": {d: {"total": sum(c.values()), **c} for d, c in ranked}},
+                         ensure_ascii=False))
+        return EXIT_OK
+    if not total:
+        print("queue is empty")
+        return EXIT_OK
+    states = [s for s in SUMMARY_STATES if s in by_state]
+    print(f"{total} recipients queued; oldest message {_age(age)} old")
+    print(f"{'DOMAIN':32} {'TOTAL':>8}" + "".join(f" {s.upper():>9}" for s in states))
+    for domain, counts in [("TOTAL", by_state), *ranked]:
+        print(f"{domain:32} {sum(counts.values()):>8}"
+              + "".join(f" {counts.get(s, 0):>9}" for s in states))
+    return EXIT_OK
+
+
+def _age(seconds: int | None) -> str:
+    """`3d4h`, `2h5m`, `7m`, `42s`."""
+    if seconds is None:
+        return "-"
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes}m"
+    return f"{minutes}m" if minutes else f"{secs}s"
 
 
 def _show(conn: sqlite3.Connection, spool_dir: Path, queue_id: str) -> int:

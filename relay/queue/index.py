@@ -330,11 +330,14 @@ class Index:
             return [], []
         touched = {o.msg for o in outcomes}
         self.conn.executemany(
-            "UPDATE recipients SET state = ?, attempts = attempts + ?, next_attempt = ?,"
+            # An operator's `queue hold` during the attempt stands unless it delivered.
+            "UPDATE recipients SET state = CASE WHEN state = 'hold' AND ? IN"
+            " ('deferred', 'unknown') THEN 'hold' ELSE ? END, attempts = attempts + ?,"
+            " next_attempt = ?,"
             " last_reply = COALESCE(?, last_reply), last_host = COALESCE(?, last_host),"
             " updated = ? WHERE msg = ? AND idx = ?",
-            [(o.state, int(o.attempted), o.next_attempt, o.reply, o.host, o.time, o.msg, o.idx)
-             for o in outcomes])
+            [(o.state, o.state, int(o.attempted), o.next_attempt, o.reply, o.host, o.time,
+              o.msg, o.idx) for o in outcomes])
         self.conn.executemany(
             "INSERT INTO attempts (msg, idx, time, outcome, host, address, reply, tls, sha256,"
             " tls_cipher, tls_verified) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
