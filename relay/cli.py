@@ -9,6 +9,9 @@ import sys
 from collections.abc import Sequence
 
 from relay.exitcodes import EXIT_OK, EXIT_USAGE
+from relay.queue.envelope import State
+
+STATE_NAMES = tuple(s.value for s in State)
 
 # The verbs that open the queue folder: run as root, they act as its owner.
 QUEUE_VERBS = frozenset({"queue", "status", "backup", "restore"})
@@ -38,12 +41,42 @@ def _parser() -> argparse.ArgumentParser:
     queue = verbs.add_parser("queue", parents=[common], help="inspect and repair the queue")
     qverbs = queue.add_subparsers(dest="queue_verb", metavar="QUEUE_COMMAND", required=True)
     qlist = qverbs.add_parser("list", parents=[common], help="one line per queued recipient")
-    qlist.add_argument("--state")
-    qlist.add_argument("--domain")
-    qlist.add_argument("--json", action="store_true")
+    qlist.add_argument("--state", choices=STATE_NAMES, metavar="STATE",
+                       help="only recipients in this state (" + ", ".join(STATE_NAMES)
+                            + "); default: every state that is not final")
+    qlist.add_argument("--domain", help="only recipients at this domain")
+    qlist.add_argument("--limit", type=int, metavar="N", help="print at most N recipients")
+    qlist.add_argument("--offset", type=int, default=0, metavar="N",
+                       help="skip the first N recipients")
+    qlist.add_argument("--json", action="store_true", help="one JSON object per line")
+    qsum = qverbs.add_parser("summary", parents=[common],
+                             help="counts by state and by domain, with the oldest message's age")
+    qsum.add_argument("--json", action="store_true", help="one JSON object")
+    qretry = qverbs.add_parser("retry", parents=[common],
+                               help="make deferred recipients due now (held ones stay held)")
+    qretry.add_argument("ids", nargs="*", metavar="ID", help="queue ids")
+    qretry.add_argument("--all", action="store_true", help="every pending recipient")
+    qretry.add_argument("--domain", help="every pending recipient at this domain")
+    for verb, text in (("hold", "stop delivery attempts until `queue release`"),
+                       ("release", "resume delivery attempts of held recipients, due now"),
+                       ("delete", "remove without notifying anyone (a `deleted` record stays)"),
+                       ("bounce", "fail now and send the sender a DSN")):
+        qverb = qverbs.add_parser(verb, parents=[common], help=text, description=text)
+        qverb.add_argument("ids", nargs="+", metavar="ID", help="queue ids")
     qshow = qverbs.add_parser("show", parents=[common], help="envelope, state and attempts")
     qshow.add_argument("id")
-    qverbs.add_parser("rebuild", parents=[common], help="rebuild the index from the spool files")
+    rebuild = qverbs.add_parser("rebuild", parents=[common],
+                                help="rebuild the index from the spool files")
+    rebuild.add_argument("--force", action="store_true",
+                         help="rebuild even an index that looks healthy")
+    status = verbs.add_parser("status", parents=[common],
+                              help="delivery records of a message, or an export of them")
+    status.add_argument("key", nargs="?", metavar="KEY",
+                        help="a queue id, a Message-ID (with or without <>) or an X-Invoice-Id")
+    status.add_argument("--export", nargs=2, metavar=("FROM", "TO"),
+                        help="every record between two UTC dates (YYYY-MM-DD, inclusive)")
+    status.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
+                        help="of --export (default: jsonl)")
     dkim = verbs.add_parser("dkim", parents=[common], help="DKIM keys")
     dverbs = dkim.add_subparsers(dest="dkim_verb", metavar="DKIM_COMMAND", required=True)
     keygen = dverbs.add_parser("keygen", parents=[common],
@@ -99,6 +132,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from relay.ops.doctor import doctor_command
 
         return doctor_command(config_path, args.domain)
+    if args.verb == "status":
+        from relay.ops.statuscmd import status_command
+
+        return status_command(config_path, args)
     if args.verb == "queue":
         from relay.ops.queuecmd import queue_command
 

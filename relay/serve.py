@@ -110,6 +110,12 @@ def serve(cli_config: str | None) -> int:
     except OSError as exc:
         print(f"{root}: startup recovery failed: {exc}", file=sys.stderr)
         return 1
+    from relay.queue.records import RECORDS_FILE, records_problem
+
+    problem = records_problem(root / RECORDS_FILE)
+    if problem is not None:  # damage does not heal by restarting (78 stops a restart loop)
+        print(problem, file=sys.stderr)
+        return EXIT_CONFIG
     # Every count, zeros too: "released=0 reindexed=0" says the last stop was clean.
     log.event("recovered", seconds=round(time.monotonic() - started, 3), **vars(report))
     # Before intake takes any mail: the room delivery needs to record outcomes on a full disk.
@@ -423,6 +429,7 @@ def _sts_for(config: Config, current: MtaStsResolver | None) -> MtaStsResolver |
 async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int,
                          anvil: Anvil | None = None) -> int:
     from relay.delivery.attempt import Attempter
+    from relay.delivery.control import ControlServer
     from relay.delivery.egress import Egress
     from relay.delivery.engine import DeliveryEngine
     from relay.delivery.nexthop import NextHopResolver
@@ -436,6 +443,7 @@ async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int,
     store = DeliveryStore(root, root / "index.sqlite", hostname=config.server.hostname,
                           max_lifetime=config.queue.max_lifetime,
                           segment_size=config.queue.segment_size)
+    store.retention = config.queue.retention  # delivery records ([queue] retention)
     await store.start()
     listeners = {(hp.host, hp.port) for hp in (*config.server.listen, *config.server.listen_tls)}
     sts = _sts_for(config, None)
@@ -450,6 +458,7 @@ async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int,
         """A reload: the next job and attempt use the new policies, keys and settings."""
         nonlocal sts
         engine.apply(rt.config, spf=rt.spf)
+        store.retention = rt.config.queue.retention
         engine.attempter.signer = rt.signer
         engine.attempter.smime = rt.smime
         engine.attempter.tls = rt.client_tls
@@ -468,9 +477,12 @@ async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int,
     os.write(ready_fd, b"R")  # intake may start: what it announces is read from now on
     os.close(ready_fd)
     runner = asyncio.get_running_loop().create_task(engine.run())
+    control = ControlServer(root, store, engine.control, engine.wake.set)
+    await control.start()
     counter = asyncio.get_running_loop().create_task(_count_queue(store, anvil))
     await stop.wait()
     counter.cancel()
+    await control.close()
     log.event("draining", process="delivery")
     await engine.drain(DRAIN_GRACE)
     runner.cancel()

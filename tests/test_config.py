@@ -401,6 +401,10 @@ def test_policy_files_read_in_name_order(tmp_path: Path) -> None:
     ('[log]\nformat = "text"\n', 'log.format: "text" is not one of logfmt | json'),
     ('[cluster]\nredis = "127.0.0.1:6379"\n',
      'cluster.redis: "127.0.0.1:6379" is not a redis://, rediss:// or unix:// URL'),
+    ('[cluster]\nredis = "redis://:pw@127.0.0.1:63x9/0"\n',
+     "cluster.redis: the port of the URL is not a number from 0 to 65535"),
+    ('[cluster]\nredis = "redis://127.0.0.1:6379/cache"\n',
+     'cluster.redis: the database in the URL path must be a number, not "cache"'),
     ('[policies]\npath = "nowhere"\n', "policies.path: folder not found: {dir}/nowhere"),
     ("server = 1\n", "server: expected a table, got an integer"),
 ])

@@ -19,7 +19,6 @@ from relay.config_status import NOT_ENFORCED
 # One value for every key of NOT_ENFORCED that asks for something: (main config, policy file).
 # A key added to the table needs a sample here; a key made real is deleted from both.
 SAMPLES: dict[str, tuple[str, str]] = {
-    "queue.retention": ('[queue]\nretention = "30d"\n', ""),
     "http.listen": ('[http]\nlisten = "127.0.0.1:9025"\n', ""),
     "http.token": ('[http]\ntoken = "s3cret"\n', ""),
     "cluster.redis": ('[cluster]\nredis = "redis://127.0.0.1:6379/0"\n', ""),
@@ -129,15 +128,11 @@ def test_security_key_is_an_error_and_serve_refuses_it(tmp_path: Path) -> None:
 
 
 def test_serve_logs_each_warning_once_and_runs(tmp_path: Path) -> None:
-    relay = RelayProcess(tmp_path, queue={"retention": "30d"})
+    relay = RelayProcess(tmp_path)
     with relay:  # starts and waits for event=listening
         events = relay.events("config_warning")
-    config = relay.config
-    # RelayProcess sets [http] listen, which this release does not serve either.
-    assert sorted(e["warning"] for e in events) == [
-        f"{config}: http.listen: not enforced yet",
-        f"{config}: queue.retention: not enforced yet",
-    ]
+    # RelayProcess sets [http] listen, which this release does not serve.
+    assert [e["warning"] for e in events] == [f"{relay.config}: http.listen: not enforced yet"]
 
 
 def test_packaged_config_sets_nothing_unenforced(tmp_path: Path) -> None:

@@ -532,6 +532,26 @@ def test_expiry_after_max_lifetime_sends_one_dsn(relay_factory: RelayFactory,
     _, [group], _ = dsn_parts(dsn)
     assert status_of(group) == ("ap@example.net", "4.4.7", reply)
     assert group["Action"] == "failed"
+    assert group["Remote-MTA"].startswith("dns; ")  # the host that said it
+    assert all("origin" not in e for e in deferred)  # the host's own reply
+
+
+def test_a_local_error_is_never_what_the_host_said(relay_factory: RelayFactory,
+                                                   sinks: SinkFactory) -> None:
+    home = sinks()
+    closed = free_port()  # nothing listens: connection refused, our own text
+    relay = relay_factory(routes={"example.net": [f"127.0.0.1:{closed}"],
+                                  **sender_route(home)},
+                          queue={"retry_schedule": ["1s"], "max_lifetime": "2s"}).start()
+    send(relay, ["ap@example.net"])
+    relay.wait_for_log(r"event=expired", timeout=15)
+    deferred = relay.events("deferred")
+    assert deferred and all(e["origin"] == "relay" for e in deferred)
+    assert "Connection refused" in deferred[0]["reply"]
+    [dsn] = home.wait_for(1)
+    text = dsn.data.decode()
+    assert " said:" not in text and "Remote-MTA" not in text
+    assert "Connection refused" in text
 
 
 # ---------------------------------------------------------------------------- 8. unknown outcome

@@ -241,7 +241,7 @@ def test_intake_sets_priority_and_it_survives_restart_and_rebuild(
     assert relay.stop() == 0
     assert stored() == expected
     # the spool envelopes hold it too: an index rebuilt from them has the same priorities
-    rebuilt = relay_cli(relay.config, "queue", "rebuild")
+    rebuilt = relay_cli(relay.config, "queue", "rebuild", "--force")
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert stored() == expected
     high = next(msg for msg, p in expected.items() if p == "high")

@@ -13,6 +13,7 @@ import datetime
 import ipaddress
 import json
 import re
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -345,4 +346,25 @@ def _redis_url(value: object) -> str:
     text = _string(value).strip()
     if text and not text.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError(f"{_q(text)} is not a redis://, rediss:// or unix:// URL")
+    if text:
+        _check_redis_url(text)
     return text
+
+
+def _check_redis_url(text: str) -> None:
+    """What redis-py would refuse at connect time, said now (the message never repeats the
+    URL: it may hold a password)."""
+    parts = urllib.parse.urlsplit(text)
+    try:
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError:
+        raise ValueError("the port of the URL is not a number from 0 to 65535") from None
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError("a unix:// URL needs a socket path, such as unix:///run/redis.sock")
+        return
+    if not parts.hostname:
+        raise ValueError("the URL has no host, such as redis://127.0.0.1:6379/0")
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"the database in the URL path must be a number, not {_q(db)}")

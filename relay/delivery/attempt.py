@@ -60,6 +60,7 @@ class Job:
     # The connection its transaction runs on, while it runs: a graceful stop asks it whether
     # the final dot is out (SmtpClient.abandon).
     client: SmtpClient | None = None
+    invoice_id: str | None = None  # its X-Invoice-Id, once its bytes were read (records)
     # The path (source address, destination) it was dispatched to; None: the kernel's
     # choice of source and the attempter's own TLS memory (tests that run no engine).
     path: Path | None = None
@@ -105,6 +106,11 @@ class Verdict:
     sha256: str | None = None  # of the bytes sent, when the data went out
     tls_cipher: str | None = None
     tls_verified: bool = False  # chain and host name checked (tls = "verify", MTA-STS)
+    source: str | None = None   # our address:port (delivery records)
+    signed_by: tuple[str, ...] = ()  # DKIM "d/selector" of the bytes sent (delivery records)
+    # True when `reply` is the remote server's reply; False when it is the relay's own text (a
+    # connect error, a timeout, a TLS policy, DNS): logs and DSNs never say the host "said" it.
+    remote: bool = False
 
 
 @dataclass(slots=True)
@@ -294,10 +300,12 @@ class Attempter:
             # expired): defer, never clear text. It bounces at max_lifetime as usual.
             return self._all(job, Kind.TEMPORARY, f"451 4.7.5 <{decision.rcpt}>: "
                              f"{NO_CERTIFICATE}: {decision.reason}", "4.7.5", None), conn
-        last: tuple[str, str, NextHop | None] = ("451 4.4.1 No next hop answered", "4.4.1", None)
+        # (reply, status, hop, whether the reply is the remote server's own text)
+        last: tuple[str, str, NextHop | None, bool] = ("451 4.4.1 No next hop answered", "4.4.1",
+                                                       None, False)
         # The first hop skipped for TLS: that reason is what the recipient defers with when
         # no hop took the mail (more telling than a later hop's connect failure).
-        refused: tuple[str, str, NextHop | None] | None = None
+        refused: tuple[str, str, NextHop | None, bool] | None = None
         lacked_utf8 = False
         prepared: dict[bool, Prepared] = {}  # per variant: each hop of this attempt reuses it
         try:
@@ -321,13 +329,15 @@ class Attempter:
                         raise SourceUnusable(job.path.source, str(exc)) from None
                     except TlsRefused as exc:
                         # The first (best MX) reason, not a fallback relay's after it.
-                        refused = refused or (exc.reply, exc.status, hop)
+                        refused = refused or (exc.reply, exc.status, hop, False)
                         continue
                     except LocalAddressError as exc:
-                        last = (f"451 4.4.0 Local source address problem: {exc}", "4.4.0", hop)
+                        last = (f"451 4.4.0 Local source address problem: {exc}", "4.4.0", hop,
+                                False)
                         continue
                     except SmtpClientError as exc:
-                        last = (_describe(exc, hop), _status(exc, "4.4.1"), hop)
+                        last = (_describe(exc, hop), _status(exc, "4.4.1"), hop,
+                                exc.reply is not None)
                         continue
                 if job.first.smtputf8 and not conn.client.supports("SMTPUTF8"):
                     lacked_utf8 = True
@@ -347,7 +357,7 @@ class Attempter:
                         # delivered and this was no real attempt.
                         return self._released(job, hop), conn if conn.client.usable \
                             else _close(conn)
-                    last = (_describe(exc, hop), "4.4.2", hop)
+                    last = (_describe(exc, hop), "4.4.2", hop, exc.reply is not None)
                     _close(conn)
                     conn = None
                     continue
@@ -355,11 +365,13 @@ class Attempter:
                     job.client = None
                 job.answered = True
                 if not tx.mail.is_ok and not tx.mail.is_permanent:
-                    last = (tx.mail.text, _status_of(tx.mail, "4.0.0"), hop)
+                    last = (tx.mail.text, _status_of(tx.mail, "4.0.0"), hop, True)
                     _close(conn)
                     conn = None
                     continue
                 verdicts = self._judge(job, tx, conn, ready.sha256)
+                for v in verdicts:
+                    v.source, v.signed_by = conn.client.source, ready.signed_by
                 conn.sent += 1
                 if conn.report is not None:
                     _report(job, conn)
@@ -375,7 +387,7 @@ class Attempter:
             last = refused
         else:
             job.unreachable = not job.answered and last[2] is not None
-        return self._all(job, Kind.TEMPORARY, last[0], last[1], last[2]), None
+        return self._all(job, Kind.TEMPORARY, last[0], last[1], last[2], remote=last[3]), None
 
     def _smime_decision(self, job: Job) -> Decision | None:
         """The S/MIME decision for a job's copy; None when it goes plain without question.
@@ -444,7 +456,7 @@ class Attempter:
         sent = sha256 if tx.data is not None or tx.outcome_unknown else None
         if not tx.mail.is_ok:  # a 5xx to MAIL refuses every recipient
             return self._all(job, Kind.PERMANENT, tx.mail.text, _status_of(tx.mail, "5.0.0"), hop,
-                             tls)
+                             tls, remote=True)
         verdicts = []
         for due in job.recipients:
             reply = tx.rcpt.get(due.rcpt)
@@ -453,7 +465,7 @@ class Attempter:
                 kind = Kind.PERMANENT if reply.is_permanent else Kind.TEMPORARY
                 verdicts.append(Verdict(due, kind, reply.text,
                                         _status_of(reply, "5.0.0" if kind == Kind.PERMANENT
-                                                   else "4.0.0"), hop, tls))
+                                                   else "4.0.0"), hop, tls, remote=True))
             elif tx.outcome_unknown:
                 verdicts.append(Verdict(due, Kind.UNKNOWN, _UNKNOWN_STOPPING if self.draining
                                         else _UNKNOWN_LOST, "4.4.2", hop, tls, sent))
@@ -462,17 +474,20 @@ class Attempter:
                                         hop, tls))
             elif tx.data.is_ok:
                 verdicts.append(Verdict(due, Kind.DELIVERED, tx.data.text,
-                                        _status_of(tx.data, "2.0.0"), hop, tls, sent))
+                                        _status_of(tx.data, "2.0.0"), hop, tls, sent,
+                                        remote=True))
             else:
                 kind = Kind.PERMANENT if tx.data.is_permanent else Kind.TEMPORARY
                 verdicts.append(Verdict(due, kind, tx.data.text, _status_of(
-                    tx.data, "5.0.0" if kind == Kind.PERMANENT else "4.0.0"), hop, tls, sent))
+                    tx.data, "5.0.0" if kind == Kind.PERMANENT else "4.0.0"), hop, tls, sent,
+                    remote=True))
         return verdicts
 
     @staticmethod
     def _all(job: Job, kind: str, reply: str, status: str, hop: NextHop | None,
-             tls: str | None = None) -> list[Verdict]:
-        return [Verdict(due, kind, reply, status, hop, tls) for due in job.recipients]
+             tls: str | None = None, *, remote: bool = False) -> list[Verdict]:
+        return [Verdict(due, kind, reply, status, hop, tls, remote=remote)
+                for due in job.recipients]
 
     @classmethod
     def _released(cls, job: Job, hop: NextHop | None) -> list[Verdict]:

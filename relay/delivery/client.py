@@ -290,6 +290,7 @@ class SmtpClient:
     tls_version: str | None
     tls_cipher: str | None
     peer: tuple[str, int]
+    source: str | None
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                  address: str, helo_name: str, timeouts: Timeouts) -> None:
@@ -311,6 +312,10 @@ class SmtpClient:
         self.tls_cipher = None
         peer = writer.get_extra_info("peername")
         self.peer = (peer[0], peer[1])
+        own = writer.get_extra_info("sockname")
+        # Our end, "address:port", for the delivery records ([v6]:port for IPv6).
+        self.source = (f"[{own[0]}]:{own[1]}" if ":" in own[0] else f"{own[0]}:{own[1]}") \
+            if isinstance(own, tuple) else None
         self._limit_write_buffer()
 
     # ----------------------------------------------------------------- setup

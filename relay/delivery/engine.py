@@ -56,9 +56,10 @@ from relay.delivery.sources import SourcePicker
 from relay.delivery.spf import SpfChecker
 from relay.delivery.store import DeliveryStore, Result
 from relay.delivery.tlspolicy import OPPORTUNISTIC, StsSource, TlsRequirement
-from relay.queue.envelope import BOUNCED, DEFERRED, DELIVERED, EXPIRED, UNKNOWN, State
+from relay.queue.envelope import BOUNCED, DEFERRED, DELETED, DELIVERED, EXPIRED, UNKNOWN, State
 from relay.queue.index import DueRecipient, Outcome
 from relay.queue.notices import Committed
+from relay.queue.records import invoice_id_of
 from relay.queue.segments import SegmentCorrupt
 
 MAX_IN_FLIGHT = 5000       # recipients held in memory at once; the rest wait in the index
@@ -86,6 +87,7 @@ class Counters:
     unknown: int = 0
     released: int = 0   # claimed, then given back unattempted by a graceful stop
     handed_back: int = 0  # given back by a throttled destination, due later, unattempted
+    deleted: int = 0    # `queue delete` by an operator
 
     def count(self, state: State) -> None:
         """One more outcome in `state` (the final states, deferred and unknown)."""
@@ -99,6 +101,8 @@ class Counters:
             self.expired += 1
         elif state == UNKNOWN:
             self.unknown += 1
+        elif state == DELETED:
+            self.deleted += 1
         else:
             raise ValueError(f"not an outcome: {state}")
 
@@ -530,6 +534,7 @@ class DeliveryEngine:
             self._finish(job, [Verdict(d, Kind.TEMPORARY, f"451 4.3.0 spool read failed: {exc}",
                                              "4.3.0") for d in job.recipients])
             return conn
+        job.invoice_id = invoice_id_of(data)  # for the delivery records; header block only
         hops_seen = received_count(data)
         if hops_seen > MAX_HOPS:
             self._finish(job, [Verdict(d, Kind.PERMANENT, f"554 5.4.6 Too many hops:"
@@ -993,7 +998,9 @@ class DeliveryEngine:
                               host=hop.name if hop else None,
                               address=f"{hop.address}:{hop.port}" if hop else None, tls=v.tls,
                               sha256=v.sha256, tls_cipher=v.tls_cipher,
-                              tls_verified=v.tls_verified if v.tls else None, source=source)
+                              tls_verified=v.tls_verified if v.tls else None,
+                              source=v.source or source, dkim=v.signed_by,
+                              invoice_id=job.invoice_id, remote=v.remote)
             results.append(Result(due, outcome, status))
         # Not awaited: the connection goes on with its next job while the outcome is recorded
         # in the next batch. The recipients stay in flight (claimed) until it is.
@@ -1018,6 +1025,8 @@ class DeliveryEngine:
             "tls": o.tls, "cipher": o.tls_cipher,
             "verified": ("yes" if o.tls_verified else "no") if o.tls else None,
             "status": r.status, "attempt": r.due.attempts + 1, "reply": o.reply,
+            # The relay's own text (a connect error, a timeout, a policy), not the host's.
+            "origin": None if o.remote else "relay",
         }
         if state not in (DELIVERED, BOUNCED, EXPIRED):
             fields["next_attempt"] = time.strftime("%Y-%m-%dT%H:%M:%SZ",
@@ -1031,6 +1040,23 @@ class DeliveryEngine:
         log.event("released", id=due.msg, rcpt=due.rcpt, host=hop.name if hop else None,
                   address=f"{hop.address}:{hop.port}" if hop else None, reply=why,
                   attempt=due.attempts + 1, note="not counted as an attempt; due again")
+
+    # --- queue control -------------------------------------------------------------------
+
+    def control(self, msgs: frozenset[str]) -> frozenset[tuple[str, int]]:
+        """`queue hold|delete|bounce`: drop these messages' jobs that wait for a connection
+        (their attempt must not start); returns the recipients in an attempt now (it ends)."""
+        busy = frozenset((d.msg, d.idx) for job in self._running.values() if job.msg in msgs
+                         for d in job.recipients)
+        for dest in self.destinations.values():
+            for path in dest.paths.values():
+                dropped = [job for job in path.jobs if job.msg in msgs]
+                for job in dropped:
+                    path.jobs.remove(job)
+                    dest.queued -= 1
+                    for d in job.recipients:
+                        self.in_flight.discard((d.msg, d.idx))
+        return busy
 
     # --- shutdown -----------------------------------------------------------------------
 

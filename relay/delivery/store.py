@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import sqlite3
 import time
@@ -27,6 +28,7 @@ from relay.delivery.dsn import FailedRecipient, build_dsn, original_headers
 from relay.queue.envelope import BOUNCED, EXPIRED, Envelope, new_queue_id
 from relay.queue.index import DueRecipient, Index, Outcome
 from relay.queue.notices import Committed
+from relay.queue.records import RECORDS_FILE, Record, Records
 from relay.queue.segments import (
     SEGMENT_SIZE,
     Location,
@@ -45,6 +47,8 @@ DSN_WRITER = 90          # the writer number in the names of the DSN segments
 # what a crash can make us send twice is what was sent but not yet recorded.
 UNRECORDED_LIMIT = 32
 FRESH_SECONDS = 120.0    # a message younger than this is read on the event loop (page cache)
+PRUNE_EVERY = 600.0      # seconds between retention passes over the delivery records
+DEFAULT_RETENTION = 400 * 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +96,9 @@ class DeliveryStore:
         self._reserve_tried = 0.0
         self._restarted = 0.0
         self._index: Index | None = None
+        self._records: Records | None = None
+        self.retention = DEFAULT_RETENTION  # [queue] retention; set again by a reload
+        self._pruned = -math.inf  # the first maintenance step prunes
         self._batch = _Batch()
         self._flusher: asyncio.Task[None] | None = None
         self._unrecorded = 0
@@ -104,6 +111,7 @@ class DeliveryStore:
 
     async def start(self) -> None:
         self._index = await self._run(Index, self.db_path)
+        self._records = await self._run(Records, self.db_path.parent / RECORDS_FILE)
 
     async def close(self, grace: float = 10.0) -> None:
         try:
@@ -116,8 +124,15 @@ class DeliveryStore:
                 await self._run(self._index.seal, list(self._dsn_sealed))
         if self._index is not None:
             await self._run(self._index.close)
+        if self._records is not None:
+            await self._run(self._records.close)
         self._thread.stop()
         self.reader.close()
+
+    async def with_index(self, fn: Callable[..., T], *args: object) -> T:
+        """`fn(index, *args)` on the index thread (an operator's action: relay.queue.operator)."""
+        assert self._index is not None
+        return await self._run(fn, self._index, *args)
 
     async def claim(self, now: float, limit: int) -> list[DueRecipient]:
         assert self._index is not None
@@ -255,6 +270,9 @@ class DeliveryStore:
         """Re-create the emergency reserve once the queue has drained enough (intake waits
         for it before taking new mail again)."""
         now = time.monotonic()
+        if now - self._pruned > PRUNE_EVERY and self._records is not None:
+            self._pruned = now
+            await self._prune()
         if self.reserve.released and now - self._reserve_tried > 1.0:
             self._reserve_tried = now
             # The WAL file only shrinks when asked to; on a full disk it holds the room we need.
@@ -262,6 +280,22 @@ class DeliveryStore:
                 await self._run(self._checkpoint, "TRUNCATE")
             if await asyncio.to_thread(self.reserve.ensure, 3.0):
                 log.event("reserve_restored")
+
+    async def _prune(self) -> None:
+        """Remove delivery records older than the retention, a bounded batch at a time."""
+        assert self._records is not None
+        if self.retention <= 0:  # "0": off, records are kept for ever
+            return
+        before = time.time() - self.retention
+        try:
+            removed = await self._run(self._records.prune, before)
+        except (OSError, sqlite3.Error) as exc:  # e.g. a full disk: the next pass tries again
+            log.event("records_prune_failed", level=30, error=str(exc))
+            return
+        if removed:
+            log.event("records_pruned", messages=removed)
+            if removed >= 5000:
+                self._pruned = -math.inf  # more to do: the next maintenance step goes on
 
     def _checkpoint(self, mode: str) -> None:
         assert self._index is not None
@@ -277,6 +311,10 @@ class DeliveryStore:
         assert index is not None
         dsns = self._queue_dsns(batch.results, made)
         sealed = batch.sealed + self._dsn_sealed
+        # The records first: a crash between the two commits re-attempts the recipient,
+        # which then has one record more, never one less.
+        if batch.results and self._records is not None:
+            self._records.add(self._records_of(batch.results))
         with index._transaction():
             index.add_in_transaction(batch.claimed, self.max_lifetime, claimed=True)
             index.add_in_transaction(batch.queued + dsns, self.max_lifetime)
@@ -297,6 +335,8 @@ class DeliveryStore:
             return []
         assert self._index is not None
         try:
+            if self._records is not None:
+                self._records.make_durable()
             self._index.make_durable()
         except (OSError, sqlite3.Error) as exc:  # a reader in the way: the next batch retries
             log.event("segment_remove_postponed", segments=len(names), error=str(exc))
@@ -320,6 +360,17 @@ class DeliveryStore:
                 log.event("spool_sync_failed", level=40, error=str(exc))
                 return []
         return removed
+
+    def _records_of(self, results: list[Result]) -> list[Record]:
+        assert self._index is not None
+        message_ids = self._index.message_ids({r.outcome.msg for r in results})
+        return [Record(queue_id=o.msg, idx=o.idx, recipient=r.due.rcpt, sender=r.due.sender,
+                       received=r.due.received, message_id=message_ids.get(o.msg),
+                       invoice_id=o.invoice_id, state=str(o.state), time=o.time,
+                       attempted=o.attempted, source=o.source, host=o.host, address=o.address,
+                       reply=o.reply, tls=o.tls, tls_cipher=o.tls_cipher,
+                       tls_verified=o.tls_verified, dkim=o.dkim, sha256=o.sha256)
+                for r in results for o in (r.outcome,)]
 
     def _queue_dsns(self, results: list[Result], made: dict[str, Committed | None]
                     ) -> list[Committed]:
@@ -375,7 +426,8 @@ class DeliveryStore:
             headers = b""
         failures = [FailedRecipient(
             recipient=r.due.rcpt, status=r.status, diagnostic=r.outcome.reply,
-            remote_mta=r.outcome.host, last_attempt=r.outcome.time) for r in items]
+            remote_mta=r.outcome.host if r.outcome.remote else None,
+            last_attempt=r.outcome.time) for r in items]
         data = build_dsn(reporting_mta=self.hostname, queue_id=msg, original_sender=first.sender,
                          arrival=first.received, original_headers=headers, failures=failures)
         now = time.time()

@@ -45,13 +45,13 @@ class TokenBucket:
         self._at = now
         return self._tokens
 
-    def try_take(self) -> float:
-        """0.0 and one token fewer, or the seconds until a whole token is there."""
+    def try_take(self, count: int = 1) -> float:
+        """0.0 and `count` tokens fewer, or the seconds until `count` whole tokens are there."""
         tokens = self._refill()
-        if tokens >= 1.0 - _EPSILON:  # float steps of the clock must not cost a period
-            self._tokens = max(0.0, tokens - 1.0)
+        if tokens >= count - _EPSILON:  # float steps of the clock must not cost a period
+            self._tokens = max(0.0, tokens - count)
             return 0.0
-        return (1.0 - tokens) / self.per_second
+        return (count - tokens) / self.per_second
 
     async def acquire(self) -> float:
         return self.try_take()

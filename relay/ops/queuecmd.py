@@ -13,9 +13,14 @@ from pathlib import Path
 
 from relay.config import Config, ConfigError, find_config_file, load_config
 from relay.exitcodes import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE
-from relay.queue.envelope import FINAL_STATES
+from relay.queue.envelope import ACTIVE, DEFERRED, FINAL_STATES, HOLD, QUEUED, UNKNOWN
+from relay.queue.index import FINAL_SQL
+from relay.queue.operator import VERBS
+from relay.queue.records import RECORDS_FILE, apply_recorded_finals
 from relay.queue.recovery import recover
 from relay.queue.segments import Location, SegmentCorrupt, read_at
+
+SUMMARY_STATES = (QUEUED, ACTIVE, DEFERRED, UNKNOWN, HOLD)
 
 
 def queue_command(cli_config: str | None, args: argparse.Namespace) -> int:
@@ -27,17 +32,23 @@ def queue_command(cli_config: str | None, args: argparse.Namespace) -> int:
         return EXIT_PROBLEM
     root = config.queue.path
     if args.queue_verb == "rebuild":
-        return _rebuild(config)
+        return _rebuild(config, force=getattr(args, "force", False))
     db = root / "index.sqlite"
     if not db.exists():
         hint = ("if mail was queued here, run `invoice-relay queue rebuild`"
                 if (root / "spool").is_dir() else "nothing was ever queued here?")
         print(f"{db}: no queue index ({hint})", file=sys.stderr)
         return EXIT_PROBLEM
+    if args.queue_verb in VERBS:
+        from relay.ops.queuectl import control_command
+
+        return control_command(config, args)
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
     try:
         if args.queue_verb == "list":
-            return _list(conn, args.state, args.domain, args.json)
+            return _list(conn, args)
+        if args.queue_verb == "summary":
+            return _summary(conn, args.json)
         if args.queue_verb == "show":
             return _show(conn, root / "spool", args.id)
     except sqlite3.DatabaseError as exc:
@@ -54,32 +65,94 @@ def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else "-"
 
 
-def _list(conn: sqlite3.Connection, state: str | None, domain: str | None, as_json: bool) -> int:
-    where, params = [], []
-    if state:
-        where.append("state = ?")
-        params.append(state)
-    else:
-        where.append(f"state NOT IN ({','.join('?' * len(FINAL_STATES))})")
-        params.extend(FINAL_STATES)
-    if domain:
-        where.append("domain = ?")
-        params.append(domain.lower())
+def _list(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
+    """One line per recipient, in queue id order; by default those not final yet."""
+    where, params = _filters(args.state, args.domain)
+    page = " LIMIT ? OFFSET ?"
+    params += [args.limit if args.limit is not None else -1, max(args.offset, 0)]
     rows = conn.execute(
         "SELECT msg, state, rcpt, attempts, next_attempt, last_reply FROM recipients"
-        f" WHERE {' AND '.join(where)} ORDER BY msg, idx", params)
+        f" WHERE {where} ORDER BY msg, idx{page}", params)
+    printed = 0
     for msg, st, rcpt, attempts, next_at, reply in rows:
-        pending = st not in FINAL_STATES
-        if as_json:
+        pending = st not in FINAL_STATES and st != HOLD
+        if args.json:
             print(json.dumps({"queue_id": msg, "state": st, "recipient": rcpt,
                               "attempts": attempts,
                               "next_attempt": _when(next_at) if pending else None,
                               "last_response": reply}, ensure_ascii=False))
         else:
-            last = (reply or "-").replace("\n", " / ")
-            print(f"{msg}  {st:9}  {rcpt}  attempts={attempts}"
-                  f"  next={_when(next_at) if pending else '-'}  last={last}")
+            if not printed:
+                print(f"{'QUEUE ID':22}  {'STATE':9}  {'ATTEMPTS':>8}  {'NEXT ATTEMPT':20}"
+                      "  RECIPIENT / LAST RESPONSE")
+            last = " / ".join((reply or "-").splitlines())
+            print(f"{msg:22}  {st:9}  {attempts:>8}  {_when(next_at) if pending else '-':20}"
+                  f"  <{rcpt}>")
+            print(f"{'':22}  {'':9}  {'':>8}  {'':20}  {last}")
+        printed += 1
+    if not printed and not args.json:
+        print("queue is empty" if not (args.state or args.domain or args.offset)
+              else "no recipient matches")
     return EXIT_OK
+
+
+def _filters(state: str | None, domain: str | None) -> tuple[str, list[object]]:
+    where, params = [], []
+    if state:
+        where.append("state = ?")
+        params.append(state)
+    else:
+        where.append(f"state NOT IN {FINAL_SQL}")
+    if domain:
+        where.append("domain = ?")
+        params.append(domain.lower())
+    return " AND ".join(where), params
+
+
+def _summary(conn: sqlite3.Connection, as_json: bool) -> int:
+    """Counts of recipients not final yet, by state and by domain (most first), and the age of
+    the oldest message that has one (Postfix's qshape, without the age buckets)."""
+    by_state = dict(conn.execute(
+        f"SELECT state, COUNT(*) FROM recipients WHERE state NOT IN {FINAL_SQL}"
+        " GROUP BY state").fetchall())
+    by_domain: dict[str, dict[str, int]] = {}
+    for domain, st, n in conn.execute(
+            f"SELECT domain, state, COUNT(*) FROM recipients WHERE state NOT IN {FINAL_SQL}"
+            " GROUP BY domain, state"):
+        by_domain.setdefault(domain, {})[st] = n
+    oldest = conn.execute("SELECT MIN(received) FROM messages WHERE done IS NULL").fetchone()[0]
+    age = max(0, int(time.time() - oldest)) if oldest is not None else None
+    total = sum(by_state.values())
+    ranked = sorted(by_domain.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))
+    if as_json:
+        print(json.dumps({"total": total, "by_state": by_state, "oldest_age_seconds": age,
+                          "by_domain": {d: {"total": sum(c.values()), **c} for d, c in ranked}},
+                         ensure_ascii=False))
+        return EXIT_OK
+    if not total:
+        print("queue is empty")
+        return EXIT_OK
+    states = [s for s in SUMMARY_STATES if s in by_state]
+    print(f"{total} recipients queued; oldest message {_age(age)} old")
+    print(f"{'DOMAIN':32} {'TOTAL':>8}" + "".join(f" {s.upper():>9}" for s in states))
+    for domain, counts in [("TOTAL", by_state), *ranked]:
+        print(f"{domain:32} {sum(counts.values()):>8}"
+              + "".join(f" {counts.get(s, 0):>9}" for s in states))
+    return EXIT_OK
+
+
+def _age(seconds: int | None) -> str:
+    """`3d4h`, `2h5m`, `7m`, `42s`."""
+    if seconds is None:
+        return "-"
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes}m"
+    return f"{minutes}m" if minutes else f"{secs}s"
 
 
 def _show(conn: sqlite3.Connection, spool_dir: Path, queue_id: str) -> int:
@@ -157,11 +230,20 @@ def _tls_summary(version: str | None, cipher: str | None, verified: int | None) 
     return text
 
 
-def _rebuild(config: Config) -> int:
-    """Move the damaged index aside and rebuild it from the spool segments."""
+def _rebuild(config: Config, *, force: bool = False) -> int:
+    """Move the damaged index aside and rebuild it from the spool segments.
+
+    The delivery records (records.sqlite) are not touched; recipients they show as final
+    stay final in the new index, so a rebuild never sends a delivered invoice again."""
     root = config.queue.path
     if not (root / "spool").is_dir():
         print(f"{root}: no spool folder", file=sys.stderr)
+        return EXIT_PROBLEM
+    db = root / "index.sqlite"
+    problem = _index_problem(db)
+    if problem is None and not force:
+        print(f"{db}: the queue index is healthy; `queue rebuild` is for a lost or damaged"
+              " index (add --force to rebuild it anyway)", file=sys.stderr)
         return EXIT_PROBLEM
     with open(root / "lock", "a+") as lock:
         try:
@@ -178,11 +260,33 @@ def _rebuild(config: Config) -> int:
                 old.rename(Path(f"{db}.broken-{stamp}{suffix}"))
         report = recover(root, db, max_lifetime=config.queue.max_lifetime,
                          segment_size=config.queue.segment_size)
+        final = apply_recorded_finals(db, root / RECORDS_FILE)
         _give_to_queue_owner(root)
     print(f"rebuilt {db}: {report.reindexed} messages from the spool segments,"
           f" {report.removed_incomplete} incomplete streamed messages removed,"
-          f" {report.corrupt} damaged records skipped")
+          f" {report.corrupt} damaged records skipped,"
+          f" {final} recipients final according to the delivery records")
     return EXIT_OK
+
+
+def _index_problem(db: Path) -> str | None:
+    """Why the index needs a rebuild, or None when it looks healthy."""
+    if not db.exists():
+        return "missing"
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        try:
+            (check,) = conn.execute("PRAGMA quick_check").fetchone()
+            tables = {row[0] for row in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        return str(exc)
+    if check != "ok":
+        return str(check)
+    missing = {"messages", "recipients", "segments"} - tables
+    return f"tables missing: {', '.join(sorted(missing))}" if missing else None
 
 
 def _give_to_queue_owner(root: Path) -> None:

@@ -19,22 +19,24 @@ class State(StrEnum):
     ACTIVE = "active"        # claimed by the delivery process right now
     DEFERRED = "deferred"    # a temporary failure; retried at next_attempt
     UNKNOWN = "unknown"      # the connection dropped after the final dot: maybe delivered
-    HOLD = "hold"            # an operator stopped delivery attempts (`queue hold`, issue 10)
+    HOLD = "hold"            # an operator stopped delivery attempts (`queue hold`)
     DELIVERED = "delivered"
     BOUNCED = "bounced"
     EXPIRED = "expired"
+    DELETED = "deleted"      # removed by an operator (`queue delete`): no DSN, the record stays
 
 
 # Short names for the members, as the rest of the code spells them.
 QUEUED, ACTIVE, DEFERRED, UNKNOWN = State.QUEUED, State.ACTIVE, State.DEFERRED, State.UNKNOWN
 HOLD, DELIVERED, BOUNCED, EXPIRED = State.HOLD, State.DELIVERED, State.BOUNCED, State.EXPIRED
+DELETED = State.DELETED
 
 # Delivery priorities, most urgent first (`[[sender]] priority`, the priority headers).
 HIGH, NORMAL, BULK = "high", "normal", "bulk"
 PRIORITIES = (HIGH, NORMAL, BULK)
 
 PENDING_STATES = (QUEUED, DEFERRED, UNKNOWN)
-FINAL_STATES = (DELIVERED, BOUNCED, EXPIRED)
+FINAL_STATES = (DELIVERED, BOUNCED, EXPIRED, DELETED)
 
 
 @dataclass(frozen=True, slots=True)

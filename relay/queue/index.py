@@ -159,7 +159,13 @@ class Outcome:
     tls_cipher: str | None = None
     tls_verified: bool | None = None  # None: plain text (or no connection)
     attempted: bool = True  # False when no connection was tried (e.g. expiry, DNS failure)
-    source: str | None = None  # the source address it left from (None: the kernel's choice)
+    # For the delivery records only (relay/queue/records.py), not the index:
+    source: str | None = None          # our address:port of the connection
+    dkim: tuple[str, ...] = ()         # "d/selector" per DKIM signature of the bytes sent
+    invoice_id: str | None = None      # the message's X-Invoice-Id header
+    # Whether `reply` is the remote server's text (False: the relay's own, e.g. a connect
+    # error): a DSN names the host that "said" it only then.
+    remote: bool = False
 
 
 def _stored_priority(priority: str) -> str | None:
@@ -290,6 +296,22 @@ class Index:
                 found[row[0]] = row[1:]
         return found
 
+    def message_ids(self, ids: Iterable[str]) -> dict[str, str]:
+        """The Message-ID header of each of these messages that has one."""
+        return {msg: mid for msg, (mid,) in self._rows("message_id", ids).items()
+                if mid is not None}
+
+    def _rows(self, columns: str, ids: Iterable[str]) -> dict[str, tuple]:
+        ids = list(ids)
+        found: dict[str, tuple] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self.conn.execute(
+                    f"SELECT id, {columns} FROM messages WHERE id IN ({marks})", chunk):
+                found[row[0]] = row[1:]
+        return found
+
     def next_due(self) -> float | None:
         row = self.conn.execute(
             f"SELECT MIN(next_attempt) FROM recipients WHERE state IN {PENDING_SQL}").fetchone()
@@ -311,11 +333,14 @@ class Index:
             return [], []
         touched = {o.msg for o in outcomes}
         self.conn.executemany(
-            "UPDATE recipients SET state = ?, attempts = attempts + ?, next_attempt = ?,"
+            # An operator's `queue hold` during the attempt stands unless it delivered.
+            "UPDATE recipients SET state = CASE WHEN state = 'hold' AND ? IN"
+            " ('deferred', 'unknown') THEN 'hold' ELSE ? END, attempts = attempts + ?,"
+            " next_attempt = ?,"
             " last_reply = COALESCE(?, last_reply), last_host = COALESCE(?, last_host),"
             " updated = ? WHERE msg = ? AND idx = ?",
-            [(o.state, int(o.attempted), o.next_attempt, o.reply, o.host, o.time, o.msg, o.idx)
-             for o in outcomes])
+            [(o.state, o.state, int(o.attempted), o.next_attempt, o.reply, o.host, o.time,
+              o.msg, o.idx) for o in outcomes])
         self.conn.executemany(
             "INSERT INTO attempts (msg, idx, time, outcome, host, address, reply, tls, sha256,"
             " tls_cipher, tls_verified, source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",

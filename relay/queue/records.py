@@ -1,0 +1,295 @@
+"""Delivery records: every attempt and final outcome, kept apart from the queue index.
+
+`<queue.path>/records.sqlite` holds, per message, its envelope facts (sender, Message-ID,
+X-Invoice-Id) and, per recipient, one row per attempt or final outcome: time, source address,
+remote host and address, the reply verbatim, TLS, DKIM selectors and the SHA-256 of the bytes
+sent. It is what `invoice-relay status` reads and what proves a delivery long after the spool
+and the index forgot the message: `queue rebuild` never touches it, and rows go only when they
+are older than `[queue] retention`.
+
+Why a database file of its own rather than rows in the index: the index is a work queue that
+`queue rebuild` may replace, and it must stay small and fast for claims; records grow for a
+year or more and are read by auditors. Why SQLite rather than per-day text files: `status KEY`
+needs lookups by queue id, Message-ID and invoice id in milliseconds over a year of mail, and
+pruning is a DELETE by time, not a rewrite.
+
+Written only by the delivery process's index thread, in the same batch as the outcomes it
+describes and before them (relay/delivery/store.py), and made durable before any spool
+segment is removed. Rows are keyed (queue id, recipient, time, state), so a batch written
+twice (a failed index commit is retried) is stored once.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+RECORDS_FILE = "records.sqlite"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    queue_id TEXT PRIMARY KEY,
+    sender TEXT NOT NULL,
+    received REAL NOT NULL,
+    message_id TEXT,
+    invoice_id TEXT,
+    last REAL NOT NULL          -- time of its newest record: retention counts from here
+);
+CREATE INDEX IF NOT EXISTS messages_message_id ON messages(message_id);
+CREATE INDEX IF NOT EXISTS messages_invoice_id ON messages(invoice_id);
+CREATE INDEX IF NOT EXISTS messages_last ON messages(last);
+CREATE TABLE IF NOT EXISTS attempts (
+    queue_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    recipient TEXT NOT NULL,
+    time REAL NOT NULL,
+    state TEXT NOT NULL,        -- the recipient's state after it (delivered, deferred, ...)
+    attempted INTEGER NOT NULL, -- 0: a final outcome without a connection (expiry, DNS)
+    source TEXT,                -- our address:port of the connection
+    host TEXT,
+    address TEXT,
+    reply TEXT,
+    tls TEXT,
+    tls_cipher TEXT,
+    tls_verified INTEGER,
+    dkim TEXT,                  -- "d/selector" of each signature, space-separated
+    sha256 TEXT,                -- of the bytes sent, when the data went out
+    UNIQUE (queue_id, idx, time, state)
+);
+CREATE INDEX IF NOT EXISTS attempts_time ON attempts(time);
+CREATE TABLE IF NOT EXISTS durable_mark (n INTEGER NOT NULL);
+INSERT INTO durable_mark SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM durable_mark);
+"""
+
+# The fields of one exported or shown record, in column order (CSV header, JSON keys).
+FIELDS = ("time", "queue_id", "message_id", "invoice_id", "sender", "recipient", "state",
+          "attempted", "source", "host", "address", "reply", "tls", "tls_cipher",
+          "tls_verified", "dkim", "sha256")
+
+_SELECT = (
+    "SELECT a.time, a.queue_id, m.message_id, m.invoice_id, m.sender, a.recipient, a.state,"
+    " a.attempted, a.source, a.host, a.address, a.reply, a.tls, a.tls_cipher, a.tls_verified,"
+    " a.dkim, a.sha256 FROM attempts a JOIN messages m ON m.queue_id = a.queue_id")
+
+_HEADER_LIMIT = 65536
+_INVOICE_ID = re.compile(rb"(?im)^x-invoice-id:[ \t]*((?:[^\r\n]|\r\n[ \t])*)")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One attempt or final outcome for one recipient."""
+
+    queue_id: str
+    idx: int
+    recipient: str
+    sender: str
+    received: float
+    message_id: str | None
+    invoice_id: str | None
+    state: str
+    time: float
+    attempted: bool
+    source: str | None = None
+    host: str | None = None
+    address: str | None = None
+    reply: str | None = None
+    tls: str | None = None
+    tls_cipher: str | None = None
+    tls_verified: bool | None = None
+    dkim: tuple[str, ...] = ()
+    sha256: str | None = None
+
+
+def invoice_id_of(data: bytes) -> str | None:
+    """The message's X-Invoice-Id header (unfolded), read from its header block only."""
+    end = data.find(b"\r\n\r\n", 0, _HEADER_LIMIT)
+    head = data[:end + 2 if end >= 0 else _HEADER_LIMIT]
+    match = _INVOICE_ID.search(head)
+    if match is None:
+        return None
+    value = b" ".join(match.group(1).split()).decode("utf-8", "replace")
+    return value or None
+
+
+def open_records(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=True)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+class Records:
+    """The writer's side (one thread: the delivery process's index thread)."""
+
+    def __init__(self, path: Path) -> None:
+        self.conn = open_records(path)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def add(self, records: Sequence[Record]) -> None:
+        """Store records in one transaction (synchronous=NORMAL: see make_durable)."""
+        if not records:
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.executemany(
+                "INSERT INTO messages (queue_id, sender, received, message_id, invoice_id, last)"
+                " VALUES (?,?,?,?,?,?) ON CONFLICT (queue_id) DO UPDATE SET"
+                " last = MAX(last, excluded.last),"
+                " message_id = COALESCE(message_id, excluded.message_id),"
+                " invoice_id = COALESCE(invoice_id, excluded.invoice_id)",
+                [(r.queue_id, r.sender, r.received, r.message_id, r.invoice_id, r.time)
+                 for r in records])
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO attempts (queue_id, idx, recipient, time, state, attempted,"
+                " source, host, address, reply, tls, tls_cipher, tls_verified, dkim, sha256)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [(r.queue_id, r.idx, r.recipient, r.time, r.state, int(r.attempted), r.source,
+                  r.host, r.address, r.reply, r.tls, r.tls_cipher,
+                  None if r.tls_verified is None else int(r.tls_verified),
+                  " ".join(r.dkim) or None, r.sha256) for r in records])
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def make_durable(self) -> None:
+        """Everything committed so far is on disk (one small commit with synchronous=FULL
+        syncs the write-ahead log, and so every commit before it): called before a spool
+        segment is removed, so a record is on stable storage before what it describes goes."""
+        self.conn.execute("PRAGMA synchronous=FULL")
+        try:
+            self.conn.execute("UPDATE durable_mark SET n = n + 1")
+        finally:
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+
+    def prune(self, before: float, limit: int = 5000) -> int:
+        """Remove up to `limit` messages whose newest record is older than `before`, with
+        their records; how many. Bounded, so the writer thread is never held for long."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            old = [row[0] for row in self.conn.execute(
+                "SELECT queue_id FROM messages WHERE last < ? LIMIT ?", (before, limit))]
+            self.conn.executemany("DELETE FROM attempts WHERE queue_id = ?",
+                                  [(q,) for q in old])
+            self.conn.executemany("DELETE FROM messages WHERE queue_id = ?",
+                                  [(q,) for q in old])
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+        return len(old)
+
+
+def records_problem(path: Path) -> str | None:
+    """Why the delivery records cannot be written (None: fine, or created now): checked by
+    `serve` before it starts, so a damaged file is a clear message and not a dead child."""
+    try:
+        Records(path).close()
+    except sqlite3.DatabaseError as exc:
+        return (f"{path}: the delivery records are unusable: {exc}; move the file aside to"
+                " start a new one (keep it: it holds the proof of past deliveries)")
+    return None
+
+
+# --- readers (`invoice-relay status`): a read-only connection, the relay running or not ---
+
+
+def open_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only connection; sqlite3.Error when the file is missing or not a database."""
+    if not path.exists():
+        raise FileNotFoundError(path)
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    conn.execute("SELECT 1 FROM messages LIMIT 1").fetchall()  # fails on a damaged file
+    return conn
+
+
+def find(conn: sqlite3.Connection, key: str) -> list[str]:
+    """Queue ids whose queue id, Message-ID (with or without <>) or X-Invoice-Id is `key`."""
+    bare = key.strip()
+    msgid = bare if bare.startswith("<") else f"<{bare}>"
+    rows = conn.execute(
+        "SELECT queue_id FROM messages WHERE queue_id = ? OR message_id = ? OR invoice_id = ?"
+        " ORDER BY received", (bare.upper(), msgid, bare))
+    return [row[0] for row in rows]
+
+
+def message(conn: sqlite3.Connection, queue_id: str) -> dict[str, object] | None:
+    row = conn.execute("SELECT sender, received, message_id, invoice_id FROM messages"
+                       " WHERE queue_id = ?", (queue_id,)).fetchone()
+    if row is None:
+        return None
+    return dict(zip(("sender", "received", "message_id", "invoice_id"), row, strict=True))
+
+
+def attempts(conn: sqlite3.Connection, queue_id: str) -> list[dict[str, object]]:
+    """Every record of one message, by recipient (`idx`, its place in the envelope) and time."""
+    select = _SELECT.replace(" FROM", ", a.idx FROM", 1)
+    rows = conn.execute(f"{select} WHERE a.queue_id = ? ORDER BY a.idx, a.time", (queue_id,))
+    return [{**_as_dict(row[:-1]), "idx": row[-1]} for row in rows]
+
+
+def between(conn: sqlite3.Connection, start: float, end: float
+            ) -> Iterator[dict[str, object]]:
+    """Records with start <= time < end, in time order (streamed: an export may be large)."""
+    for row in conn.execute(f"{_SELECT} WHERE a.time >= ? AND a.time < ?"
+                            " ORDER BY a.time, a.queue_id, a.idx", (start, end)):
+        yield _as_dict(row)
+
+
+def _as_dict(row: tuple) -> dict[str, object]:
+    record = dict(zip(FIELDS, row, strict=True))
+    record["attempted"] = bool(record["attempted"])
+    if record["tls_verified"] is not None:
+        record["tls_verified"] = bool(record["tls_verified"])
+    record["dkim"] = str(record["dkim"]).split() if record["dkim"] else []
+    return record
+
+
+# --- `queue rebuild`: what the records know that the spool does not -----------------------
+
+FINAL = ("delivered", "bounced", "expired", "deleted")
+
+
+def apply_recorded_finals(index_path: Path, records_path: Path) -> int:
+    """In a rebuilt index, make final every recipient whose latest record is final (the spool
+    still holds a message until its whole segment is done); how many. Without this, a
+    rebuild would queue delivered invoices again."""
+    from relay.queue.index import Index  # the index imports nothing of this module
+
+    if not records_path.exists():
+        return 0
+    index = Index(index_path)
+    try:
+        conn = open_readonly(records_path)
+    except sqlite3.DatabaseError:
+        index.close()
+        return 0
+    count = 0
+    try:
+        pending = [row[0] for row in index.conn.execute(
+            "SELECT id FROM messages WHERE done IS NULL")]
+        for start in range(0, len(pending), 500):
+            chunk = pending[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            latest: dict[str, dict[int, str]] = {}
+            for queue_id, idx, state in conn.execute(
+                    f"SELECT queue_id, idx, state FROM attempts WHERE queue_id IN ({marks})"
+                    " ORDER BY time", chunk):
+                latest.setdefault(queue_id, {})[idx] = state
+            for queue_id, states in latest.items():
+                finals = {i: s for i, s in states.items() if s in FINAL}
+                if finals:
+                    index.apply_finals(queue_id, finals, time.time())
+                    count += len(finals)
+    finally:
+        conn.close()
+        index.close()
+    return count
