@@ -430,6 +430,7 @@ async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int,
                          anvil: Anvil | None = None) -> int:
     from relay.delivery.attempt import Attempter
     from relay.delivery.control import ControlServer
+    from relay.delivery.egress import Egress
     from relay.delivery.engine import DeliveryEngine
     from relay.delivery.nexthop import NextHopResolver
     from relay.delivery.store import DeliveryStore
@@ -446,15 +447,17 @@ async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int,
     await store.start()
     listeners = {(hp.host, hp.port) for hp in (*config.server.listen, *config.server.listen_tls)}
     sts = _sts_for(config, None)
+    # Warm-up counts of today, kept under the queue folder across restarts.
+    egress = await asyncio.to_thread(Egress.under, root)
     engine = DeliveryEngine(config, store, NextHopResolver(config.dns.nameservers),
                             Attempter(config, listeners, signer=live.current.signer,
                                       smime=live.current.smime, tls=live.current.client_tls),
-                            sts=sts)
+                            sts=sts, spf=live.current.spf, egress=egress)
 
     def apply(rt: Runtime) -> None:
         """A reload: the next job and attempt use the new policies, keys and settings."""
         nonlocal sts
-        engine.apply(rt.config)
+        engine.apply(rt.config, spf=rt.spf)
         store.retention = rt.config.queue.retention
         engine.attempter.signer = rt.signer
         engine.attempter.smime = rt.smime

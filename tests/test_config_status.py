@@ -19,10 +19,6 @@ from relay.config_status import NOT_ENFORCED
 # One value for every key of NOT_ENFORCED that asks for something: (main config, policy file).
 # A key added to the table needs a sample here; a key made real is deleted from both.
 SAMPLES: dict[str, tuple[str, str]] = {
-    "delivery.spf": ('[delivery]\nspf = "enforce"\n', ""),
-    "delivery.source_addresses[].warmup": (
-        '[delivery]\nsource_addresses = [{ address = "192.0.2.10", '
-        'warmup = { start = "2026-12-01", per_day = [50, 100] } }]\n', ""),
     "http.listen": ('[http]\nlisten = "127.0.0.1:9025"\n', ""),
     "http.token": ('[http]\ntoken = "s3cret"\n', ""),
     "cluster.redis": ('[cluster]\nredis = "redis://127.0.0.1:6379/0"\n', ""),
@@ -38,7 +34,8 @@ ENFORCED_IN_THIS_RELEASE = ("sender[].dkim", "sender[].clients", "sender[].chars
                             "destination[].rate", "destination[].burst",
                             "destination[].source_addresses",
                             "destination[].on_reply", "delivery.path_cooldown",
-                            "delivery.path_cooldown_max", "sender[].priority")
+                            "delivery.path_cooldown_max", "sender[].priority",
+                            "delivery.spf", "delivery.source_addresses[].warmup")
 
 
 def write_config(folder: Path, main: str, policy: str = "") -> tuple[Path, Path]:

@@ -50,8 +50,8 @@ class Relay:
         config = Config(server=ServerConfig(hostname="relay.test"),
                         queue=QueueConfig(path=root, retry_schedule=(0.3,),
                                           max_lifetime=LIFETIME),
-                        delivery=DeliveryConfig(source_addresses=sources, path_cooldown=1.0,
-                                                path_cooldown_max=2.0),
+                        delivery=DeliveryConfig(source_addresses=sources, spf="off",
+                                                path_cooldown=1.0, path_cooldown_max=2.0),
                         destinations=destinations)
         self.store = DeliveryStore(root, self.db, hostname="relay.test", max_lifetime=LIFETIME)
         self.engine = DeliveryEngine(config, self.store, NextHopResolver(),

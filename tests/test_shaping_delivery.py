@@ -50,7 +50,7 @@ class Engine:
         config = Config(server=ServerConfig(hostname="relay.test"),
                         queue=QueueConfig(path=root, retry_schedule=(60.0,),
                                           max_lifetime=LIFETIME),
-                        delivery=DeliveryConfig(source_addresses=sources),
+                        delivery=DeliveryConfig(source_addresses=sources, spf="off"),
                         destinations=destinations)
         self.store = DeliveryStore(root, self.db, hostname="relay.test", max_lifetime=LIFETIME)
         self.engine = DeliveryEngine(config, self.store, NextHopResolver(),

@@ -133,7 +133,7 @@ class DeliveryConfig:
     fallback_relays: tuple[HostPort, ...] = ()
     connect_timeout: float = 30.0  # our addition: seconds to wait for a TCP connect
     tls_ca_file: Path | None = None  # None: the system CAs (for tls = "verify" / "mta-sts")
-    spf: str = "off"  # enforce | off
+    spf: str = "enforce"  # enforce | off (skipped without a source pool)
     # A failing or blocked path (source address, destination) rests this long, doubling with
     # each failure in a row up to path_cooldown_max (relay/delivery/health.py).
     path_cooldown: float = 60.0
@@ -362,7 +362,7 @@ def _delivery(t: _Table, hostname: str, base: Path) -> DeliveryConfig:
         fallback_relays=t.items("fallback_relays", _hostport(SMTP_PORT)),
         connect_timeout=t.value("connect_timeout", _positive_duration, 30.0),
         tls_ca_file=t.value("tls_ca_file", _path_in(base), None),
-        spf=t.value("spf", _choice(SPF_MODES), "off"),
+        spf=t.value("spf", _choice(SPF_MODES), "enforce"),
         path_cooldown=t.value("path_cooldown", _positive_duration, 60.0),
         path_cooldown_max=t.value("path_cooldown_max", _positive_duration, 3600.0),
     )

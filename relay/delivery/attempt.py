@@ -42,6 +42,7 @@ from relay.policy.smime import NO_CERTIFICATE, Decision, Smime
 from relay.queue.index import DueRecipient
 
 if TYPE_CHECKING:
+    from relay.delivery.egress import Reservation
     from relay.delivery.paths import Path
 
 TLS_BROKEN_MEMORY = 3600.0  # after a failed handshake, talk plain text to that host for an hour
@@ -69,6 +70,8 @@ class Job:
     # destination is up); or every hop tried failed at connection level (no session).
     answered: bool = False
     unreachable: bool = False
+    # Warm-up recipients counted against its source until its outcome is known (egress.py).
+    reservation: Reservation | None = None
 
     @property
     def first(self) -> DueRecipient:

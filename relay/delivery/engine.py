@@ -33,6 +33,13 @@ from relay.config import Config, IPAddress, SourceAddress
 from relay.config.policies import OnReply
 from relay.delivery import retry
 from relay.delivery.attempt import Attempter, Connection, Job, Kind, SourceUnusable, Verdict
+from relay.delivery.egress import (
+    Deferral,
+    Egress,
+    WarmupCounters,
+    fetch_spf,
+    pool_for,
+)
 from relay.delivery.health import (
     BLOCK,
     CLOSED,
@@ -46,6 +53,7 @@ from relay.delivery.health import (
 from relay.delivery.nexthop import DnsFailure, NextHop, NextHopResolver
 from relay.delivery.paths import HANDBACK_HORIZON, Destination, Path
 from relay.delivery.sources import SourcePicker
+from relay.delivery.spf import SpfChecker
 from relay.delivery.store import DeliveryStore, Result
 from relay.delivery.tlspolicy import OPPORTUNISTIC, StsSource, TlsRequirement
 from relay.queue.envelope import BOUNCED, DEFERRED, DELETED, DELIVERED, EXPIRED, UNKNOWN, State
@@ -104,7 +112,8 @@ class DeliveryEngine:
                  attempter: Attempter, sts: StsSource | None = None, *,
                  clock: Callable[[], float] = time.monotonic,
                  now: Callable[[], float] = time.time,
-                 sources: SourcePicker | None = None) -> None:
+                 sources: SourcePicker | None = None,
+                 spf: SpfChecker | None = None, egress: Egress | None = None) -> None:
         self.config = config
         # Where `tls = "mta-sts"` destinations get their requirement; None: opportunistic
         # (relay/delivery/mtasts.py provides the real one).
@@ -135,13 +144,22 @@ class DeliveryEngine:
         self._troubled: set[str] = set()         # destinations the book has state for
         self._down: set[tuple[str, str]] = set()  # paths logged path_down, not yet path_up
         self._pruned_at = clock()
+        # SPF-aware egress and IP warm-up (relay/delivery/egress.py). The counters outlive a
+        # reload (relay/serve.py hands in ones kept under the queue folder); without them
+        # they are kept in memory only.
+        self.egress = egress if egress is not None else Egress(WarmupCounters(None, now), now)
+        self._egress_tasks: set[asyncio.Task[None]] = set()  # SPF lookups of cache misses
+        self._counts_writer: asyncio.Task[None] | None = None
+        self._egress_config(config, spf)
         store.on_recorded = self._recorded
 
-    def apply(self, config: Config) -> None:
+    def apply(self, config: Config, spf: SpfChecker | None = None) -> None:
         """A reloaded config: the next job of every destination uses its new policy (routes,
         limits, rate), the next attempt the new settings, the next message the new source
         pool; open connections and the jobs in flight are kept. A new nameserver list gets
-        a new resolver (and an empty cache)."""
+        a new resolver (and an empty cache). `spf` is the new Runtime's checker (None: built
+        here when the config wants one); the warm-up counts are kept."""
+        self._egress_config(config, spf)
         if config.dns.nameservers != self.config.dns.nameservers:
             self.resolver = NextHopResolver(config.dns.nameservers)
         if config.delivery.source_addresses != self.config.delivery.source_addresses:
@@ -154,9 +172,22 @@ class DeliveryEngine:
         for dest in self.destinations.values():
             dest.apply(config.destination_for(dest.key))
 
+    def _egress_config(self, config: Config, spf: SpfChecker | None) -> None:
+        delivery = config.delivery
+        # False (no pool, or spf = "off" without a warm-up source): dispatch as before.
+        self._egress_needed = Egress.needed(delivery.source_addresses, delivery.spf)
+        if delivery.spf != "enforce" or not delivery.source_addresses:
+            spf = None
+        elif spf is None:
+            spf = SpfChecker.for_egress(config)
+        self.spf = spf
+
     # --- the claim loop -----------------------------------------------------------------
 
     async def run(self) -> None:
+        if self._counts_writer is None:  # warm-up counts reach the disk off the event loop
+            self._counts_writer = asyncio.get_running_loop().create_task(
+                self.egress.counters.run())
         while not self.stopping:
             try:
                 more = await self._claim_round()
@@ -260,6 +291,9 @@ class DeliveryEngine:
         destination is throttled and already holds its window of jobs."""
         # The hot path (no rate, no source pool) is a few dict lookups: keep it so.
         dest = self.destinations.get(domain) or self._destination(domain)
+        if self._egress_needed:
+            self._enqueue_egress(dest, job)
+            return
         if dest.troubled:
             self._enqueue_troubled(dest, job)
             return
@@ -310,6 +344,7 @@ class DeliveryEngine:
 
     def _postpone(self, job: Job, due: float) -> None:
         """Back to the index, due at `due` (wall clock), with no attempt counted."""
+        self._release(job)
         self.store.postpone([(d.msg, d.idx, due) for d in job.recipients])
         for d in job.recipients:
             self.in_flight.discard((d.msg, d.idx))
@@ -524,6 +559,11 @@ class DeliveryEngine:
         if job.path is not None:
             self._path_failed(dest, job.path, BLOCK, f"cannot bind: {exc}")
         job.unbindable += (exc.source.address,)
+        if self._egress_needed:  # only to a source that is eligible too
+            log.event("source_unusable", level=40, id=job.msg, source=str(exc.source.address),
+                      error=str(exc))
+            self._enqueue_egress(dest, job)
+            return
         failed = set(job.unbindable)
         source = self.sources.next_after(failed, dest.allowed_sources)
         log.event("source_unusable", level=40, id=job.msg, source=str(exc.source.address),
@@ -591,6 +631,9 @@ class DeliveryEngine:
     def _enqueue_troubled(self, dest: Destination, job: Job) -> None:
         """`_enqueue` for a destination with health state: a breaker that is open holds the
         job back; a source out of rotation is never picked; none left: defer."""
+        if self._egress_needed:
+            self._enqueue_egress(dest, job)
+            return
         now = self.clock()
         breaker = self.health.breaker(dest.key)
         if breaker.until(now) > now:
@@ -783,6 +826,141 @@ class DeliveryEngine:
         for dest in self.destinations.values():
             dest.troubled = dest.key in self._troubled
 
+    # --- SPF-aware egress and IP warm-up (relay/delivery/egress.py) ----------------------
+
+    def _enqueue_egress(self, dest: Destination, job: Job) -> None:
+        """`_enqueue` when the source must be eligible: SPF results from the checker's cache
+        (a miss is looked up in a task, and the job placed when it is answered), then the
+        warm-up caps. The job goes to an eligible source, is split at a cap, or defers."""
+        self._release(job)  # a job moved from another source is counted afresh
+        if dest.troubled:
+            now = self.clock()
+            breaker = self.health.breaker(dest.key)
+            if breaker.until(now) > now:
+                self._postpone(job, self._wall(breaker.until(now), now))
+                return
+        if dest.bucket is not None and dest.queued >= dest.window:
+            self._hand_back(dest, job)
+            return
+        pool = pool_for(self.sources.sources, dest.allowed_sources)
+        spf: dict[IPAddress, str] | None = None
+        if self.spf is not None:
+            spf = self._cached_spf(self.spf, pool, job.first.sender)
+            if spf is None:
+                self._lookup_spf(dest.key, job, pool)
+                return
+        self._place(dest, job, pool, spf)
+
+    @staticmethod
+    def _cached_spf(checker: SpfChecker, pool: tuple[SourceAddress, ...], sender: str
+                    ) -> dict[IPAddress, str] | None:
+        """Every source's result for `sender` if all are cached (no DNS, no await)."""
+        results: dict[IPAddress, str] = {}
+        for s in pool:
+            found = checker.cached(str(s.address), sender, s.hostname)
+            if found is None:
+                return None
+            results[s.address] = found.result
+        return results
+
+    def _lookup_spf(self, domain: str, job: Job, pool: tuple[SourceAddress, ...]) -> None:
+        task = asyncio.get_running_loop().create_task(self._spf_then_place(domain, job, pool))
+        self._egress_tasks.add(task)
+        task.add_done_callback(self._egress_tasks.discard)
+
+    async def _spf_then_place(self, domain: str, job: Job,
+                              pool: tuple[SourceAddress, ...]) -> None:
+        checker = self.spf
+        if checker is None:  # a reload turned SPF off meanwhile
+            spf = None
+        else:
+            try:
+                spf = await fetch_spf(checker, pool, job.first.sender)
+            except Exception as exc:  # the checker never raises; a bug must not lose the job
+                log.event("delivery_error", level=40, id=job.msg, error=_cause(exc), stage="spf")
+                self._defer(job, f"451 4.3.0 Local delivery error: {_cause(exc)}", "4.3.0")
+                return
+        if not self.stopping:  # stopping: still claimed, drain() gives it back
+            self._place(self._destination(domain), job, pool, spf)
+
+    def _place(self, dest: Destination, job: Job, pool: tuple[SourceAddress, ...],
+               spf: dict[IPAddress, str] | None) -> None:
+        now = self.now()
+        decision = self.egress.eligible(pool, dest.key, len(job.recipients), now, spf,
+                                        job.first.sender)
+        if isinstance(decision, Deferral):
+            self._egress_deferral(dest, job, decision)
+            return
+        rest = None
+        if decision.limit is not None and decision.limit < len(job.recipients):
+            # The source with the most room takes what fits; the rest is decided again.
+            rest = Job(job.msg, job.recipients[decision.limit:])
+            job.recipients = job.recipients[:decision.limit]
+        source = self._pick_eligible(dest, job, decision.sources) if decision.sources else None
+        if source is None and decision.sources:
+            if dest.troubled:
+                self._defer_blocked(dest, job, self.clock())
+            else:
+                self._defer(job, "451 4.4.0 Local source address problem: no eligible source"
+                            " address could be bound", "4.4.0")
+        else:
+            if source is not None:
+                job.reservation = self.egress.counters.reserve(source, dest.key,
+                                                               len(job.recipients), now)
+            self._queue_on(dest, dest.path_for(source, self.tls_memory), job)
+        if rest is not None:
+            self._place(dest, rest, pool, spf)
+
+    def _pick_eligible(self, dest: Destination, job: Job,
+                       eligible: tuple[SourceAddress, ...]) -> SourceAddress | None:
+        """The weighted round-robin's next source among `eligible`, skipping those that could
+        not be bound for this job and, for a troubled destination, paths out of rotation."""
+        allowed = {s.address for s in eligible}
+        failed = job.unbindable
+        book, key, now, troubled = self.health, dest.key, self.clock(), dest.troubled
+
+        def unavailable(s: SourceAddress) -> bool:
+            return s.address not in allowed or s.address in failed or (
+                troubled and not book.path(key, str(s.address)).available(now))
+
+        return self.sources.pick(dest.allowed_sources, unavailable)
+
+    def _egress_deferral(self, dest: Destination, job: Job, deferral: Deferral) -> None:
+        if deferral.until is not None:  # every source at its warm-up cap: no attempt counted
+            log.event("warmup_capped", id=job.msg, destination=dest.key,
+                      recipients=len(job.recipients), reply=deferral.reply,
+                      next_attempt=time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                 time.gmtime(deferral.until)))
+            self._postpone(job, deferral.until)
+        else:  # SPF: on the retry schedule, so a sender never authorised expires with a DSN
+            self._defer(job, deferral.reply, deferral.status)
+
+    def _defer(self, job: Job, reply: str, status: str) -> None:
+        self._finish(job, [Verdict(d, Kind.TEMPORARY, reply, status) for d in job.recipients])
+
+    def _release(self, job: Job) -> None:
+        """Give back the job's warm-up reservation (it was not sent from that source)."""
+        if job.reservation is not None:
+            self.egress.counters.settle(job.reservation, 0)
+            job.reservation = None
+
+    def _settle(self, job: Job, verdicts: list[Verdict]) -> str | None:
+        """Count the recipients the server accepted against the job's source (warm-up) and
+        give back the rest; returns the source address for the attempt record."""
+        path = job.path
+        source = path.source if path is not None else None
+        if source is None:
+            return None
+        if job.reservation is not None or source.warmup is not None:
+            accepted = sum(1 for v in verdicts if v.kind is _DELIVERED)
+            if job.reservation is not None:
+                self.egress.counters.settle(job.reservation, accepted)
+                job.reservation = None
+            elif accepted:  # its reservation was settled earlier (a screened recipient)
+                self.egress.counters.record(source, verdicts[0].due.domain, accepted,
+                                            self.now())
+        return str(source.address)
+
     # --- outcomes -----------------------------------------------------------------------
 
     def _finish(self, job: Job, verdicts: list[Verdict], not_before: float = 0.0) -> None:
@@ -793,6 +971,7 @@ class DeliveryEngine:
         # One jitter draw per job: its deferred recipients come due together and are retried in
         # one transaction (per-recipient jitter split a message into one transaction each).
         seed = random.random()
+        source = self._settle(job, verdicts)
         results = []
         for v in verdicts:
             due = v.due
@@ -820,8 +999,8 @@ class DeliveryEngine:
                               address=f"{hop.address}:{hop.port}" if hop else None, tls=v.tls,
                               sha256=v.sha256, tls_cipher=v.tls_cipher,
                               tls_verified=v.tls_verified if v.tls else None,
-                              source=v.source, dkim=v.signed_by, invoice_id=job.invoice_id,
-                              remote=v.remote)
+                              source=v.source or source, dkim=v.signed_by,
+                              invoice_id=job.invoice_id, remote=v.remote)
             results.append(Result(due, outcome, status))
         # Not awaited: the connection goes on with its next job while the outcome is recorded
         # in the next batch. The recipients stay in flight (claimed) until it is.
@@ -841,7 +1020,8 @@ class DeliveryEngine:
         state = o.state
         self.counters.count(state)
         fields: dict[str, object] = {
-            "id": o.msg, "rcpt": r.due.rcpt, "host": o.host, "address": o.address,
+            "id": o.msg, "rcpt": r.due.rcpt, "source": o.source, "host": o.host,
+            "address": o.address,
             "tls": o.tls, "cipher": o.tls_cipher,
             "verified": ("yes" if o.tls_verified else "no") if o.tls else None,
             "status": r.status, "attempt": r.due.attempts + 1, "reply": o.reply,
@@ -891,6 +1071,8 @@ class DeliveryEngine:
         self.stopping = True
         self.attempter.draining = True
         self.wake.set()
+        for task in list(self._egress_tasks):
+            task.cancel()  # their recipients are still claimed: given back below
         self._stop.set()  # workers waiting for a token stop waiting
         for task in list(self._resolvers):
             task.cancel()
@@ -918,6 +1100,15 @@ class DeliveryEngine:
             for task in pending:
                 task.cancel()
         await self._give_back()
+        await self._stop_counts_writer()
+
+    async def _stop_counts_writer(self) -> None:
+        """The warm-up counts' last write (in the writer's `finally`)."""
+        writer, self._counts_writer = self._counts_writer, None
+        if writer is not None:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
 
     async def _give_back(self) -> None:
         """Record what the stop cut off, then release whatever is still claimed."""

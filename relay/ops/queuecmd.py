@@ -187,7 +187,7 @@ def _show(conn: sqlite3.Connection, spool_dir: Path, queue_id: str) -> int:
     # An index the relay has not opened since a column was added (read-only here).
     present = {row[1] for row in conn.execute("PRAGMA table_info(attempts)")}
     extra = ", ".join(c if c in present else "NULL"
-                      for c in ("sha256", "tls_cipher", "tls_verified"))
+                      for c in ("sha256", "tls_cipher", "tls_verified", "source"))
     for idx, rcpt, state, attempts, next_at, reply, host in conn.execute(
             "SELECT idx, rcpt, state, attempts, next_attempt, last_reply, last_host"
             " FROM recipients WHERE msg = ? ORDER BY idx", (queue_id,)):
@@ -195,10 +195,12 @@ def _show(conn: sqlite3.Connection, spool_dir: Path, queue_id: str) -> int:
         print(f"  [{idx}] <{rcpt}> {state} attempts={attempts}{nxt} host={host or '-'}")
         if reply:
             print(f"      last reply: {reply.replace(chr(10), ' / ')}")
-        for t, outcome, a_host, address, a_reply, tls, sha256, cipher, verified in conn.execute(
+        for (t, outcome, a_host, address, a_reply, tls, sha256, cipher, verified,
+             source) in conn.execute(
                 f"SELECT time, outcome, host, address, reply, tls, {extra} FROM attempts"
                 " WHERE msg = ? AND idx = ? ORDER BY time", (queue_id, idx)):
-            print(f"      {_when(t)} {outcome} {a_host or '-'} {address or ''}"
+            via = f" from {source}" if source else ""
+            print(f"      {_when(t)} {outcome} {a_host or '-'} {address or ''}{via}"
                   f" {_tls_summary(tls, cipher, verified)}:"
                   f" {(a_reply or '').replace(chr(10), ' / ')}")
             if sha256:  # proof of delivery: the SHA-256 of the bytes sent (as signed)

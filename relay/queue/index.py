@@ -99,7 +99,8 @@ CREATE TABLE IF NOT EXISTS attempts (
     tls TEXT,
     sha256 TEXT,  -- of the bytes sent (as signed), when the data went out: proof of delivery
     tls_cipher TEXT,
-    tls_verified INTEGER  -- 1: chain and host name checked; 0: not; NULL: plain text
+    tls_verified INTEGER,  -- 1: chain and host name checked; 0: not; NULL: plain text
+    source TEXT  -- the outbound address it left from; NULL: the kernel's choice (or none tried)
 );
 CREATE INDEX IF NOT EXISTS attempts_msg ON attempts(msg, idx);
 """
@@ -200,6 +201,8 @@ def _upgrade(conn: sqlite3.Connection) -> None:
     if attempts and "tls_cipher" not in attempts:
         conn.execute("ALTER TABLE attempts ADD COLUMN tls_cipher TEXT")
         conn.execute("ALTER TABLE attempts ADD COLUMN tls_verified INTEGER")
+    if attempts and "source" not in attempts:
+        conn.execute("ALTER TABLE attempts ADD COLUMN source TEXT")
     recipients = {row[1] for row in conn.execute("PRAGMA table_info(recipients)")}
     if recipients and "priority" not in recipients:
         conn.execute("ALTER TABLE recipients ADD COLUMN priority TEXT")
@@ -340,9 +343,9 @@ class Index:
               o.msg, o.idx) for o in outcomes])
         self.conn.executemany(
             "INSERT INTO attempts (msg, idx, time, outcome, host, address, reply, tls, sha256,"
-            " tls_cipher, tls_verified) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            " tls_cipher, tls_verified, source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             [(o.msg, o.idx, o.time, o.state, o.host, o.address, o.reply, o.tls, o.sha256,
-              o.tls_cipher, None if o.tls_verified is None else int(o.tls_verified))
+              o.tls_cipher, None if o.tls_verified is None else int(o.tls_verified), o.source)
              for o in outcomes])
         finished = [m for m in touched if self._all_final(m)]
         now = max(o.time for o in outcomes)
