@@ -477,7 +477,7 @@ async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int,
     os.write(ready_fd, b"R")  # intake may start: what it announces is read from now on
     os.close(ready_fd)
     runner = asyncio.get_running_loop().create_task(engine.run())
-    control = ControlServer(root, store, engine.control, engine.wake.set)
+    control = ControlServer(root, store, engine.control, engine.wake.set, engine.forgive)
     await control.start()
     counter = asyncio.get_running_loop().create_task(_count_queue(store, anvil))
     await stop.wait()

@@ -78,9 +78,9 @@ class RelayProcess:
                       **(queue or {})},
             "http": {"listen": f"127.0.0.1:{free_port()}"},
             "policies": {"path": "policies"},
+            # As short as the retry schedule: a path that failed rests 1 s, not a minute.
+            "delivery": {"path_cooldown": "1s", **(delivery or {})},
         }
-        if delivery:
-            sections["delivery"] = delivery
         if dns:
             sections["dns"] = dns
         self.config = write_config(directory, sections, policy_text)

@@ -185,3 +185,19 @@ def test_list_filters_paging_and_bad_input(tmp_path: Path, sinks, capsys) -> Non
         assert exc.value.code == 2
         code, out = queue(relay, capsys, "retry", first, "--all")
         assert code == 2
+
+
+def test_retry_forgets_a_resting_path(tmp_path: Path, capsys) -> None:
+    # "try again later" takes the path out of rotation (a block); an operator's retry, as
+    # Postfix's flush, must not be deferred again by that rest.
+    gate = Gate()
+    with Sink(rcpt_reply=lambda rcpt: gate(rcpt) and "451 4.7.1 try again later") as mx, \
+            RelayProcess(tmp_path, routes={"example.net": [mx.address]},
+                         queue={"retry_schedule": ["1h"]},
+                         delivery={"path_cooldown": "1h"}) as relay:
+        send(relay.port, "rested")
+        relay.wait_for_log("event=path_down")
+        gate.open = True
+        assert queue(relay, capsys, "retry", "--domain", "example.net")[0] == 0
+        assert wait_until(lambda: len(mx.messages) == 1, timeout=5) < 1.5
+        relay.wait_for_log("event=health_reset")

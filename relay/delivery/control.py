@@ -61,11 +61,13 @@ class ControlServer:
     """The delivery process's end of `queue.path/control.sock`."""
 
     def __init__(self, root: Path, store: DeliveryStore, drop: Dropper,
-                 wake: Callable[[], None]) -> None:
+                 wake: Callable[[], None],
+                 forgive: Callable[[str | None], None] | None = None) -> None:
         self.path = root / SOCKET_NAME
         self.store = store
         self.drop = drop
         self.wake = wake
+        self.forgive = forgive  # `retry`: forget path cool-downs (of --domain D, or all)
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -103,6 +105,8 @@ class ControlServer:
             change = await execute(self.store, req, self.drop)
         except UnknownIds as exc:
             return {"error": "unknown", "ids": exc.ids}
+        if req.verb == "retry" and self.forgive is not None:
+            self.forgive(req.domain)  # else a resting path would defer the retry again
         if req.verb in ("retry", "release"):
             self.wake()  # look at the index now: the retry goes out within a second
         log.event("queue_" + req.verb, ids=",".join(req.ids[:20]) or None,

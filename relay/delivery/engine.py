@@ -1043,6 +1043,13 @@ class DeliveryEngine:
 
     # --- queue control -------------------------------------------------------------------
 
+    def forgive(self, domain: str | None) -> None:
+        """`queue retry`: path cool-downs and open breakers (of `domain`, or all) are
+        forgotten, so the retried recipients are attempted now, not deferred again."""
+        reset = self.health.forgive(domain, self.clock())
+        if reset:
+            log.event("health_reset", domain=domain, reset=reset, note="queue retry")
+
     def control(self, msgs: frozenset[str]) -> frozenset[tuple[str, int]]:
         """`queue hold|delete|bounce`: drop these messages' jobs that wait for a connection
         (their attempt must not start); returns the recipients in an attempt now (it ends)."""

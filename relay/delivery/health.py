@@ -415,6 +415,23 @@ class HealthBook:
             del self._breakers[destination]
         return len(healthy) + len(closed)
 
+    def forgive(self, destination: str | None, now: float) -> int:
+        """`queue retry`: the operator asks for an attempt now, so cool-downs and open breakers
+        of `destination` (None: every destination) are forgotten, as Postfix's flush forgets
+        a dead destination. An `on_reply` suspension stays: the remote asked for that time.
+        Returns how many paths and breakers were reset."""
+        reset = 0
+        for (dest, _), path in self._paths.items():
+            if destination not in (None, dest) or path.kind is ReplyKind.SUSPEND:
+                continue
+            if path.failures or not path.available(now):
+                path.failures, path._out_until = 0, 0.0
+                reset += 1
+        for dest in [d for d in self._breakers if destination in (None, d)]:
+            del self._breakers[dest]
+            reset += 1
+        return reset
+
     def destinations(self) -> set[str]:
         """Destinations with any state kept (the engine watches only these closely)."""
         return {d for d, _ in self._paths} | set(self._breakers)
