@@ -429,6 +429,7 @@ def _sts_for(config: Config, current: MtaStsResolver | None) -> MtaStsResolver |
 async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int,
                          anvil: Anvil | None = None) -> int:
     from relay.delivery.attempt import Attempter
+    from relay.delivery.cluster import Cluster
     from relay.delivery.engine import DeliveryEngine
     from relay.delivery.nexthop import NextHopResolver
     from relay.delivery.store import DeliveryStore
@@ -443,12 +444,16 @@ async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int,
                           segment_size=config.queue.segment_size)
     store.retention = config.queue.retention  # delivery records ([queue] retention)
     await store.start()
+    # `[cluster] redis` is read at start only (a restart key): not a Runtime field.
+    cluster = Cluster.from_config(config)
+    if cluster is not None:
+        await cluster.start()  # at most its timeout: a dead Redis starts degraded
     listeners = {(hp.host, hp.port) for hp in (*config.server.listen, *config.server.listen_tls)}
     sts = _sts_for(config, None)
     engine = DeliveryEngine(config, store, NextHopResolver(config.dns.nameservers),
                             Attempter(config, listeners, signer=live.current.signer,
                                       smime=live.current.smime, tls=live.current.client_tls),
-                            sts=sts)
+                            sts=sts, cluster=cluster)
 
     def apply(rt: Runtime) -> None:
         """A reload: the next job and attempt use the new policies, keys and settings."""
@@ -478,6 +483,8 @@ async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int,
     counter.cancel()
     log.event("draining", process="delivery")
     await engine.drain(DRAIN_GRACE)
+    if cluster is not None:
+        await cluster.close()  # gives this node's connection slots back at once
     runner.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await runner
