@@ -41,7 +41,6 @@ NOT_ENFORCED: dict[str, NotEnforced] = {
     "delivery.source_addresses[].warmup": NotEnforced("warning"),
     "http.listen": NotEnforced("warning"),
     "http.token": NotEnforced("security", ("",)),
-    "cluster.redis": NotEnforced("warning", ("",)),
     "sender[].webhook": NotEnforced("warning"),
 }
 
