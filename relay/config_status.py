@@ -39,7 +39,6 @@ class NotEnforced:
 NOT_ENFORCED: dict[str, NotEnforced] = {
     "http.listen": NotEnforced("warning"),
     "http.token": NotEnforced("security", ("",)),
-    "cluster.redis": NotEnforced("warning", ("",)),
     "sender[].webhook": NotEnforced("warning"),
 }
 

@@ -429,6 +429,7 @@ def _sts_for(config: Config, current: MtaStsResolver | None) -> MtaStsResolver |
 async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int,
                          anvil: Anvil | None = None) -> int:
     from relay.delivery.attempt import Attempter
+    from relay.delivery.cluster import Cluster
     from relay.delivery.control import ControlServer
     from relay.delivery.egress import Egress
     from relay.delivery.engine import DeliveryEngine
@@ -445,6 +446,10 @@ async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int,
                           segment_size=config.queue.segment_size)
     store.retention = config.queue.retention  # delivery records ([queue] retention)
     await store.start()
+    # `[cluster] redis` is read at start only (a restart key): not a Runtime field.
+    cluster = Cluster.from_config(config)
+    if cluster is not None:
+        await cluster.start()  # at most its timeout: a dead Redis starts degraded
     listeners = {(hp.host, hp.port) for hp in (*config.server.listen, *config.server.listen_tls)}
     sts = _sts_for(config, None)
     # Warm-up counts of today, kept under the queue folder across restarts.
@@ -452,7 +457,7 @@ async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int,
     engine = DeliveryEngine(config, store, NextHopResolver(config.dns.nameservers),
                             Attempter(config, listeners, signer=live.current.signer,
                                       smime=live.current.smime, tls=live.current.client_tls),
-                            sts=sts, spf=live.current.spf, egress=egress)
+                            sts=sts, spf=live.current.spf, egress=egress, cluster=cluster)
 
     def apply(rt: Runtime) -> None:
         """A reload: the next job and attempt use the new policies, keys and settings."""
@@ -485,6 +490,8 @@ async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int,
     await control.close()
     log.event("draining", process="delivery")
     await engine.drain(DRAIN_GRACE)
+    if cluster is not None:
+        await cluster.close()  # gives this node's connection slots back at once
     runner.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await runner

@@ -21,7 +21,6 @@ from relay.config_status import NOT_ENFORCED
 SAMPLES: dict[str, tuple[str, str]] = {
     "http.listen": ('[http]\nlisten = "127.0.0.1:9025"\n', ""),
     "http.token": ('[http]\ntoken = "s3cret"\n', ""),
-    "cluster.redis": ('[cluster]\nredis = "redis://127.0.0.1:6379/0"\n', ""),
     "sender[].webhook": (
         "", '[[sender]]\ndomain = "a.example"\n'
             'webhook = { url = "http://127.0.0.1:9000/e", secret_file = "hook.key" }\n'),
@@ -35,7 +34,8 @@ ENFORCED_IN_THIS_RELEASE = ("sender[].dkim", "sender[].clients", "sender[].chars
                             "destination[].source_addresses",
                             "destination[].on_reply", "delivery.path_cooldown",
                             "delivery.path_cooldown_max", "sender[].priority",
-                            "delivery.spf", "delivery.source_addresses[].warmup")
+                            "delivery.spf", "delivery.source_addresses[].warmup",
+                            "cluster.redis")
 
 
 def write_config(folder: Path, main: str, policy: str = "") -> tuple[Path, Path]:
@@ -98,15 +98,16 @@ def test_values_that_ask_for_nothing_new_are_not_reported(tmp_path: Path) -> Non
 
 def test_check_config_warns_and_exits_0(tmp_path: Path) -> None:
     path, _ = write_config(
-        tmp_path, '[cluster]\nredis = "redis://127.0.0.1:6379/0"\n',
+        tmp_path, '[cluster]\nredis = "redis://127.0.0.1:6379/0"\n'
+        '[http]\nlisten = "127.0.0.1:9025"\n',
         '[[destination]]\ndomain = "example.net"\nrate = "1/min"\nmax_connections = 2\n'
         'routes = ["127.0.0.1:10026"]\n')
     result = run_relay("check-config", "--config", str(path), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     # Only the keys the relay ignores: a destination's rate, max_connections and routes are
-    # real.
+    # real, and so is the cluster's Redis.
     assert result.stderr.splitlines() == [
-        f"{path}: cluster.redis: not enforced yet",
+        f"{path}: http.listen: not enforced yet",
     ]
     assert result.stdout.startswith(f"OK: {path}: ")
 
@@ -114,9 +115,9 @@ def test_check_config_warns_and_exits_0(tmp_path: Path) -> None:
 def test_security_key_is_an_error_and_serve_refuses_it(tmp_path: Path) -> None:
     path, _ = write_config(
         tmp_path, f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\n'
-        '[cluster]\nredis = "redis://127.0.0.1:6379/0"\n'
-        '[http]\ntoken = "s3cret"\n', '[[destination]]\ndomain = "example.net"\n')
-    warning = f"{path}: cluster.redis: not enforced yet"
+        '[http]\nlisten = "127.0.0.1:9025"\ntoken = "s3cret"\n',
+        '[[destination]]\ndomain = "example.net"\n')
+    warning = f"{path}: http.listen: not enforced yet"
     refusal = f"{path}: http.token: not enforced yet"
     result = run_relay("check-config", "--config", str(path), cwd=tmp_path)
     assert (result.returncode, result.stdout.splitlines()) == (1, [refusal])

@@ -26,6 +26,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from relay import log
 from relay.addresses import address_problem, domain_of
@@ -62,6 +63,9 @@ from relay.queue.notices import Committed
 from relay.queue.records import invoice_id_of
 from relay.queue.segments import SegmentCorrupt
 
+if TYPE_CHECKING:  # only a node with [cluster] loads it (and redis)
+    from relay.delivery.cluster import Cluster, Lease
+
 MAX_IN_FLIGHT = 5000       # recipients held in memory at once; the rest wait in the index
 CLAIM_BATCH = 500
 IDLE_POLL = 1.0            # seconds between index polls when nothing wakes us
@@ -70,6 +74,7 @@ RCPTS_PER_TRANSACTION = 50
 MAX_HOPS = 50              # more Received headers than this: a mail loop (Postfix hopcount_limit)
 STOP_WAIT = 2.0            # after the drain grace: for workers to record what they cut off
 FLUSH_WAIT = 5.0           # at a stop: for the last outcomes to be recorded
+LEASE_RETRY = 0.05         # a worker with no cluster connection slot asks again this soon
 HANDBACK_MIN = 0.5         # a handed-back recipient is due again at the earliest this late
 PRUNE_EVERY = 60.0         # seconds between HealthBook prunes (forget healthy paths)
 _RETRY_ELSEWHERE = (ReplyKind.SUSPEND, ReplyKind.BLOCK)  # the recipient is not at fault
@@ -113,8 +118,11 @@ class DeliveryEngine:
                  clock: Callable[[], float] = time.monotonic,
                  now: Callable[[], float] = time.time,
                  sources: SourcePicker | None = None,
-                 spf: SpfChecker | None = None, egress: Egress | None = None) -> None:
+                 spf: SpfChecker | None = None, egress: Egress | None = None,
+                 cluster: Cluster | None = None) -> None:
         self.config = config
+        # `[cluster] redis`: buckets and connection slots shared with the other nodes.
+        self.cluster = cluster
         # Where `tls = "mta-sts"` destinations get their requirement; None: opportunistic
         # (relay/delivery/mtasts.py provides the real one).
         self.sts = sts
@@ -281,7 +289,7 @@ class DeliveryEngine:
         dest = self.destinations.get(domain)
         if dest is None:
             dest = Destination.for_policy(domain, self.config.destination_for(domain),
-                                          self.clock)
+                                          self.clock, cluster=self.cluster)
             dest.troubled = domain in self._troubled
             self.destinations[domain] = dest
         return dest
@@ -418,15 +426,24 @@ class DeliveryEngine:
 
     async def _worker(self, dest: Destination, path: Path) -> None:
         conn: Connection | None = None
+        lease: Lease | None = None  # this connection's slot among all nodes' ([cluster])
         try:
             while not self.stopping:
-                if not path.jobs and not await self._wait_for_job(dest, path):
+                if not path.jobs and (self.cluster is not None
+                                      or not await self._wait_for_job(dest, path)):
+                    # With [cluster] a connection is a slot other nodes may need: no idle
+                    # keep-alive, the slot goes back as soon as this path has no job waiting.
                     break
                 await self.store.room_to_record()
                 if not path.jobs or self.stopping:
                     continue
                 if dest.troubled and self._must_leave(dest, path):
                     break
+                if lease is None and self.cluster is not None:
+                    lease = await self.cluster.lease(dest.key, dest.max_connections)
+                    if lease is None:  # other nodes hold every slot: wait for one
+                        await self._pause(LEASE_RETRY)
+                        continue
                 if dest.bucket is not None:
                     delay = await dest.bucket.acquire()
                     if delay == 0 and dest.troubled and self._ramping(dest, path):
@@ -451,6 +468,8 @@ class DeliveryEngine:
             path.workers -= 1
             if conn is not None:
                 await conn.client.quit()
+            if lease is not None:
+                await lease.release()
             self._worker_left(dest, path)
 
     def _worker_left(self, dest: Destination, path: Path) -> None:

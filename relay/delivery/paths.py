@@ -23,6 +23,7 @@ from relay.delivery.tlspolicy import OPPORTUNISTIC, TlsRequirement
 
 if TYPE_CHECKING:
     from relay.delivery.attempt import Job
+    from relay.delivery.cluster import Cluster, SharedBucket
     from relay.delivery.nexthop import NextHop
 
 DEFAULT_MAX_CONNECTIONS = 20
@@ -62,7 +63,10 @@ class Destination:
     queued: int = 0    # jobs waiting over all paths
     # Fixed by the policy's `tls`; None: `mta-sts`, asked of the StsSource per attempt.
     tls: TlsRequirement | None = OPPORTUNISTIC
-    bucket: TokenBucket | None = None
+    bucket: TokenBucket | SharedBucket | None = None
+    # `[cluster] redis`: the bucket is shared with the other nodes (and so are the
+    # connection slots, leased by the engine's workers); None: limits are this node's own.
+    cluster: Cluster | None = None
     hops: list[NextHop] | None = None       # resolved before any worker starts
     resolving: asyncio.Task[None] | None = None
     handed_back_until: float = 0.0  # wall-clock due time of the last job handed back
@@ -71,12 +75,13 @@ class Destination:
     troubled: bool = False
 
     def __post_init__(self) -> None:
-        self.bucket = _bucket(self.policy, self.clock)
+        self.bucket = _bucket(self.policy, self.clock, self.key, self.cluster)
 
     @classmethod
     def for_policy(cls, key: str, policy: DestinationPolicy | None,
-                   clock: Callable[[], float] = time.monotonic) -> Destination:
-        return cls(key, policy, clock, tls=static_requirement(policy))
+                   clock: Callable[[], float] = time.monotonic,
+                   cluster: Cluster | None = None) -> Destination:
+        return cls(key, policy, clock, tls=static_requirement(policy), cluster=cluster)
 
     @property
     def max_connections(self) -> int:
@@ -120,7 +125,7 @@ class Destination:
         if rate is None:
             self.bucket = None
         elif self.bucket is None:
-            self.bucket = _bucket(policy, self.clock)
+            self.bucket = _bucket(policy, self.clock, self.key, self.cluster)
         else:
             self.bucket.reconfigure(rate.per_second, _burst(policy))
 
@@ -130,7 +135,12 @@ def _burst(policy: DestinationPolicy) -> int:
     return policy.burst if policy.burst is not None else max(1, policy.rate.count)
 
 
-def _bucket(policy: DestinationPolicy | None, clock: Callable[[], float]) -> TokenBucket | None:
+def _bucket(policy: DestinationPolicy | None, clock: Callable[[], float], key: str,
+            cluster: Cluster | None) -> TokenBucket | SharedBucket | None:
     if policy is None or policy.rate is None:
         return None
+    if cluster is not None:
+        # The same key on every node: the destination (a wildcard policy's domains each
+        # get their own, as locally).
+        return cluster.bucket(key, policy.rate.per_second, _burst(policy), clock)
     return TokenBucket(policy.rate.per_second, _burst(policy), clock)
