@@ -235,9 +235,23 @@ def _fork(main: Callable[[], Coroutine[Any, Any, int]], parent: int, name: str,
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
         code = uvloop.run(_beating(main(), heartbeat))
+    except Exception as exc:
+        # A bug or an unforeseen condition: one line saying why this process ended (the
+        # main process then stops the relay, and the service manager restarts it).
+        log.event("process_failed", level=50, process=name,
+                  error=f"{type(exc).__name__}: {exc}",
+                  where=_where(exc))
     finally:
         log.flush()
         os._exit(code)
+
+
+def _where(exc: BaseException) -> str:
+    """file:line of the innermost frame of `exc`, for the one log line."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
 
 
 async def _beating(main: Coroutine[Any, Any, int],

@@ -49,7 +49,7 @@ BLOCKS = [
     "554 Sorry, you are listed in Spamhaus PBL",
     "421 4.7.0 Error: too many connections from 192.0.2.20",
     "450 4.7.1 You are rate limited, slow down",
-    "451 Please try again later",
+    "421 4.3.2 Service shutting down, try again later",
     # Gmail
     GMAIL_RATE,
     "550-5.7.1 [192.0.2.20] Our system has detected an unusual rate of unsolicited mail "
@@ -110,6 +110,9 @@ MESSAGES = [
 ]
 
 NONES = [
+    # a passing condition of the server's own, not a block of this source
+    "451 4.3.0 Queue file write error, try again later",
+    "451 Please try again later",
     "550 5.1.1 <nobody@example.net>: Recipient address rejected: User unknown",
     "452 4.2.2 The email account that you tried to reach is over quota.",
     "450 4.2.1 The user you are trying to contact is receiving mail at a rate that prevents "

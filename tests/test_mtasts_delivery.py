@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from certs import Certs, make_pki, server_context
 from dnsserver import DnsServer
-from test_delivery import mx_zone, send
+from test_delivery import message, mx_zone, send
 from test_tls_destination import RelayFactory, SinkFactory, attempts, deferred, policies
 
 POLICIES = {
@@ -115,6 +115,6 @@ def test_mta_sts_set_by_a_reload_applies_to_the_next_message(
     (relay.dir / "policies" / "test.toml").write_text(policies(example_net="mta-sts"))
     relay.signal(signal.SIGHUP)
     relay.wait_for_log(r"event=reloaded process=delivery ")
-    send(relay, ["ap@example.net"])
+    send(relay, ["ap@example.net"], message("invoice 2"))  # another invoice (not a duplicate)
     [got] = mx2.wait_for(1)
     assert got.tls and len(mx1.messages) == 1

@@ -77,6 +77,12 @@ class ControlServer:
         try:
             self._server = await asyncio.start_unix_server(self._serve, path=str(self.path),
                                                            limit=REQUEST_LIMIT)
+        except OSError as exc:
+            # A filesystem without unix sockets (some FUSE mounts): delivery goes on; queue
+            # commands then say the running relay cannot be reached.
+            log.event("control_unavailable", level=30, path=self.path,
+                      error=os.strerror(exc.errno) if exc.errno else str(exc),
+                      note="queue commands cannot reach the running relay")
         finally:
             os.umask(old)
 

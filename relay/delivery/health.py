@@ -20,8 +20,8 @@ API, as the engine uses it:
   3. the enhanced codes about the SOURCE -> BLOCK: X.7.23 (SPF), X.7.25 (reverse DNS), Gmail's
      X.7.28 rate limit, Outlook's 5.7.511 and 5.7.606-649 (banned sending IP), 4.7.650,
      4.7.500; then the default block patterns (`BLOCK_PATTERNS`: DNSBLs, "blocked",
-     "rate limited", "try again later", Yahoo TS/TSS codes, QQ/NetEase frequency and IP
-     codes ...) -> BLOCK;
+     "rate limited", "try again later" (in a 421 or a 5xx only), Yahoo TS/TSS codes,
+     QQ/NetEase frequency and IP codes ...) -> BLOCK;
   4. any other `421` reply -> TRANSIENT;
   5. everything else -> NONE (the recipient's own business: retry or bounce as usual).
   Connection-level events have no reply: when an attempt over a path got no SMTP answer from
@@ -153,7 +153,6 @@ BLOCK_PATTERNS: tuple[str, ...] = (
     r"\bblocked\b", r"\bblack\s*list(?:ed)?\b", r"\bblock\s*list(?:ed)?\b", r"\blisted\s+at\b",
     r"\bspamhaus\b", r"\b(?:dns)?rbl\b", r"\bdnsbl\b", r"\bbanned\s+sending\s+ip\b",
     r"\btoo\s+many\s+(?:concurrent\s+)?connections\b", r"\brate[\s-]+limit(?:ed|ing)?\b",
-    r"\btry\s+again\s+later\b", r"\bserver\s+busy\b",
     # About the source address itself: its SPF authorisation, its reverse DNS
     r"\bspf\b", r"\breverse\s+(?:dns|hostname|lookup)\b", r"\bPTR\s+record",
     r"\bcannot\s+find\s+your\s+(?:reverse\s+)?hostname\b",
@@ -173,6 +172,11 @@ BLOCK_PATTERNS: tuple[str, ...] = (
     r"\bDY:[A-Z]*",
 )
 _BLOCK_TEXT_RE = re.compile("|".join(BLOCK_PATTERNS), re.IGNORECASE)
+# Generic texts that name a block only in a 421 (closing) or a 5xx: in a 450/451/452 they are
+# what any server says for a passing condition of its own ("451 4.3.0 try again later"), and
+# taking the path out for that would delay every other message on it.
+LATER_PATTERNS: tuple[str, ...] = (r"\btry\s+again\s+later\b", r"\bserver\s+busy\b")
+_LATER_TEXT_RE = re.compile("|".join(LATER_PATTERNS), re.IGNORECASE)
 
 
 def _enhanced(reply: str) -> tuple[int, int] | None:
@@ -192,6 +196,9 @@ def classify(reply: str, rules: Sequence[OnReply] = ()) -> ReplyClass:
     if _MESSAGE_TEXT_RE.search(reply):
         return MESSAGE
     if code in _SOURCE_CODES or _BLOCK_TEXT_RE.search(reply):
+        return BLOCK
+    closing = reply.lstrip().startswith(("421", "5"))
+    if closing and _LATER_TEXT_RE.search(reply):
         return BLOCK
     if reply.lstrip().startswith("421"):
         return TRANSIENT

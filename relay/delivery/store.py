@@ -299,6 +299,8 @@ class DeliveryStore:
 
     def _checkpoint(self, mode: str) -> None:
         assert self._index is not None
+        if self._records is not None:  # its log takes room on the same disk
+            self._records.conn.execute(f"PRAGMA wal_checkpoint({mode})")
         busy, _, _ = self._index.conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
         if busy:
             raise OSError("checkpoint blocked by a reader")

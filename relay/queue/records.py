@@ -28,6 +28,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+WAL_CHECKPOINT_PAGES = 64  # as the index's (relay/queue/index.py)
+
 RECORDS_FILE = "records.sqlite"
 
 SCHEMA = """
@@ -120,6 +122,10 @@ def open_records(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=30000")
+    # As the index: a short write-ahead log that is truncated back, so that on a nearly full
+    # disk the records never hold megabytes the spool and the reserve need.
+    conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+    conn.execute("PRAGMA journal_size_limit=1048576")
     conn.executescript(SCHEMA)
     return conn
 

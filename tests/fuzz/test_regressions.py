@@ -165,7 +165,7 @@ async def test_streamed_file_is_removed_when_a_tls_client_hangs_up(tmp_path: Pat
     Fixed in relay/smtp/session.py (the removal runs to the end, as the spool writes do)."""
     single = SingleWriter(tmp_path, 1, b'{"id": "06616E4BF81413338B2883"}')
     single.append([b"x" * 4096])
-    stream = _Stream(SimpleNamespace(), "06616E4BF81413338B2883")  # type: ignore[arg-type]
+    stream = _Stream(SimpleNamespace(), "06616E4BF81413338B2883", False)  # type: ignore[arg-type]
     stream.single = single
     loop = asyncio.get_running_loop()
     busy, release = threading.Event(), threading.Event()
