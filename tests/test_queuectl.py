@@ -188,10 +188,10 @@ def test_list_filters_paging_and_bad_input(tmp_path: Path, sinks, capsys) -> Non
 
 
 def test_retry_forgets_a_resting_path(tmp_path: Path, capsys) -> None:
-    # "try again later" takes the path out of rotation (a block); an operator's retry, as
+    # "rate limited" takes the path out of rotation (a block); an operator's retry, as
     # Postfix's flush, must not be deferred again by that rest.
     gate = Gate()
-    with Sink(rcpt_reply=lambda rcpt: gate(rcpt) and "451 4.7.1 try again later") as mx, \
+    with Sink(rcpt_reply=lambda rcpt: gate(rcpt) and "450 4.7.1 You are rate limited") as mx, \
             RelayProcess(tmp_path, routes={"example.net": [mx.address]},
                          queue={"retry_schedule": ["1h"]},
                          delivery={"path_cooldown": "1h"}) as relay:
