@@ -128,3 +128,20 @@ def test_a_restart_remembers_and_a_window_of_0_turns_it_off(tmp_path: Path) -> N
             raw.ehlo()
             assert queued_id(send_raw(raw, INVOICE, rcpt="ap@example.net")) != first
             sink.wait_for(2)
+
+
+def test_table_finds_keys_past_freed_slots_and_probes_little(tmp_path: Path) -> None:
+    # Two keys that hash to the same start slot: the second is stored one slot further.
+    from relay.queue.dedupe import DedupeTable
+
+    table = DedupeTable(tmp_path / "dedupe.table", slots=8)
+    first = (0).to_bytes(8, "little") + b"A" * 8
+    second = (8).to_bytes(8, "little") + b"B" * 8  # 8 % 8 == 0: the same start slot
+    assert table.claim([first], "ID1", 1000.0, 86400.0) == [None]
+    assert table.claim([second], "ID2", 1000.0, 86400.0) == [None]
+    table.settle([second], "ID2", committed=True)
+    table.settle([first], "ID1", committed=False)  # its commit failed: the slot is freed
+    # The freed slot must not end the probe: the second key is still known...
+    assert table.claim([second], "ID3", 1001.0, 86400.0) == ["ID2"]
+    # ...and a new key reuses the freed slot rather than a fresh one.
+    assert table.claim([first], "ID4", 1001.0, 86400.0) == [None]

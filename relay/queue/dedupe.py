@@ -42,6 +42,10 @@ _MAGIC = b"IRDEDUP1"
 _HEADER = struct.Struct("=8sQ")      # magic, slot count
 _SLOT = struct.Struct("=16s24sdB7x")  # key, first queue id, accepted (wall clock), state
 EMPTY, PENDING, FINAL = 0, 1, 2
+# A slot that held a key once and was given up (a failed commit, a dead relay's claim). Unlike
+# EMPTY it does not end a probe: keys stored further along stay findable, so a probe can stop
+# at the first EMPTY slot (a new key, the common case, then costs one or two reads, not PROBE).
+FREED = 3
 _NO_KEY = b"\0" * 16
 
 
@@ -103,7 +107,7 @@ class DedupeTable:
         for slot in range(self.slots):
             offset = _HEADER.size + slot * _SLOT.size
             if self._mem[offset + 48] == PENDING:
-                _SLOT.pack_into(self._mem, offset, _NO_KEY, b"", 0.0, EMPTY)
+                _SLOT.pack_into(self._mem, offset, _NO_KEY, b"", 0.0, FREED)
 
     # --- on the event loop, microseconds each ------------------------------------------------
 
@@ -140,7 +144,7 @@ class DedupeTable:
                 if committed:
                     self._store(slot, key, owner, stamp, FINAL)
                 else:
-                    self._store(slot, _NO_KEY, b"", 0.0, EMPTY)
+                    self._store(slot, _NO_KEY, b"", 0.0, FREED)
 
     # --- the table ---------------------------------------------------------------------------
 
@@ -168,6 +172,10 @@ class DedupeTable:
         for step in range(PROBE):
             slot = (start + step) % self.slots
             stored, first, stamp, state = self._read(slot)
+            if state == EMPTY:
+                # Never used: the key is not further along. Take this slot, unless an earlier
+                # one is as free (dead or freed).
+                return (victim if victim_age == float("inf") else slot), EMPTY, b""
             age = now - stamp
             # A claim older than PENDING_LIMIT lost its session somehow: it no longer blocks.
             live = (state == PENDING and age < PENDING_LIMIT) or \
