@@ -28,6 +28,7 @@ from relay.config.check import (
     find_config_file,
     load_config,
     load_or_exit,
+    load_or_report,
     unbindable_sources,
 )
 from relay.config.main import (
@@ -136,6 +137,7 @@ __all__ = [
     "find_config_file",
     "load_config",
     "load_or_exit",
+    "load_or_report",
     "normalize_domain",
     "parse_charset",
     "parse_domain_pattern",

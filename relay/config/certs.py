@@ -16,18 +16,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from relay.config.report import read_bytes
+
 EXPIRY_WARNING_DAYS = 30
 MIN_RSA_BITS = 2048  # RFC 8551 section 4.1: receiving agents SHOULD support up to 4096
 
 
 def read_certificate(path: Path) -> x509.Certificate:
     """The first certificate of a PEM file; ValueError saying what is wrong (never a trace)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ValueError(f"file not found: {path}") from None
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    data = read_bytes(path)
     if b"-----BEGIN CERTIFICATE-----" not in data:
         hint = " (a private key? give the certificate)" if b"PRIVATE KEY-----" in data else ""
         raise ValueError(f"{path}: not a PEM certificate{hint}")

@@ -201,3 +201,13 @@ def load_or_exit(cli_value: str | None) -> Config:
         problems = [f"{cli_value or DEFAULTS_NAME}: unexpected error: {type(exc).__name__}: {exc}"]
     _print_lines([*warnings, *problems], sys.stderr)
     sys.exit(EX_CONFIG)
+
+
+def load_or_report(cli_value: str | None) -> Config | None:
+    """The config for an operator command (queue, status, doctor); None after printing its
+    problems to stderr (the command then exits 1)."""
+    try:
+        return load_config(find_config_file(cli_value))
+    except ConfigError as exc:
+        _print_lines(exc.problems, sys.stderr)
+        return None

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Generic
 
 from relay.addresses import HostPort, in_networks
-from relay.config.report import _check_file, _read_toml, _Report, _Table
+from relay.config.report import _check_file, _read_toml, _Report, _Table, read_bytes
 from relay.config.values import (
     SMTP_PORT,
     IPAddress,
@@ -230,12 +230,7 @@ def dkim_key_algorithm(path: Path) -> str:
 
     The key is parsed to prove the signer can use it, then dropped: no key material stays in
     the config, and none goes into a message (only the path)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ValueError(f"file not found: {path}") from None
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    data = read_bytes(path)
     # Imported here: only a config with DKIM keys pays for it (queue commands stay quick).
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.asymmetric import ed25519, rsa

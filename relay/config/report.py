@@ -168,3 +168,13 @@ def _read_toml(path: Path, report: _Report) -> dict[str, Any] | None:
 def _check_file(table: _Table, name: str, path: Path | None) -> None:
     if path is not None and not path.is_file():
         table.report.add(table.key(name), f"file not found: {path}")
+
+
+def read_bytes(path: Path) -> bytes:
+    """A file a key names (a certificate, a DKIM key); ValueError saying what is wrong."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"file not found: {path}") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from None

@@ -653,14 +653,9 @@ class DeliveryEngine:
         if self._egress_needed:
             self._enqueue_egress(dest, job)
             return
+        if self._held_back(dest, job, breaker=True):
+            return
         now = self.clock()
-        breaker = self.health.breaker(dest.key)
-        if breaker.until(now) > now:
-            self._postpone(job, self._wall(breaker.until(now), now))
-            return
-        if dest.bucket is not None and dest.queued >= dest.window:
-            self._hand_back(dest, job)
-            return
         book, key = self.health, dest.key
         source: SourceAddress | None = None
         if self.sources.sources:
@@ -847,19 +842,27 @@ class DeliveryEngine:
 
     # --- SPF-aware egress and IP warm-up (relay/delivery/egress.py) ----------------------
 
+    def _held_back(self, dest: Destination, job: Job, *, breaker: bool = False) -> bool:
+        """True when the job went back to the queue instead: the destination's breaker is
+        open (due when it half-opens; looked at when `breaker` or the destination is
+        troubled), or its throttle window is full (handed back)."""
+        if breaker or dest.troubled:
+            now = self.clock()
+            until = self.health.breaker(dest.key).until(now)
+            if until > now:
+                self._postpone(job, self._wall(until, now))
+                return True
+        if dest.bucket is not None and dest.queued >= dest.window:
+            self._hand_back(dest, job)
+            return True
+        return False
+
     def _enqueue_egress(self, dest: Destination, job: Job) -> None:
         """`_enqueue` when the source must be eligible: SPF results from the checker's cache
         (a miss is looked up in a task, and the job placed when it is answered), then the
         warm-up caps. The job goes to an eligible source, is split at a cap, or defers."""
         self._release(job)  # a job moved from another source is counted afresh
-        if dest.troubled:
-            now = self.clock()
-            breaker = self.health.breaker(dest.key)
-            if breaker.until(now) > now:
-                self._postpone(job, self._wall(breaker.until(now), now))
-                return
-        if dest.bucket is not None and dest.queued >= dest.window:
-            self._hand_back(dest, job)
+        if self._held_back(dest, job):
             return
         pool = pool_for(self.sources.sources, dest.allowed_sources)
         spf: dict[IPAddress, str] | None = None

@@ -100,7 +100,7 @@ def _literal_address(domain: str) -> str | None:
         raise DnsFailure(False, "5.1.2", f"Invalid address literal {domain}") from None
 
 
-def _negative_ttl(response: dns.message.Message | None) -> float:
+def negative_ttl(response: dns.message.Message | None) -> float:
     """RFC 2308: the lesser of the SOA record's TTL and its MINIMUM field."""
     if response is not None:
         for rrset in response.authority:
@@ -257,7 +257,7 @@ class NextHopResolver:
         except dns.resolver.NXDOMAIN as exc:
             return self._store(name, rdtype, _Answer("nxdomain"), _nx_ttl(exc, name))
         except dns.resolver.NoAnswer as exc:
-            return self._store(name, rdtype, _Answer("nodata"), _negative_ttl(exc.response()))
+            return self._store(name, rdtype, _Answer("nodata"), negative_ttl(exc.response()))
         except dns.resolver.LifetimeTimeout:
             raise _temporary(name, rdtype, "timeout") from None
         except dns.resolver.NoNameservers as exc:
@@ -285,7 +285,7 @@ class NextHopResolver:
 
 def _nx_ttl(exc: dns.resolver.NXDOMAIN, name: str) -> float:
     try:
-        return _negative_ttl(exc.response(dns.name.from_text(name)))
+        return negative_ttl(exc.response(dns.name.from_text(name)))
     except (KeyError, IndexError):
         return NEGATIVE_TTL_DEFAULT
 

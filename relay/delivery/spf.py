@@ -31,10 +31,10 @@ import spf  # pyspf
 
 from relay.addresses import HostPort
 from relay.config import Config
+from relay.delivery.nexthop import negative_ttl
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 MAX_TTL = 86400.0            # never trust an evaluation longer than a day
-NEGATIVE_TTL_DEFAULT = 60.0  # an NXDOMAIN/NODATA without a SOA
 TEMPERROR_TTL = 10.0         # DNS trouble: ask again soon, but not once per message
 MAX_CACHE_ENTRIES = 20_000
 LOOKUP_TIMEOUT = 5.0         # per DNS query
@@ -92,10 +92,10 @@ class _Lookup:
             answer = self._resolver.resolve(name, qtype, search=False,
                                             lifetime=timeout or LOOKUP_TIMEOUT)
         except dns.resolver.NXDOMAIN as exc:
-            self._seen(_negative_ttl(_nx_response(exc, name)))
+            self._seen(negative_ttl(_nx_response(exc, name)))
             return []
         except dns.resolver.NoAnswer as exc:
-            self._seen(_negative_ttl(exc.response()))
+            self._seen(negative_ttl(exc.response()))
             return []
         except dns.exception.DNSException as exc:  # timeout, SERVFAIL, no nameserver
             raise spf.TempError(f"DNS {str(exc).splitlines()[0][:200]}") from None
@@ -122,15 +122,6 @@ def _nx_response(exc: dns.resolver.NXDOMAIN, name: str) -> dns.message.Message |
         return exc.response(dns.name.from_text(name))
     except (KeyError, IndexError, dns.exception.DNSException):
         return None
-
-
-def _negative_ttl(response: dns.message.Message | None) -> float:
-    """RFC 2308: the lesser of the SOA record's TTL and its MINIMUM field."""
-    if response is not None:
-        for rrset in response.authority:
-            if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
-                return float(min(rrset.ttl, rrset[0].minimum))
-    return NEGATIVE_TTL_DEFAULT
 
 
 def evaluate(resolver: dns.resolver.Resolver, ip: str, sender: str, helo: str

@@ -25,11 +25,9 @@ import dns.reversename
 
 from relay.config import (
     Config,
-    ConfigError,
     DkimKey,
     SourceAddress,
-    find_config_file,
-    load_config,
+    load_or_report,
     normalize_domain,
 )
 from relay.delivery import mtasts
@@ -275,10 +273,8 @@ def print_table(checks: Sequence[Check], out: TextIO) -> None:
 
 
 def doctor_command(cli_config: str | None, domain: str | None) -> int:
-    try:
-        config = load_config(find_config_file(cli_config))
-    except ConfigError as exc:
-        print("\n".join(exc.problems), file=sys.stderr)
+    config = load_or_report(cli_config)
+    if config is None:
         return EXIT_PROBLEM
     known = sender_domains(config)
     if domain is not None:

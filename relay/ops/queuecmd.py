@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from relay.config import Config, ConfigError, find_config_file, load_config
+from relay.config import Config, load_or_report
 from relay.exitcodes import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE
 from relay.queue.envelope import ACTIVE, DEFERRED, FINAL_STATES, HOLD, QUEUED, UNKNOWN
 from relay.queue.index import FINAL_SQL
@@ -24,11 +24,8 @@ SUMMARY_STATES = (QUEUED, ACTIVE, DEFERRED, UNKNOWN, HOLD)
 
 
 def queue_command(cli_config: str | None, args: argparse.Namespace) -> int:
-    try:
-        config = load_config(find_config_file(cli_config))
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+    config = load_or_report(cli_config)
+    if config is None:
         return EXIT_PROBLEM
     root = config.queue.path
     if args.queue_verb == "rebuild":

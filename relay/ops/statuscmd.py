@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from relay.config import ConfigError, find_config_file, load_config
+from relay.config import load_or_report
 from relay.exitcodes import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE
 from relay.queue import records
 from relay.queue.records import FIELDS, RECORDS_FILE
@@ -37,11 +37,8 @@ def status_command(cli_config: str | None, args: argparse.Namespace) -> int:
         span = _span(*export)
         if span is None:
             return EXIT_USAGE
-    try:
-        config = load_config(find_config_file(cli_config))
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+    config = load_or_report(cli_config)
+    if config is None:
         return EXIT_PROBLEM
     root = config.queue.path
     path = root / RECORDS_FILE
