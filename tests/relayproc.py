@@ -124,8 +124,12 @@ class RelayProcess:
                 raise AssertionError(f"no {count}x {pattern!r} in time; log:\n{self.log}")
             time.sleep(0.02)
 
-    def events(self, name: str) -> list[dict[str, str]]:
-        """Parsed logfmt lines of one event kind (since the last start)."""
+    def events(self, name: str, at_least: int = 0, timeout: float = 10) -> list[dict[str, str]]:
+        """Parsed logfmt lines of one event kind (since the last start). A process writes its
+        log lines at the end of an event-loop turn, so a client can see a reply before the line
+        that records it: `at_least` waits for that many lines first."""
+        if at_least:
+            self.wait_for_log(f" event={name}( |$)", timeout=timeout, count=at_least)
         out = []
         for line in self.new_log().splitlines():
             if f" event={name} " in line + " ":

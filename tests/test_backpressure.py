@@ -67,7 +67,7 @@ def test_connection_limits_across_processes_with_room_for_trusted(tmp_path: Path
         eventually(back)
         for raw in held:
             raw.close()
-        assert len(relay.events("rejected")) >= 4
+        assert len(relay.events("rejected", at_least=4)) >= 4
 
 
 def test_message_rate_per_client_at_mail(tmp_path: Path) -> None:

@@ -77,7 +77,7 @@ def test_status_proves_delivery_and_survives_rebuild_and_a_lost_spool(
                              "never@example.net"],
                             invoice("INV-2026-0042", "<inv42@invoices.test>"))
         relay.wait_for_log("event=received")
-        queue_id = relay.events("received")[0]["id"]
+        queue_id = relay.events("received", at_least=1)[0]["id"]
         wait_until(lambda: len(sink.messages) == 2, 15, "both copies at the sink")
         relay.wait_for_log(r"event=delivered .*later@example.net", timeout=10)
         got = sink.messages[0].data

@@ -354,7 +354,8 @@ def test_tls_mode_and_smime_certificate_apply_to_the_next_attempt(
         + f'[[recipient]]\nmatch = "ap@example.net"\nsmime_certificate = "{ec_cert}"\n')
     relay.signal(signal.SIGHUP)
     relay.wait_for_log(r"event=reload_refused ")
-    [refused] = relay.events("reload_refused")  # the main process refuses; no child is asked
+    # The main process refuses; no child is asked.
+    [refused] = relay.events("reload_refused", at_least=1)
     assert refused["problem"].startswith(f"{policy_file(relay)}: recipient[0].smime_certificate:")
     code, reply = send(relay, "still-required")
     assert code == 250

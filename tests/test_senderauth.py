@@ -270,7 +270,7 @@ def test_allowed_user_sends_wrong_user_gets_553(
         client.sendmail("app@open.example.com", ["ap@example.net"],
                         message("App <app@open.example.com>", "open"))
     assert len(sink.wait_for(2)) == 2
-    [refused, sub] = relay.events("sender_refused")
+    [refused, sub] = relay.events("sender_refused", at_least=2)
     assert refused == {**refused, "client": "127.0.0.1", "user": "erp", "domain": PROTECTED,
                        "where": "mail"}
     assert sub["domain"] == f"eu.{PROTECTED}"
@@ -295,7 +295,8 @@ def test_allowed_network_vs_refused_network(
         assert QUEUED.match(transaction(raw, "", message("MAILER-DAEMON@app.test")))
     assert {m.mail_from for m in sink.wait_for(3)} == {f"ar@{PROTECTED}",
                                                        "app@open.example.com", "<>"}
-    assert [(e["client"], e["where"], e.get("user")) for e in relay.events("sender_refused")] \
+    refused = relay.events("sender_refused", at_least=2)
+    assert [(e["client"], e["where"], e.get("user")) for e in refused] \
         == [("127.0.0.2", "mail", None), ("127.0.0.3", "mail", None)]
 
 
@@ -333,12 +334,12 @@ def test_from_header_forgery_gets_550_and_nothing_is_queued(
                         message(f"billing@{PROTECTED}", "allowed"))
     got = sink.wait_for(2)
     assert sorted(b"honest" in m.data for m in got) == [False, True]
-    events = relay.events("sender_refused")
+    events = relay.events("sender_refused", at_least=len(FORGERIES) + 2)
     assert len(events) == len(FORGERIES) + 2
     assert {e["where"] for e in events} == {"from_header"}
     assert all(e["id"] and e["client"] == "127.0.0.3" for e in events)
     assert events[0]["domain"] == PROTECTED
-    assert len(relay.events("received")) == 2
+    assert len(relay.events("received", at_least=2)) == 2
 
 
 def test_ipv6_client_network(relay_factory: RelayFactory, sink: Sink) -> None:
@@ -358,7 +359,7 @@ def test_ipv6_client_network(relay_factory: RelayFactory, sink: Sink) -> None:
         raw.ehlo()
         assert transaction(raw, f"ar@{PROTECTED}", b"") == refused_553(f"ar@{PROTECTED}")
     sink.wait_for(1)
-    assert [e["client"] for e in relay.events("sender_refused")] == ["127.0.0.3"]
+    assert [e["client"] for e in relay.events("sender_refused", at_least=1)] == ["127.0.0.3"]
 
 
 def test_no_clients_anywhere_changes_nothing(relay_factory: RelayFactory, sink: Sink) -> None:
