@@ -877,8 +877,10 @@ class Relay(System):
     name = "relay"
 
     def __init__(self, workdir: Path, routes: dict[str, int], relay_cmd: list[str],
-                 name: str = "relay", dkim_key: DkimKey | None = None):
-        """dkim_key: sign mail from SIGN_DOMAIN with it (a [[sender]] dkim policy)."""
+                 name: str = "relay", dkim_key: DkimKey | None = None,
+                 extra_policy: str = ""):
+        """dkim_key: sign mail from SIGN_DOMAIN with it (a [[sender]] dkim policy);
+        extra_policy: one more policy file's text (bench/observe.py: a webhook)."""
         self.name = name
         self.dir = workdir / name
         (self.dir / "policies").mkdir(parents=True)
@@ -909,6 +911,8 @@ path = "policies"
             (self.dir / "policies" / "signing.toml").write_text(
                 f'[[sender]]\ndomain = "{dkim_key.domain}"\n'
                 f'dkim = [{{ selector = "{dkim_key.selector}", key = "{pem}" }}]\n')
+        if extra_policy:
+            (self.dir / "policies" / "extra.toml").write_text(extra_policy)
         self.stdout_log = self.dir / "relay.stdout"
         self.stderr_log = self.dir / "relay.stderr"
         self.cmd = [*relay_cmd, "serve", "--config", str(self.dir / "relay.toml")]
