@@ -109,6 +109,7 @@ def test_check_config_warns_and_exits_0(tmp_path: Path) -> None:
         '[http]\nlisten = "127.0.0.1:9025"\n' + main,
         '[[destination]]\ndomain = "example.net"\nrate = "1/min"\nmax_connections = 2\n'
         'routes = ["127.0.0.1:10026"]\n' + policy)
+    (tmp_path / "hook.key").write_text("a secret\n")  # a file the sample may name
     result = run_relay("check-config", "--config", str(path), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     # Only the keys the relay ignores: a destination's rate, max_connections and routes are
