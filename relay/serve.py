@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 DRAIN_GRACE = 30.0
 DELIVERY_START_TIMEOUT = 30.0
 QUEUE_COUNT_INTERVAL = 1.0  # how often delivery tells intake the queue depth ([queue] max_queued)
+# Heartbeats without a systemd watchdog: /healthz calls a process down after this long.
+HEALTH_INTERVAL = 2.0
 INTAKE_PROCESSES = max(1, min(2, os.cpu_count() or 1))
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
@@ -135,6 +137,14 @@ def serve(cli_config: str | None) -> int:
         # is granted by a drop-in: exit 1, which systemd restarts. An address this machine does
         # not have is the config's: 78.
         return 1 if exc.errno in _TRANSIENT else EXIT_CONFIG
+    try:
+        http_sock = _bind_http(config)
+    except OSError as exc:
+        for sock, _ in listeners:
+            sock.close()
+        log.event("listen_failed", level=40, error=exc.strerror or str(exc))
+        print(exc.strerror or str(exc), file=sys.stderr)
+        return 1 if exc.errno in _TRANSIENT else EXIT_CONFIG
     reserve_path = reserve.path if reserve.path.exists() else None
     limit = config.server.auth_failure_limit
     # Created before the fork: every intake process shares the same buckets.
@@ -154,11 +164,15 @@ def serve(cli_config: str | None) -> int:
     parent = os.getpid()
     ready_read, ready_write = os.pipe()
     interval = notify.watchdog_interval()
-    # Slot 0: delivery; slot N: intake process N (the main process is intake 0 and pings).
-    beats = Heartbeats(INTAKE_PROCESSES, interval) if interval else None
+    # Slot 0: delivery; slot N < INTAKE_PROCESSES: intake process N; then the main process
+    # (intake 0, which pings systemd) and the http process. Always made: /healthz reads it.
+    beats = Heartbeats(INTAKE_PROCESSES + 1 + (http_sock is not None),
+                       interval or HEALTH_INTERVAL)
+    listener_fds = [sock.fileno() for sock, _ in listeners]
     delivery = _fork(lambda: _delivery_main(Live(runtime), read_ends, ready_write, anvil), parent,
-                     "relay-delivery", heartbeat=(beats, 0) if beats else None,
-                     close=[*write_ends, ready_read, *(sock.fileno() for sock, _ in listeners)])
+                     "relay-delivery", heartbeat=(beats, 0),
+                     close=[*write_ends, ready_read, *listener_fds,
+                            *([http_sock.fileno()] if http_sock else [])])
     for fd in (*read_ends, ready_write):
         os.close(fd)
     if not _wait_ready(ready_read, DELIVERY_START_TIMEOUT):
@@ -166,6 +180,8 @@ def serve(cli_config: str | None) -> int:
         _wait_child(delivery, 1)
         lock.close()
         return 1
+    http = _fork_http(runtime, http_sock, parent, beats, reserve_path,
+                      close=[*write_ends, *listener_fds]) if http_sock is not None else None
     # More intake processes accept from the same listening sockets, so that SMTP intake, the
     # busiest stage, is spread over the cores; delivery runs beside them.
     helpers = [_fork_intake(runtime, slot, write_ends, listeners, reserve_path, auth_limiter,
@@ -173,11 +189,11 @@ def serve(cli_config: str | None) -> int:
     for fd in write_ends[1:]:
         os.close(fd)
     _name_process("relay-intake")
-    children = [delivery, *helpers]
+    children = [delivery, *helpers, *([http] if http else [])]
     try:
         code = uvloop.run(_intake_main(Live(runtime), 0, write_ends[0], listeners, reserve_path,
                                        auth_limiter, children=children, beats=beats,
-                                       anvil=anvil, dedupe=dedupe))
+                                       anvil=anvil, dedupe=dedupe, watchdog=bool(interval)))
     finally:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
@@ -187,6 +203,45 @@ def serve(cli_config: str | None) -> int:
         lock.close()
         log.flush()
     return code
+
+
+def _bind_http(config: Config) -> socket.socket | None:
+    """The `[http] listen` socket, bound before the fork; None when HTTP is off."""
+    hp = config.http.listen
+    if hp is None:
+        return None
+    family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
+    try:
+        sock = socket.create_server((hp.host, hp.port), family=family)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {hp} ([http] listen):"
+                                 f" {exc.strerror or exc}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+def _fork_http(runtime: Runtime, sock: socket.socket, parent: int, beats: Heartbeats,
+               reserve: Path | None, close: Sequence[int]) -> int:
+    """The http process: /healthz, /metrics, the API. It only reads the queue; the main
+    process closes its copy of the socket."""
+    from relay.ops.http.health import HealthSources
+
+    root = runtime.config.queue.path
+    sources = HealthSources(
+        root=root, beats=beats, delivery_slots=(0,),
+        intake_slots=(*range(1, INTAKE_PROCESSES), INTAKE_PROCESSES),
+        space=FreeSpaceGuard(root, floor_bytes(root, runtime.config.queue.min_free_space),
+                             reserve))
+
+    async def main() -> int:
+        from relay.ops.http.server import http_main  # aiohttp: only in this process
+
+        return await http_main(Live(runtime), sock, sources)
+
+    pid = _fork(main, parent, "relay-http", close=close,
+                heartbeat=(beats, INTAKE_PROCESSES + 1))
+    sock.close()
+    return pid
 
 
 def _raise_open_files() -> None:
@@ -333,7 +388,8 @@ async def _intake_main(live: Live, slot: int, notice_fd: int,
                        listeners: Sequence[tuple[socket.socket, bool]],
                        reserve: Path | None = None, auth_limiter: AuthFailureLimiter | None = None,
                        children: Sequence[int] = (), beats: Heartbeats | None = None,
-                       anvil: Anvil | None = None, dedupe: DedupeTable | None = None) -> int:
+                       anvil: Anvil | None = None, dedupe: DedupeTable | None = None,
+                       watchdog: bool = False) -> int:
     """SMTP intake. In the main process (`children` given) it also watches the other
     processes: if one dies unexpectedly, the relay stops so that the service manager restarts
     it and startup recovery runs."""
@@ -366,7 +422,11 @@ async def _intake_main(live: Live, slot: int, notice_fd: int,
     watchers = {loop.create_task(_watch_child(pid)) for pid in children}
     if children:  # the main process: the only one systemd listens to (NotifyAccess=main)
         notify.notify("READY=1", f"MAINPID={os.getpid()}", "STATUS=accepting mail")
-    pinger = loop.create_task(_watchdog(beats, children)) if children and beats else None
+    pinger = None
+    if children and beats:
+        # Beat the main process's own slot (for /healthz); ping systemd only under a watchdog.
+        pinger = loop.create_task(_watchdog(beats, children) if watchdog
+                                  else beats.beat_forever(INTAKE_PROCESSES))
     stopper = loop.create_task(stop.wait())
     done, _ = await asyncio.wait({*watchers, stopper}, return_when=asyncio.FIRST_COMPLETED)
     code = 0
@@ -389,12 +449,24 @@ async def _intake_main(live: Live, slot: int, notice_fd: int,
 
 
 async def _watchdog(beats: Heartbeats, children: Sequence[int]) -> None:
-    """WATCHDOG=1 while every child's loop turns; a stuck one is logged."""
+    """WATCHDOG=1 while every child's loop turns; a stuck one is logged. The main process
+    beats its own slot too (INTAKE_PROCESSES), for /healthz."""
+    # Slot -> pid: children are [delivery, intake helpers..., http?], the main process's slot
+    # sits between the intake helpers and http.
+    pids = [*children[:INTAKE_PROCESSES], os.getpid(), *children[INTAKE_PROCESSES:]]
+
     def stuck(slots: list[int]) -> None:
-        log.event("watchdog_withheld", level=40, pids=",".join(str(children[s]) for s in slots),
+        log.event("watchdog_withheld", level=40, pids=",".join(str(pids[s]) for s in slots),
                   note="a process stopped beating; systemd restarts the relay after WatchdogSec")
 
-    await beats.watchdog(stuck)
+    async def beat_main() -> None:
+        await beats.beat_forever(INTAKE_PROCESSES)
+
+    beating = asyncio.get_running_loop().create_task(beat_main())
+    try:
+        await beats.watchdog(stuck)
+    finally:
+        beating.cancel()
 
 
 async def _watch_child(pid: int) -> None:

@@ -63,10 +63,12 @@ class RelayProcess:
                  server: dict[str, Any] | None = None, queue: dict[str, Any] | None = None,
                  delivery: dict[str, Any] | None = None, dns: dict[str, Any] | None = None,
                  policies: str = "", port: int | None = None,
+                 http: dict[str, Any] | None = None,
                  launcher: Sequence[str] = ("-m", "relay")) -> None:
         self.dir = directory
         self.launcher = list(launcher)  # what follows the interpreter: a module, or -c CODE
         self.port = port or free_port()
+        self.http_port = free_port()  # [http] listen, unless `http` sets it
         policy_text = policies
         for domain, hops in (routes or {}).items():
             policy_text += f'\n[[destination]]\ndomain = "{domain}"\nroutes = {_toml_value(hops)}\n'
@@ -76,7 +78,7 @@ class RelayProcess:
             # Small segments: every test relay preallocates a few (32 MiB each by default).
             "queue": {"path": "var", "retry_schedule": ["1s"], "segment_size": "1MiB",
                       **(queue or {})},
-            "http": {"listen": f"127.0.0.1:{free_port()}"},
+            "http": {"listen": f"127.0.0.1:{self.http_port}", **(http or {})},
             "policies": {"path": "policies"},
             # As short as the retry schedule: a path that failed rests 1 s, not a minute.
             "delivery": {"path_cooldown": "1s", **(delivery or {})},
@@ -100,7 +102,8 @@ class RelayProcess:
             stdout=log, stderr=log, start_new_session=True, cwd=self.dir)
         log.close()
         if wait:
-            self.wait_for_log("event=listening", timeout=15)
+            # The intake's line (the http process logs `event=listening process=http` too).
+            self.wait_for_log("event=listening addresses=", timeout=15)
         return self
 
     @property

@@ -20,7 +20,8 @@ from sink import Received, Sink
 from relay.serve import INTAKE_PROCESSES
 
 RelayFactory = Callable[..., RelayProcess]
-PROCESSES = INTAKE_PROCESSES + 1  # every intake process and the delivery process reload
+# Every intake process, the delivery process and the http process reload.
+PROCESSES = INTAKE_PROCESSES + 2
 
 
 def route(domain: str, sink: Sink) -> str:
@@ -195,8 +196,9 @@ def test_a_listen_change_waits_for_a_restart_while_the_rest_applies_in_every_pro
         relay_factory: RelayFactory, sink: Sink) -> None:
     with Sink() as second:
         relay = relay_factory(policies=route("example.net", sink)).start()
-        relay.wait_for_log("event=listening", count=INTAKE_PROCESSES)
-        pids = {int(e["pid"]) & 0xFFF for e in relay.events("listening")}
+        relay.wait_for_log("event=listening addresses=", count=INTAKE_PROCESSES)
+        pids = {int(e["pid"]) & 0xFFF for e in relay.events("listening")
+                if e.get("process") != "http"}
         assert len(pids) == INTAKE_PROCESSES
         new_port = free_port()
         edit(relay.config, f'"127.0.0.1:{relay.port}"', f'"127.0.0.1:{new_port}"')

@@ -105,7 +105,7 @@ def _build(data: dict[str, Any], path: Path | None, base: Path, report: _Report,
     server = _server(root.table("server"), base)
     queue = _queue(root.table("queue"), base)
     delivery = _delivery(root.table("delivery"), server.hostname, base)
-    dns, http, cluster, log = _simple_sections(root)
+    dns, http, cluster, log = _simple_sections(root, base)
     policies = _policies_section(root, base, path is not None)
     root.finish()
     # Policy warnings go to the same list as the rest (check-config prints, serve logs them).

@@ -142,8 +142,10 @@ class DeliveryConfig:
 
 @dataclass(frozen=True)
 class HttpConfig:
-    listen: HostPort = DEFAULT_HTTP_LISTEN
-    token: str = ""
+    listen: HostPort | None = DEFAULT_HTTP_LISTEN  # None: `listen = ""`, no HTTP server
+    # The effective token (from `token`, or read from `token_file`); never in a repr or a log.
+    token: str = field(default="", repr=False)
+    token_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -394,14 +396,12 @@ def _check_ca_file(t: _Table, path: Path | None) -> None:
         t.report.add(t.key("tls_ca_file"), f"{path}: cannot read: {exc.strerror or exc}")
 
 
-def _simple_sections(root: _Table) -> tuple[DnsConfig, HttpConfig, ClusterConfig, LogConfig]:
+def _simple_sections(root: _Table, base: Path
+                     ) -> tuple[DnsConfig, HttpConfig, ClusterConfig, LogConfig]:
     t = root.table("dns")
     dns = DnsConfig(nameservers=t.items("nameservers", _hostport(DNS_PORT)))
     t.finish()
-    t = root.table("http")
-    http = HttpConfig(listen=t.value("listen", _hostport(HTTP_PORT), DEFAULT_HTTP_LISTEN),
-                      token=t.value("token", _string, ""))
-    t.finish()
+    http = _http_section(root.table("http"), base)
     t = root.table("cluster")
     cluster = ClusterConfig(redis=t.value("redis", _redis_url, ""))
     t.finish()
@@ -409,6 +409,33 @@ def _simple_sections(root: _Table) -> tuple[DnsConfig, HttpConfig, ClusterConfig
     log = LogConfig(format=t.value("format", _choice(LOG_FORMATS), "logfmt"))
     t.finish()
     return dns, http, cluster, log
+
+
+def _http_listen(value: object) -> HostPort | None:
+    """`host:port`, or "" for no HTTP server at all."""
+    return None if _string(value).strip() == "" else _hostport(HTTP_PORT)(value)
+
+
+def _http_section(t: _Table, base: Path) -> HttpConfig:
+    listen = t.value("listen", _http_listen, DEFAULT_HTTP_LISTEN)
+    token = t.value("token", _string, "")
+    token_file = t.value("token_file", _path_in(base), None)
+    t.finish()
+    if token_file is None:
+        return HttpConfig(listen=listen, token=token)
+    if token:
+        t.report.add(t.key("token_file"), "set token or token_file, not both")
+        return HttpConfig(listen=listen, token=token)
+    try:
+        # One line; surrounding whitespace (the newline an editor adds) is not part of it.
+        from_file = token_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        t.report.add(t.key("token_file"), f"{token_file}: cannot read: {reason}")
+        return HttpConfig(listen=listen, token_file=token_file)
+    if not from_file:
+        t.report.add(t.key("token_file"), f"{token_file}: the file is empty")
+    return HttpConfig(listen=listen, token=from_file, token_file=token_file)
 
 
 def _policies_section(root: _Table, base: Path, has_file: bool) -> PoliciesConfig:

@@ -9,6 +9,7 @@ import os
 import sqlite3
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from relay.config import Config, load_or_report
@@ -64,33 +65,40 @@ def _when(ts: float | None) -> str:
 
 def _list(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
     """One line per recipient, in queue id order; by default those not final yet."""
-    where, params = _filters(args.state, args.domain)
-    page = " LIMIT ? OFFSET ?"
-    params += [args.limit if args.limit is not None else -1, max(args.offset, 0)]
-    rows = conn.execute(
-        "SELECT msg, state, rcpt, attempts, next_attempt, last_reply FROM recipients"
-        f" WHERE {where} ORDER BY msg, idx{page}", params)
+    rows = list_rows(conn, args.state, args.domain, args.limit, max(args.offset, 0))
     printed = 0
-    for msg, st, rcpt, attempts, next_at, reply in rows:
-        pending = st not in FINAL_STATES and st != HOLD
+    for row in rows:
         if args.json:
-            print(json.dumps({"queue_id": msg, "state": st, "recipient": rcpt,
-                              "attempts": attempts,
-                              "next_attempt": _when(next_at) if pending else None,
-                              "last_response": reply}, ensure_ascii=False))
+            print(json.dumps(row, ensure_ascii=False))
         else:
             if not printed:
                 print(f"{'QUEUE ID':22}  {'STATE':9}  {'ATTEMPTS':>8}  {'NEXT ATTEMPT':20}"
                       "  RECIPIENT / LAST RESPONSE")
-            last = " / ".join((reply or "-").splitlines())
-            print(f"{msg:22}  {st:9}  {attempts:>8}  {_when(next_at) if pending else '-':20}"
-                  f"  <{rcpt}>")
+            last = " / ".join((row["last_response"] or "-").splitlines())
+            print(f"{row['queue_id']:22}  {row['state']:9}  {row['attempts']:>8}"
+                  f"  {row['next_attempt'] or '-':20}  <{row['recipient']}>")
             print(f"{'':22}  {'':9}  {'':>8}  {'':20}  {last}")
         printed += 1
     if not printed and not args.json:
         print("queue is empty" if not (args.state or args.domain or args.offset)
               else "no recipient matches")
     return EXIT_OK
+
+
+def list_rows(conn: sqlite3.Connection, state: str | None, domain: str | None,
+              limit: int | None, offset: int = 0) -> Iterator[dict[str, object]]:
+    """The rows of `queue list` (and `GET /api/queue`): one per recipient, in queue id order,
+    by default those not final yet; `limit` None = all. Streamed (a queue may hold millions);
+    blocking: call it off the loop."""
+    where, params = _filters(state, domain)
+    params += [limit if limit is not None else -1, offset]
+    rows = conn.execute(
+        "SELECT msg, state, rcpt, attempts, next_attempt, last_reply FROM recipients"
+        f" WHERE {where} ORDER BY msg, idx LIMIT ? OFFSET ?", params)
+    for msg, st, rcpt, attempts, next_at, reply in rows:
+        pending = st not in FINAL_STATES and st != HOLD
+        yield {"queue_id": msg, "state": st, "recipient": rcpt, "attempts": attempts,
+               "next_attempt": _when(next_at) if pending else None, "last_response": reply}
 
 
 def _filters(state: str | None, domain: str | None) -> tuple[str, list[object]]:

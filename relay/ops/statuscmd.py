@@ -16,6 +16,7 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from relay.config import load_or_report
 from relay.exitcodes import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE
@@ -116,17 +117,34 @@ def _when(ts: object) -> str:
 
 
 def _status(conn: sqlite3.Connection, index_path: Path, key: str) -> int:
-    queued = _index_lookup(index_path, key)
-    ids = list(dict.fromkeys([*records.find(conn, key), *queued]))
-    if not ids:
+    found = lookup(conn, index_path, key)
+    if not found:
         print(f"{key}: no message with this queue id, Message-ID or X-Invoice-Id"
               " (in the queue or the delivery records)", file=sys.stderr)
         return EXIT_PROBLEM
-    for n, queue_id in enumerate(ids):
+    for n, status in enumerate(found):
         if n:
             print()
-        _show(conn, index_path, queue_id)
+        _show(status)
     return EXIT_OK
+
+
+def lookup(conn: sqlite3.Connection | None, index_path: Path, key: str
+           ) -> list[dict[str, Any]]:
+    """Every message `key` names (queue id, Message-ID or X-Invoice-Id), as plain data: what
+    `status KEY` prints and `GET /api/messages/KEY` returns. `conn` is the delivery records
+    (None: there are none yet, only the index is asked). Blocking: call it off the loop."""
+    queued = _index_lookup(index_path, key)
+    found = records.find(conn, key) if conn is not None else []
+    return [_message(conn, index_path, queue_id)
+            for queue_id in dict.fromkeys([*found, *queued])]
+
+
+def as_json(status: dict[str, Any]) -> dict[str, Any]:
+    """`status` with UTC ISO times (what the API sends)."""
+    return {**status, "recipients": [
+        {**r, "attempts": [{**a, "time": _when(a["time"])} for a in r["attempts"]]}
+        for r in status["recipients"]]}
 
 
 def _index_lookup(index_path: Path, key: str) -> list[str]:
@@ -161,32 +179,48 @@ def _current(index_path: Path, queue_id: str) -> dict[int, tuple[str, str]]:
         return {}
 
 
-def _show(conn: sqlite3.Connection, index_path: Path, queue_id: str) -> None:
-    head = records.message(conn, queue_id) or {}
+def _message(conn: sqlite3.Connection | None, index_path: Path, queue_id: str
+             ) -> dict[str, Any]:
+    head = (records.message(conn, queue_id) if conn is not None else None) or {}
     current = _current(index_path, queue_id)
-    rows = records.attempts(conn, queue_id)
+    rows = records.attempts(conn, queue_id) if conn is not None else []
     sender = head.get("sender")
     if sender is None and rows:
         sender = rows[0]["sender"]
-    print(f"queue id:   {queue_id}")
-    print(f"sender:     <{sender if sender is not None else '?'}>")
-    print(f"message-id: {head.get('message_id') or '-'}")
-    print(f"invoice id: {head.get('invoice_id') or '-'}")
     by_rcpt: dict[int, list[dict[str, object]]] = {}
     for rec in rows:
         by_rcpt.setdefault(int(rec["idx"]), []).append(rec)  # type: ignore[call-overload]
     names = {i: rcpt for i, (rcpt, _) in current.items()}
     for i, recs in by_rcpt.items():
         names.setdefault(i, str(recs[0]["recipient"]))
-    print("recipients:")
+    recipients = []
     for i in sorted(names):
         recs = by_rcpt.get(i, [])
         # The queue's state while it holds the message; afterwards the last record's.
         state = current[i][1] if i in current else str(recs[-1]["state"])
-        print(f"  <{names[i]}> {state}")
-        if not recs:
+        attempts = [{k: v for k, v in rec.items() if k in _ATTEMPT_FIELDS} for rec in recs]
+        recipients.append({"recipient": names[i], "state": state, "attempts": attempts})
+    return {"queue_id": queue_id, "sender": sender, "message_id": head.get("message_id"),
+            "invoice_id": head.get("invoice_id"), "recipients": recipients}
+
+
+# Per attempt: the record without the message's facts (said once, above the recipients).
+_ATTEMPT_FIELDS = ("time", "state", "attempted", "source", "host", "address", "reply", "tls",
+                   "tls_cipher", "tls_verified", "dkim", "sha256")
+
+
+def _show(status: dict[str, Any]) -> None:
+    sender = status["sender"]
+    print(f"queue id:   {status['queue_id']}")
+    print(f"sender:     <{sender if sender is not None else '?'}>")
+    print(f"message-id: {status['message_id'] or '-'}")
+    print(f"invoice id: {status['invoice_id'] or '-'}")
+    print("recipients:")
+    for rcpt in status["recipients"]:
+        print(f"  <{rcpt['recipient']}> {rcpt['state']}")
+        if not rcpt["attempts"]:
             print("      no attempt yet")
-        for rec in recs:
+        for rec in rcpt["attempts"]:
             _print_attempt(rec)
 
 

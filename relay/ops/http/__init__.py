@@ -1,0 +1,1 @@
+"""The HTTP server process: /healthz, /metrics and the JSON API (aiohttp, off the SMTP path)."""
