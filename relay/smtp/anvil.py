@@ -52,13 +52,14 @@ class Anvil:
                 max_per_client: int) -> str | None:
         """Count a new connection; None when admitted, else what is over its limit (the
         connection was not counted)."""
-        key = client_key(address)
+        # The apps (trusted) are counted in the total only: no per-client key to work out.
+        key = None if trusted else client_key(address)
         with self._lock:
             total, queued = _HEAD.unpack_from(self._mem, 0)
             limit = max_total if trusted else max_total - max_total // 10
             if total >= limit:
                 return "max_connections"
-            slot = None if trusted else self._find(key, claim=True, now=time.monotonic())
+            slot = None if key is None else self._find(key, claim=True, now=time.monotonic())
             if slot is not None:
                 _, conns, tat = self._read(slot)
                 if conns >= max_per_client:
@@ -69,11 +70,11 @@ class Anvil:
 
     def disconnect(self, address: str, *, trusted: bool = False) -> None:
         """An admitted connection ended."""
-        key = client_key(address)
+        key = None if trusted else client_key(address)
         with self._lock:
             total, queued = _HEAD.unpack_from(self._mem, 0)
             _HEAD.pack_into(self._mem, 0, max(0, total - 1), queued)
-            slot = None if trusted else self._find(key, claim=False, now=0.0)
+            slot = None if key is None else self._find(key, claim=False, now=0.0)
             if slot is not None:
                 _, conns, tat = self._read(slot)
                 self._write(slot, key, max(0, conns - 1), tat)
