@@ -39,7 +39,6 @@ class NotEnforced:
 NOT_ENFORCED: dict[str, NotEnforced] = {
     "http.listen": NotEnforced("warning"),
     "http.token": NotEnforced("security", ("",)),
-    "sender[].webhook": NotEnforced("warning"),
 }
 
 _INDEX_RE = re.compile(r"\[\d+\]")

@@ -21,9 +21,6 @@ from relay.config_status import NOT_ENFORCED
 SAMPLES: dict[str, tuple[str, str]] = {
     "http.listen": ('[http]\nlisten = "127.0.0.1:9025"\n', ""),
     "http.token": ('[http]\ntoken = "s3cret"\n', ""),
-    "sender[].webhook": (
-        "", '[[sender]]\ndomain = "a.example"\n'
-            'webhook = { url = "http://127.0.0.1:9000/e", secret_file = "hook.key" }\n'),
 }
 
 # The issue makes these real in the same release: they must never be listed.
@@ -35,7 +32,7 @@ ENFORCED_IN_THIS_RELEASE = ("sender[].dkim", "sender[].clients", "sender[].chars
                             "destination[].on_reply", "delivery.path_cooldown",
                             "delivery.path_cooldown_max", "sender[].priority",
                             "delivery.spf", "delivery.source_addresses[].warmup",
-                            "cluster.redis")
+                            "cluster.redis", "sender[].webhook")
 
 
 def write_config(folder: Path, main: str, policy: str = "") -> tuple[Path, Path]:
