@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, TypeVar
 from relay import log
 from relay.addresses import address_problem
 from relay.delivery.dsn import FailedRecipient, build_dsn, original_headers
-from relay.queue.envelope import BOUNCED, EXPIRED, Envelope, new_queue_id
 from relay.queue import outbox
+from relay.queue.envelope import BOUNCED, EXPIRED, Envelope, new_queue_id
 from relay.queue.index import DueRecipient, Index, Outcome
 from relay.queue.notices import Committed
 from relay.queue.records import RECORDS_FILE, Record, Records
