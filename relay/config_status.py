@@ -37,7 +37,6 @@ class NotEnforced:
 # Key paths as `check-config` prints them, with `[]` for "any index". Main config keys start
 # with their section; policy keys with their table (destination, sender, recipient).
 NOT_ENFORCED: dict[str, NotEnforced] = {
-    "sender[].webhook": NotEnforced("warning"),
 }
 
 _INDEX_RE = re.compile(r"\[\d+\]")

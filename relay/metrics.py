@@ -41,6 +41,7 @@ COMMIT_BATCH: Histogram
 AUTH_FAILURES: Counter
 SMTP_CONNECTIONS: Gauge
 WEBHOOK_DROPPED: Counter
+WEBHOOK_PENDING: Gauge
 
 
 def _build() -> None:
@@ -67,6 +68,8 @@ def _build() -> None:
     g["WEBHOOK_DROPPED"] = Counter("webhook_events_dropped",
                                    "Webhook events given up after 72 hours",
                                    namespace=PREFIX, registry=None)
+    g["WEBHOOK_PENDING"] = Gauge("webhook_events_pending", "Webhook events not yet accepted",
+                                 namespace=PREFIX, registry=None, multiprocess_mode="mostrecent")
 
 
 def setup(queue_root: Path) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 from relay.config import Config
 from relay.delivery.spf import SpfChecker
 from relay.delivery.tls import CaFileError, TlsContexts
+from relay.delivery.webhooks import Webhooks
 from relay.policy.dkim import Signer
 from relay.policy.smime import Smime
 from relay.smtp.auth import Users, load_users
@@ -85,6 +86,7 @@ class Runtime:
     client_tls: TlsContexts | None = field(default=None,
                                            metadata=built_by(client_tls_from_config))
     spf: SpfChecker | None = field(default=None, metadata=built_by(SpfChecker.for_egress))
+    webhooks: Webhooks | None = field(default=None, metadata=built_by(Webhooks.from_config))
 
     @classmethod
     def build(cls, config: Config, epoch: int = 1) -> Runtime:

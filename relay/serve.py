@@ -521,6 +521,7 @@ async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int,
     from relay.delivery.engine import DeliveryEngine
     from relay.delivery.nexthop import NextHopResolver
     from relay.delivery.store import DeliveryStore
+    from relay.delivery.webhooks import WebhookWorker
 
     stop = asyncio.Event()
     reloader = Reloader(live, "delivery")
@@ -540,6 +541,21 @@ async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int,
     sts = _sts_for(config, None)
     # Warm-up counts of today, kept under the queue folder across restarts.
     egress = await asyncio.to_thread(Egress.under, root)
+    hooks: WebhookWorker | None = None
+
+    def apply_webhooks(rt: Runtime) -> None:
+        """The outbox gets rows, and a worker sends them, while some sender has a webhook."""
+        nonlocal hooks
+        store.webhooks = rt.webhooks
+        if rt.webhooks is None:
+            return  # a running worker goes on with what is queued, to the URLs it knew
+        if hooks is None:
+            hooks = WebhookWorker(store, rt.webhooks)
+            store.on_outbox = hooks.wake
+            hooks.start()
+        hooks.webhooks = rt.webhooks
+
+    apply_webhooks(live.current)
     engine = DeliveryEngine(config, store, NextHopResolver(config.dns.nameservers),
                             Attempter(config, listeners, signer=live.current.signer,
                                       smime=live.current.smime, tls=live.current.client_tls),
@@ -554,6 +570,7 @@ async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int,
         engine.attempter.smime = rt.smime
         engine.attempter.tls = rt.client_tls
         sts = engine.sts = _sts_for(rt.config, sts)
+        apply_webhooks(rt)
 
     reloader.start(apply)
 
@@ -573,6 +590,8 @@ async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int,
     counter = asyncio.get_running_loop().create_task(_count_queue(store, anvil))
     await stop.wait()
     counter.cancel()
+    if hooks is not None:  # unsent events stay in the outbox for the next start
+        await hooks.stop()
     await control.close()
     log.event("draining", process="delivery")
     await engine.drain(DRAIN_GRACE)

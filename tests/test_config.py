@@ -256,6 +256,7 @@ def test_full_config_every_key(tmp_path: Path) -> None:
     write_dkim_key(tmp_path / "keys" / "s2026.pem")
     write_smime(tmp_path / "certs" / "ap", emails=["ap@customer.example"])
     write(tmp_path / "users", f"erp:{hash_password('pw', ln=4)}\n")
+    write(tmp_path / "secrets" / "webhook.key", "s3cret\n")
     write(tmp_path / "pol" / "main.toml", FULL_POLICY)
     config = load_config(write(tmp_path / "relay.toml", FULL))
     s = config.server
@@ -439,7 +440,8 @@ def test_problem_lines(tmp_path: Path, toml: str, expected: str) -> None:
      "destination: expected an array of tables such as [[destination]], got a table"),
     ("[[sender]]\ndomain = 'a.example'\npriority = 'urgent'\n",
      'sender[0].priority: "urgent" is not one of high | normal | bulk'),
-    ("[[sender]]\ndomain = 'a.example'\nwebhook = { url = 'ftp://x', secret_file = 's' }\n",
+    ("[[sender]]\ndomain = 'a.example'\n"
+     "webhook = { url = 'ftp://x', secret_file = 'policies/p.toml' }\n",
      'sender[0].webhook.url: "ftp://x" is not an http:// or https:// URL'),
     ("[[recipient]]\nmatch = 'ap@'\n", 'recipient[0].match: "ap@" is not a mail address'),
     ("[[recipient]]\nmatch = 'ap@x.example'\nencryption = 'always'\n",
@@ -510,15 +512,20 @@ def test_tls_and_auth_cross_checks(tmp_path: Path) -> None:
     assert load_config(path).server.tls_key == key
 
 
-def test_referenced_files_checked_only_for_check_config(tmp_path: Path) -> None:
+def test_webhook_secret_is_checked_on_every_load(tmp_path: Path) -> None:
+    # Events are real: serve (and every other load) must see a missing, unreadable or empty
+    # secret, naming the file and the key.
     policy = write(tmp_path / "policies" / "s.toml",
                    "[[sender]]\ndomain = 'a.example'\n"
                    "webhook = { url = 'http://127.0.0.1:9000/e', secret_file = 'hook.key' }\n")
     path = write(tmp_path / "relay.toml", "")
-    assert len(load_config(path).senders) == 1  # serve does not read it yet
-    assert problems(path, check_files=True) == [
-        f"{policy}: sender[0].webhook.secret_file: file not found: {tmp_path}/hook.key",
-    ]
+    where = f"{policy}: sender[0].webhook.secret_file"
+    assert problems(path) == [f"{where}: file not found: {tmp_path}/hook.key"]
+    (tmp_path / "hook.key").write_text("\n")
+    assert problems(path, check_files=True) == [f"{where}: file is empty: {tmp_path}/hook.key"]
+    (tmp_path / "hook.key").write_text("s3cret\n")
+    (sender,) = load_config(path).senders
+    assert sender.webhook is not None and sender.webhook.where == where
 
 
 def test_dkim_keys_are_checked_on_every_load(tmp_path: Path) -> None:

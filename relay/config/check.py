@@ -65,9 +65,9 @@ def load_config(path: Path | None, *, check_files: bool = False,
                 strict: bool = False) -> Config:
     """Parse the main config (None: embedded defaults) and its policy folder.
 
-    `check_files` also reports referenced files that are not used yet (S/MIME certificates,
-    webhook secrets) when they are missing; check-config asks for it. DKIM keys are always
-    read and checked. Keys the relay does not enforce yet (relay/config_status.py) become
+    `check_files` also reports what only check-config looks at (unknown `user:` names in
+    `clients`); check-config asks for it. DKIM keys and webhook secrets are always read and
+    checked. Keys the relay does not enforce yet (relay/config_status.py) become
     warning lines in `Config.warnings`; with `strict` (check-config, serve) a security key
     among them is a problem. Raises ConfigError with every problem found.
     """

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Generic
 
 from relay.addresses import HostPort, in_networks
-from relay.config.report import _check_file, _read_toml, _Report, _Table, read_bytes
+from relay.config.report import _read_toml, _Report, _Table, read_bytes
 from relay.config.values import (
     SMTP_PORT,
     IPAddress,
@@ -87,8 +87,13 @@ class DkimKey:
 
 @dataclass(frozen=True)
 class Webhook:
+    """Where a sender's delivery events go. The secret itself is never kept here: the
+    runtime reads it (relay/delivery/webhooks.py), so that it is never in a Config's repr."""
+
     url: str
     secret_file: Path
+    # `FILE: KEY` of secret_file, for the runtime's problem line when the file went away.
+    where: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -176,10 +181,6 @@ class _PolicyContext:
             return False
         self.seen[(kind, value)] = f"{t.report.file}: {t.path}"
         return True
-
-    def file(self, t: _Table, name: str, path: Path | None) -> None:
-        if self.check_files:
-            _check_file(t, name, path)
 
 
 def _on_reply(t: _Table) -> OnReply | None:
@@ -320,8 +321,24 @@ def _webhook(t: _Table, ctx: _PolicyContext) -> Webhook | None:
     url = t.required("url", _url)
     secret_file = t.required("secret_file", _required_path(ctx.base))
     t.finish()
-    ctx.file(t, "secret_file", secret_file)
-    return Webhook(url, secret_file) if url is not None and secret_file is not None else None
+    if secret_file is None:
+        return None
+    # Checked on every load, serve included: events are real, unsigned ones must never go out.
+    problem = secret_file_problem(secret_file)
+    if problem is not None:
+        t.report.add(t.key("secret_file"), problem)
+        return None
+    where = f"{t.report.file}: {t.key('secret_file')}"
+    return Webhook(url, secret_file, where) if url is not None else None
+
+
+def secret_file_problem(path: Path) -> str | None:
+    """What is wrong with a webhook secret file (missing, unreadable, empty), or None."""
+    try:
+        secret = read_bytes(path)
+    except ValueError as exc:
+        return str(exc)
+    return f"file is empty: {path}" if not secret.strip() else None
 
 
 def _sender(t: _Table, ctx: _PolicyContext) -> SenderPolicy | None:

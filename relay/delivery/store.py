@@ -20,11 +20,12 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from relay import log
 from relay.addresses import address_problem
 from relay.delivery.dsn import FailedRecipient, build_dsn, original_headers
+from relay.queue import outbox
 from relay.queue.envelope import BOUNCED, EXPIRED, Envelope, new_queue_id
 from relay.queue.index import DueRecipient, Index, Outcome
 from relay.queue.notices import Committed
@@ -40,6 +41,9 @@ from relay.queue.segments import (
 )
 from relay.queue.space import Reserve, is_disk_full
 from relay.queue.worker import WorkerThread
+
+if TYPE_CHECKING:
+    from relay.delivery.webhooks import Webhooks
 
 T = TypeVar("T")
 DSN_WRITER = 90          # the writer number in the names of the DSN segments
@@ -105,6 +109,10 @@ class DeliveryStore:
         self._progress = asyncio.Event()
         self.on_recorded: Callable[[list[Result], int], None] | None = None
         self.on_removed: Callable[[list[str]], None] | None = None
+        # `[[sender]] webhook`s in force (set by serve, again on reload); None: no outbox rows.
+        self.webhooks: Webhooks | None = None
+        self.on_outbox: Callable[[], None] | None = None  # new outbox rows were committed
+        self._outbox_added = False  # set on the index thread, read after its call returns
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await self._thread.call(fn, *args)
@@ -214,6 +222,10 @@ class DeliveryStore:
                     fut.set_result(None)
             if removed:
                 self._removed(removed)
+            if self._outbox_added:
+                self._outbox_added = False
+                if self.on_outbox is not None:
+                    self.on_outbox()
             if self.on_recorded is not None and (batch.results or dsns):
                 try:
                     self.on_recorded(batch.results, dsns)
@@ -317,9 +329,13 @@ class DeliveryStore:
         # which then has one record more, never one less.
         if batch.results and self._records is not None:
             self._records.add(self._records_of(batch.results))
+        webhooks = self.webhooks
         with index._transaction():
             index.add_in_transaction(batch.claimed, self.max_lifetime, claimed=True)
             index.add_in_transaction(batch.queued + dsns, self.max_lifetime)
+            if webhooks is not None and batch.results:
+                # Before the attempts go in: a deferral is an event only the first time.
+                self._add_events(batch.results, webhooks)
             _, removable = index.record_in_transaction([r.outcome for r in batch.results])
             if batch.postponed:
                 index.postpone_in_transaction(batch.postponed)
@@ -329,6 +345,17 @@ class DeliveryStore:
         removable += self._retry_removal
         self._retry_removal = []
         return len(dsns), self._remove_segments(sorted(set(removable)))
+
+    def _add_events(self, results: list[Result], webhooks: Webhooks) -> None:
+        """Webhook events for these outcomes, in their transaction (relay.queue.outbox)."""
+        from relay.delivery.webhooks import events_for
+
+        assert self._index is not None
+        message_ids = self._index.message_ids({r.outcome.msg for r in results})
+        events = events_for(results, webhooks, self._index.conn, message_ids)
+        if events:
+            outbox.add_in_transaction(self._index.conn, events)
+            self._outbox_added = True
 
     def _remove_segments(self, names: list[str]) -> list[str]:
         """Remove segments whose messages are all final, once the commit that says so is on

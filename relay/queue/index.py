@@ -103,6 +103,17 @@ CREATE TABLE IF NOT EXISTS attempts (
     source TEXT  -- the outbound address it left from; NULL: the kernel's choice (or none tried)
 );
 CREATE INDEX IF NOT EXISTS attempts_msg ON attempts(msg, idx);
+-- Delivery events waiting for their webhook (relay/queue/outbox.py): written in the transaction
+-- of the outcome that caused them, deleted once the receiver answered 2xx.
+CREATE TABLE IF NOT EXISTS outbox (
+    id TEXT PRIMARY KEY,
+    policy TEXT NOT NULL,       -- the [[sender]] domain whose webhook receives it
+    body BLOB NOT NULL,         -- exactly the bytes POSTed and signed
+    created REAL NOT NULL,
+    next_attempt REAL NOT NULL,
+    tries INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(next_attempt);
 """
 
 
