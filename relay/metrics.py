@@ -193,10 +193,35 @@ def set_redis_up(up: bool) -> None:
     _redis_up.set(1 if up else 0)
 
 
-def set_certificates(expiries: Iterable[tuple[str, str, float]]) -> None:
-    """`certificate_expiry_timestamp_seconds{kind,name}` from (kind, name, not_after)."""
-    for kind, name, not_after in expiries:
+def set_certificates(config: Config) -> None:
+    """`certificate_expiry_timestamp_seconds{kind,name}` of the config's certificates: kind
+    `tls` for `[server] tls_cert` (name: its subject CN, else the file name), kind `smime`
+    for each `[[recipient]]` certificate (name: the policy's `match`). Reads the files: call
+    it before the loop runs or in a thread. At start and after each reload; a certificate
+    removed by a reload keeps its last series until the next start."""
+    for kind, name, not_after in _certificates(config):
         CERTIFICATE_EXPIRY.labels(kind, name).set(not_after)
+
+
+def _certificates(config: Config) -> Iterator[tuple[str, str, float]]:
+    from cryptography.x509.oid import NameOID
+
+    from relay.config.certs import read_certificate
+
+    wanted: list[tuple[str, str | None, Path]] = []
+    if config.server.tls_cert:
+        wanted.append(("tls", None, Path(config.server.tls_cert)))
+    wanted.extend(("smime", r.match, r.smime_certificate) for r in config.recipients
+                  if r.smime_certificate is not None)
+    for kind, name, path in wanted:
+        try:  # checked when the config was loaded: one gone since is skipped, not fatal
+            cert = read_certificate(path)
+        except (OSError, ValueError):
+            continue
+        if name is None:
+            cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            name = str(cns[0].value) if cns else path.name
+        yield kind, name, cert.not_valid_after_utc.timestamp()
 
 
 # --- the scrape -----------------------------------------------------------------------------
