@@ -104,13 +104,13 @@ class RelaySMTP(AiosmtpdSession):
         self.ctx.sessions.add(self)
         if self.listener:
             self._open = True
-            metrics.SMTP_CONNECTIONS.labels(self.listener).inc()
+            metrics.child(metrics.SMTP_CONNECTIONS, self.listener).inc()
 
     def connection_lost(self, error: Exception | None) -> None:
         self.ctx.sessions.discard(self)
         if self._open:
             self._open = False
-            metrics.SMTP_CONNECTIONS.labels(self.listener).dec()
+            metrics.child(metrics.SMTP_CONNECTIONS, self.listener).dec()
         if self._counted and self.ctx.anvil is not None:
             self._counted = False
             self.ctx.anvil.disconnect(self.client, trusted=self.ctx.is_trusted(self.client))
@@ -155,7 +155,7 @@ class RelaySMTP(AiosmtpdSession):
             self.errors += 1
         why = rejections.reason(status)
         if why is not None:
-            metrics.REJECTED.labels(why).inc()
+            metrics.child(metrics.REJECTED, why).inc()
 
     async def _close_with(self, reply: str) -> None:
         await self.push(reply)
