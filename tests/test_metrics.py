@@ -10,6 +10,8 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
+from certs import make_certs
+from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 from relayproc import RelayProcess
 from sink import Sink
@@ -77,8 +79,10 @@ def delivered_run(tmp_path: Path) -> tuple[str, RelayProcess]:
     with Sink(rcpt_reply=refuse) as sink:
         policies = POLICIES.format(sink=sink.address)
         routes = {"example.net": [sink.address]}
-        relay = RelayProcess(tmp_path, routes=routes, policies=policies,
-                             server={"trusted_networks": ["127.0.0.1/32"]},
+        certs = make_certs(tmp_path / "tls", names=("relay.test",))
+        server = {"trusted_networks": ["127.0.0.1/32"], "tls_cert": str(certs.cert),
+                  "tls_key": str(certs.key)}
+        relay = RelayProcess(tmp_path, routes=routes, policies=policies, server=server,
                              queue={"retry_schedule": ["1h"]})
         with relay:
             with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
@@ -137,6 +141,9 @@ def test_a_relay_counts_what_it_accepted_and_delivered(
     assert value(found, "smtp_connections", listener=f"127.0.0.1:{relay.port}") == 0
     assert value(found, "spool_free_bytes") > 0
     assert not [s for s in found["invoice_relay_redis_up"]]  # no [cluster] redis: no series
+    cert = x509.load_pem_x509_certificate((relay.dir / "tls" / "server.pem").read_bytes())
+    assert value(found, "certificate_expiry_timestamp_seconds", kind="tls", name="relay.test") \
+        == cert.not_valid_after_utc.timestamp()
 
 
 def test_domain_label_is_the_policy_domain_or_other() -> None:
