@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvloop
 
-from relay import log, notify
+from relay import log, metrics, notify
 from relay.config import load_or_exit, unbindable_sources
 from relay.exitcodes import EXIT_CONFIG
 from relay.notify import Heartbeats
@@ -122,6 +122,10 @@ def serve(cli_config: str | None) -> int:
     log.event("recovered", seconds=round(time.monotonic() - started, 3), **vars(report))
     # Before intake takes any mail: the room delivery needs to record outcomes on a full disk.
     reserve = Reserve(root)
+    # Before the fork: every process then writes its samples under <queue>/metrics.
+    metrics.setup(root)
+    metrics.declare(config)
+    metrics.set_certificates(config)
     if not reserve.ensure():
         log.event("reserve_missing", level=30, path=root,
                   note="not enough free space for the emergency reserve")
@@ -414,8 +418,13 @@ async def _intake_main(live: Live, slot: int, notice_fd: int,
     intake = Intake(ctx, config.server.listen, config.server.listen_tls)
     await intake.start(listeners)
     # What a reload changes: the settings of the next session (open ones keep theirs).
-    reloader.start(lambda rt: intake.apply(dataclasses.replace(
-        intake.ctx, _trust_cache={}, **intake_settings(rt))))
+    async def apply(rt: Runtime) -> None:
+        await intake.apply(dataclasses.replace(intake.ctx, _trust_cache={},
+                                               **intake_settings(rt)))
+        if children:  # the main process speaks for all: the certificates' expiry
+            await asyncio.to_thread(metrics.set_certificates, rt.config)
+
+    reloader.start(apply)
     log.event("listening", addresses=" ".join(f"{h}:{p}" for h, p in intake.bound()),
               hostname=config.server.hostname, pid=os.getpid())
     loop = asyncio.get_running_loop()

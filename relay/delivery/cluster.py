@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from relay import log
+from relay import log, metrics
 from relay.delivery.throttle import Clock, TokenBucket
 
 if TYPE_CHECKING:
@@ -233,6 +233,7 @@ class Cluster:
         except ClusterDown:
             return
         self.nodes = max(1, int(count))
+        metrics.set_redis_up(True)  # each heartbeat: cheap, and right after any restart
         if not self.up:
             self.up = True
             if self._degraded_logged:
@@ -258,6 +259,7 @@ class Cluster:
 
     def _degrade(self, exc: BaseException) -> None:
         self.up = False
+        metrics.set_redis_up(False)
         if not self._degraded_logged:
             self._degraded_logged = True
             log.event("cluster_degraded", level=logging.WARNING, node=self.node_id,

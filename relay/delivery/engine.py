@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from relay import log
+from relay import log, metrics
 from relay.addresses import address_problem, domain_of
 from relay.config import Config, IPAddress, SourceAddress
 from relay.config.policies import OnReply
@@ -151,6 +151,8 @@ class DeliveryEngine:
         self.health = HealthBook.from_config(config)
         self._troubled: set[str] = set()         # destinations the book has state for
         self._down: set[tuple[str, str]] = set()  # paths logged path_down, not yet path_up
+        # Recipient domain -> its `domain` metric label (relay.metrics.domain_label).
+        self._domain_labels: dict[str, str] = {}
         self._pruned_at = clock()
         # SPF-aware egress and IP warm-up (relay/delivery/egress.py). The counters outlive a
         # reload (relay/serve.py hands in ones kept under the queue folder); without them
@@ -173,6 +175,7 @@ class DeliveryEngine:
         if config.delivery.source_addresses != self.config.delivery.source_addresses:
             self.sources = SourcePicker(config.delivery.source_addresses, self.clock)
         self.config = config
+        self._domain_labels = {}  # the policies may have changed
         self.attempter.config = config
         self.store.hostname = config.server.hostname
         self.store.max_lifetime = config.queue.max_lifetime
@@ -782,6 +785,7 @@ class DeliveryEngine:
             return
         key = (dest.key, path.health_key)
         self._down.add(key)
+        self._mark_suspended(key[1], key[0])
         until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._wall(health.until(now),
                                                                             now)))
         if found.kind is ReplyKind.SUSPEND:
@@ -798,6 +802,7 @@ class DeliveryEngine:
         key = (dest.key, path.health_key)
         if key in self._down:
             self._down.discard(key)
+            self._mark_suspended(key[1], key[0])
             log.event("path_up", destination=dest.key, source=key[1] or None)
 
     def _breaker_failed(self, dest: Destination) -> None:
@@ -836,7 +841,10 @@ class DeliveryEngine:
         self._pruned_at = now
         self.health.prune(now)
         self._troubled = self.health.destinations()
-        self._down = {k for k in self._down if k[0] in self._troubled}
+        forgotten = {k for k in self._down if k[0] not in self._troubled}
+        self._down -= forgotten
+        for destination, source in forgotten:
+            self._mark_suspended(source, destination)
         for dest in self.destinations.values():
             dest.troubled = dest.key in self._troubled
 
@@ -995,6 +1003,9 @@ class DeliveryEngine:
         seed = random.random()
         source = self._settle(job, verdicts)
         results = []
+        # The labels once per job: its recipients share a domain and a source.
+        domain = self._domain_label(verdicts[0].due.domain) if verdicts else metrics.OTHER
+        source_label = metrics.source_label(source)
         for v in verdicts:
             due = v.due
             if v.kind == Kind.RELEASED:
@@ -1024,10 +1035,33 @@ class DeliveryEngine:
                               source=v.source or source, dkim=v.signed_by,
                               invoice_id=job.invoice_id, remote=v.remote)
             results.append(Result(due, outcome, status))
+            metrics.child(metrics.DELIVERIES, state, domain).inc()
+            metrics.child(metrics.SOURCE_DELIVERIES, source_label, state).inc()
+            if state == DELIVERED:
+                metrics.DELIVERY_LATENCY.observe(max(0.0, now - due.received))
         # Not awaited: the connection goes on with its next job while the outcome is recorded
         # in the next batch. The recipients stay in flight (claimed) until it is.
         if results:
             self.store.submit(results)
+
+    def _domain_label(self, domain: str) -> str:
+        """The `domain` label of a recipient domain: its destination policy's `domain`, or
+        `other`. Looked up once per domain (until a reload)."""
+        label = self._domain_labels.get(domain)
+        if label is None:
+            if len(self._domain_labels) >= 100_000:  # many unlisted domains: start over
+                self._domain_labels.clear()
+            policy = self.config.destination_for(domain)
+            label = metrics.domain_label(policy.domain if policy is not None else None)
+            self._domain_labels[domain] = label
+        return label
+
+    def _mark_suspended(self, source: str, destination: str) -> None:
+        """`source_suspended{source,domain}` after a path went down or came back: 1 while
+        any path from `source` to a domain of that label is down."""
+        label = self._domain_label(destination)
+        down = any(s == source and self._domain_label(d) == label for d, s in self._down)
+        metrics.SOURCE_SUSPENDED.labels(metrics.source_label(source), label).set(1 if down else 0)
 
     def _recorded(self, results: list[Result], dsns: int) -> None:
         for r in results:

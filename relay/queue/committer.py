@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay import metrics
 from relay.queue.envelope import Envelope
 from relay.queue.segments import SEGMENT_SIZE, Location, SegmentWriter, SingleWriter
 from relay.queue.worker import WorkerThread
@@ -124,6 +125,7 @@ class Committer:
                 self.stats.batches += 1
                 self.stats.messages += len(batch)
                 self.stats.batch_sizes.append(len(batch))
+                metrics.COMMIT_BATCH.observe(len(batch))
                 for pending, location in zip(batch, locations, strict=True):
                     if not pending.future.done():
                         pending.future.set_result(location)
@@ -182,6 +184,7 @@ class Committer:
         except Exception as exc:
             await asyncio.to_thread(single.discard)
             raise QueueWriteError(f"{type(exc).__name__}: {exc}") from exc
+        metrics.COMMIT_BATCH.observe(1)  # a commit of its own
         if self._on_committed is not None:
             self._on_committed([(single.envelope, location)])
         if self._on_sealed is not None:

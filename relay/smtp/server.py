@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from relay import metrics
 from relay.addresses import HostPort, in_networks
 from relay.queue.committer import Committer
 from relay.queue.space import FreeSpaceGuard
@@ -122,8 +123,11 @@ class Intake:
 
     async def _serve(self, sock: socket.socket, implicit_tls: bool) -> asyncio.base_events.Server:
         # The context is read per connection, so a reload applies to the next session.
+        host, port = sock.getsockname()[:2]
+        listener = metrics.listener_label(host, port)
+
         def session() -> RelaySMTP:
-            return RelaySMTP(self.ctx, implicit_tls=implicit_tls)
+            return RelaySMTP(self.ctx, implicit_tls=implicit_tls, listener=listener)
 
         return await asyncio.get_running_loop().create_server(
             session, sock=sock, ssl=self.ctx.tls_context if implicit_tls else None,

@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING, TypeVar
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session
 
-from relay import log
+from relay import log, metrics
 from relay.addresses import AddressProblem, address_problem
 from relay.queue.committer import QueueWriteError
 from relay.queue.dedupe import Busy as DedupeBusy
 from relay.queue.dedupe import dedupe_key
 from relay.queue.envelope import NORMAL, Envelope, new_queue_id
 from relay.queue.segments import SingleWriter
-from relay.smtp import replies
+from relay.smtp import rejections, replies
 from relay.smtp.auth import AuthBusy
 from relay.smtp.compat import AiosmtpdSession, TlsHandshakeFailed, command_names
 from relay.smtp.data import DataReader
@@ -69,7 +69,7 @@ class RelaySMTP(AiosmtpdSession):
     LOGIN_USER = b"Username:"
     LOGIN_PASSWORD = b"Password:"
 
-    def __init__(self, ctx: IntakeContext, *, implicit_tls: bool) -> None:
+    def __init__(self, ctx: IntakeContext, *, implicit_tls: bool, listener: str = "") -> None:
         super().__init__(
             _Hooks(),
             hostname=ctx.hostname,
@@ -90,6 +90,8 @@ class RelaySMTP(AiosmtpdSession):
         self.errors = 0
         self._command = ""
         self._counted = False  # admitted by the anvil: uncount at the end
+        self.listener = listener  # "host:port" of the listener, the smtp_connections label
+        self._open = False        # counted in smtp_connections: uncount at the end
 
     @property
     def client(self) -> str:
@@ -100,9 +102,15 @@ class RelaySMTP(AiosmtpdSession):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.ctx.sessions.add(self)
+        if self.listener:
+            self._open = True
+            metrics.child(metrics.SMTP_CONNECTIONS, self.listener).inc()
 
     def connection_lost(self, error: Exception | None) -> None:
         self.ctx.sessions.discard(self)
+        if self._open:
+            self._open = False
+            metrics.child(metrics.SMTP_CONNECTIONS, self.listener).dec()
         if self._counted and self.ctx.anvil is not None:
             self._counted = False
             self.ctx.anvil.disconnect(self.client, trusted=self.ctx.is_trusted(self.client))
@@ -133,14 +141,21 @@ class RelaySMTP(AiosmtpdSession):
             # Only the EHLO/HELO greeting lines go without a code (RFC 2034).
             if not (self._command in ("EHLO", "HELO") and status.startswith("250")):
                 status = replies.with_enhanced_code(status)
-            if replies.counts_as_error(status):
-                self.errors += 1
+            if status[:1] in ("4", "5"):  # a refusal: counted (a 250 pays nothing here)
+                self._refused(status)
             status = status.encode()
         self.write(status + b"\r\n")
         # One write per reply; waiting for the socket only when it does not keep up.
         if self.transport is not None and \
                 self.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
             await self.drain()
+
+    def _refused(self, status: str) -> None:
+        if replies.counts_as_error(status):
+            self.errors += 1
+        why = rejections.reason(status)
+        if why is not None:
+            metrics.child(metrics.REJECTED, why).inc()
 
     async def _close_with(self, reply: str) -> None:
         await self.push(reply)
@@ -477,6 +492,7 @@ class RelaySMTP(AiosmtpdSession):
         else:
             # The client address comes first: fail2ban's filter anchors on it (README).
             log.event("auth_failed", client=self.client, user=user, mechanism=mechanism)
+            metrics.AUTH_FAILURES.inc()
             await self.push(replies.AUTH_FAILED)
 
     def _auth_refusal(self, arg: str | None) -> str | None:
@@ -512,6 +528,7 @@ class RelaySMTP(AiosmtpdSession):
             # Acting as someone else is not offered: say no without checking the password.
             log.event("auth_failed", client=self.client, user=user, mechanism="PLAIN",
                       reason="authorization identity differs")
+            metrics.AUTH_FAILURES.inc()
             await self.push(replies.AUTH_FAILED)
             return None
         return user, password
@@ -708,6 +725,7 @@ class RelaySMTP(AiosmtpdSession):
             return replies.INTERNAL_ERROR
         if self.ctx.anvil is not None:
             self.ctx.anvil.add_queued(1)
+        metrics.ACCEPTED.inc()  # committed and about to get its 250 (a duplicate never is)
         log.event("received", id=envelope.id, client=self.client, sender=envelope.sender,
                   nrcpt=len(envelope.recipients), size=size, message_id=envelope.message_id,
                   auth=envelope.auth,
