@@ -352,15 +352,16 @@ def render_found(key: str, found: list[dict[str, Any]]) -> str:
             f" &lt;{esc(msg['sender'] or '?')}&gt; · Message-ID"
             f" <code>{esc(msg['message_id'] or '-')}</code> · invoice id"
             f" <code>{esc(msg['invoice_id'] or '-')}</code></p>")
-        for rcpt in msg["recipients"]:
+        for n, rcpt in enumerate(msg["recipients"]):
             parts.append(f"<p>&lt;{esc(rcpt['recipient'])}&gt;: <strong>{esc(rcpt['state'])}"
                          "</strong></p>")
-            parts.append(_attempts(rcpt["attempts"]) if rcpt["attempts"] else
+            table_id = f"attempts-{esc(msg['queue_id'])}-{n}"
+            parts.append(_attempts(rcpt["attempts"], table_id) if rcpt["attempts"] else
                          '<p class="muted">No attempt yet.</p>')
     return "".join(parts)
 
 
-def _attempts(attempts: list[dict[str, Any]]) -> str:
+def _attempts(attempts: list[dict[str, Any]], table_id: str) -> str:
     rows = []
     for a in attempts:
         remote = f"{a['host'] or '-'} [{a['address'] or '-'}]" if a["attempted"] \
@@ -369,9 +370,10 @@ def _attempts(attempts: list[dict[str, Any]]) -> str:
             a["tls"], a["tls_cipher"],
             None if a["tls_verified"] is None else
             ("verified" if a["tls_verified"] else "not verified")]))
-        rows.append([esc(a["time"]), esc(a["state"]), esc(a["source"] or "-"), esc(remote),
-                     esc(a["reply"] or "-"), esc(tls), esc(" ".join(a["dkim"]) or "-"),
+        # The reply beside the state: it is the proof, and a phone shows the first columns.
+        rows.append([esc(a["time"]), esc(a["state"]), esc(a["reply"] or "-"), esc(remote),
+                     esc(a["source"] or "-"), esc(tls), esc(" ".join(a["dkim"]) or "-"),
                      f"<code>{esc(a['sha256'] or '-')}</code>"])
-    return _table(["time", "state", "source", "remote host [address]", "reply", "TLS",
-                   "DKIM", "SHA-256 of the bytes sent"], rows, "attempts",
-                  ["", "", "", "", "reply", "", "", ""])
+    return _table(["time", "state", "remote reply", "remote host [address]", "source", "TLS",
+                   "DKIM", "SHA-256 of the bytes sent"], rows, table_id,
+                  ["", "", "reply", "", "", "", "", ""])
