@@ -158,8 +158,8 @@ def test_page_paths_want_basic_with_the_token_as_password(delivered: tuple[Relay
         refused = get(port, "/", auth)
         assert refused.status == 401
         assert refused.headers["WWW-Authenticate"] == 'Basic realm="invoice-relay"'
-    # Past the check (the page itself is not served by this release: 404).
-    assert get(port, "/", basic("anyone", TOKEN)).status == 404
+    # Past the check: the status page (tests/test_page.py).
+    assert get(port, "/", basic("anyone", TOKEN)).status == 200
 
 
 def test_healthz_503_while_delivery_is_stopped(delivered: tuple[RelayProcess, str]) -> None:

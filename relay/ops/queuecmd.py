@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from relay.config import Config, load_or_report
 from relay.exitcodes import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE
@@ -114,9 +115,10 @@ def _filters(state: str | None, domain: str | None) -> tuple[str, list[object]]:
     return " AND ".join(where), params
 
 
-def _summary(conn: sqlite3.Connection, as_json: bool) -> int:
-    """Counts of recipients not final yet, by state and by domain (most first), and the age of
-    the oldest message that has one (Postfix's qshape, without the age buckets)."""
+def summary(conn: sqlite3.Connection) -> dict[str, Any]:
+    """Counts of recipients not final yet, by state and by domain (most first, as a list of
+    (domain, {state: n})), and the age of the oldest message that has one: what `queue
+    summary` prints and the status page shows. Blocking: call it off the loop."""
     by_state = dict(conn.execute(
         f"SELECT state, COUNT(*) FROM recipients WHERE state NOT IN {FINAL_SQL}"
         " GROUP BY state").fetchall())
@@ -127,8 +129,16 @@ def _summary(conn: sqlite3.Connection, as_json: bool) -> int:
         by_domain.setdefault(domain, {})[st] = n
     oldest = conn.execute("SELECT MIN(received) FROM messages WHERE done IS NULL").fetchone()[0]
     age = max(0, int(time.time() - oldest)) if oldest is not None else None
-    total = sum(by_state.values())
     ranked = sorted(by_domain.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))
+    return {"total": sum(by_state.values()), "by_state": by_state, "oldest_age_seconds": age,
+            "by_domain": ranked}
+
+
+def _summary(conn: sqlite3.Connection, as_json: bool) -> int:
+    """Postfix's qshape, without the age buckets."""
+    found = summary(conn)
+    total, by_state, age, ranked = (found["total"], found["by_state"],
+                                    found["oldest_age_seconds"], found["by_domain"])
     if as_json:
         print(json.dumps({"total": total, "by_state": by_state, "oldest_age_seconds": age,
                           "by_domain": {d: {"total": sum(c.values()), **c} for d, c in ranked}},
@@ -138,7 +148,7 @@ def _summary(conn: sqlite3.Connection, as_json: bool) -> int:
         print("queue is empty")
         return EXIT_OK
     states = [s for s in SUMMARY_STATES if s in by_state]
-    print(f"{total} recipients queued; oldest message {_age(age)} old")
+    print(f"{total} recipients queued; oldest message {age_text(age)} old")
     print(f"{'DOMAIN':32} {'TOTAL':>8}" + "".join(f" {s.upper():>9}" for s in states))
     for domain, counts in [("TOTAL", by_state), *ranked]:
         print(f"{domain:32} {sum(counts.values()):>8}"
@@ -146,7 +156,7 @@ def _summary(conn: sqlite3.Connection, as_json: bool) -> int:
     return EXIT_OK
 
 
-def _age(seconds: int | None) -> str:
+def age_text(seconds: int | None) -> str:
     """`3d4h`, `2h5m`, `7m`, `42s`."""
     if seconds is None:
         return "-"

@@ -250,6 +250,41 @@ def between(conn: sqlite3.Connection, start: float, end: float
         yield _as_dict(row)
 
 
+OUTCOMES = ("delivered", "deferred", "bounced")  # what the status page charts
+# Our address without the port: "192.0.2.1:40312" -> "192.0.2.1", "[2001:db8::1]:40312" ->
+# "[2001:db8::1]" (the inner rtrim stops at the port's colon, the outer removes it).
+_SOURCE_ADDRESS = "rtrim(rtrim(a.source, '0123456789'), ':')"
+
+
+def outcomes_since(conn: sqlite3.Connection, start: float, bucket: float
+                   ) -> list[tuple[int, str, str, int]]:
+    """(bucket number from `start`, recipient domain, state, count) of the delivered,
+    deferred and bounced records since `start`: the status page's last hour. Aggregated in
+    SQLite over the time index, so a busy hour costs one range scan, not a row per record."""
+    marks = ",".join("?" * len(OUTCOMES))
+    return conn.execute(
+        "SELECT CAST((a.time - ?) / ? AS INTEGER),"
+        " lower(substr(a.recipient, instr(a.recipient, '@') + 1)), a.state, COUNT(*)"
+        f" FROM attempts a WHERE a.time >= ? AND a.state IN ({marks}) GROUP BY 1, 2, 3",
+        (start, bucket, start, *OUTCOMES)).fetchall()
+
+
+def sources_since(conn: sqlite3.Connection, start: float
+                  ) -> list[tuple[str, dict[str, int], str, float]]:
+    """Per source address (without its port) that made attempts since `start`: its counts by
+    state, the state after its latest attempt and that attempt's time."""
+    counts: dict[str, dict[str, int]] = {}
+    for address, state, n in conn.execute(
+            f"SELECT {_SOURCE_ADDRESS}, a.state, COUNT(*) FROM attempts a"
+            " WHERE a.time >= ? AND a.source IS NOT NULL GROUP BY 1, 2", (start,)):
+        counts.setdefault(address, {})[state] = n
+    # SQLite's bare columns beside MAX(): the state of the row with the latest time.
+    latest = conn.execute(
+        f"SELECT {_SOURCE_ADDRESS}, a.state, MAX(a.time) FROM attempts a"
+        " WHERE a.time >= ? AND a.source IS NOT NULL GROUP BY 1", (start,)).fetchall()
+    return [(address, counts.get(address, {}), state, when) for address, state, when in latest]
+
+
 def _as_dict(row: tuple) -> dict[str, object]:
     record = dict(zip(FIELDS, row, strict=True))
     record["attempted"] = bool(record["attempted"])

@@ -30,7 +30,7 @@ async def message(request: web.Request) -> web.Response:
     key = request.match_info["key"]
     root = request.app[ROOT_KEY]
     try:
-        found = await asyncio.to_thread(_lookup, root, key)
+        found = await asyncio.to_thread(find_messages, root, key)
     except sqlite3.Error as exc:
         return error(503, f"cannot read the delivery records: {exc}")
     if not found:
@@ -38,7 +38,7 @@ async def message(request: web.Request) -> web.Response:
     return web.json_response({"key": key, "messages": found})
 
 
-def _lookup(root: Path, key: str) -> list[dict[str, Any]]:
+def find_messages(root: Path, key: str) -> list[dict[str, Any]]:
     try:
         conn: sqlite3.Connection | None = records.open_readonly(root / RECORDS_FILE)
     except FileNotFoundError:  # nothing attempted yet: the index may still know the key

@@ -21,7 +21,8 @@ from pathlib import Path
 from aiohttp import web
 
 from relay import log, metrics
-from relay.ops.http import api, health
+from relay.config import Config
+from relay.ops.http import api, health, page
 from relay.reload import Reloader
 from relay.runtime import Live
 
@@ -32,8 +33,8 @@ BASIC_CHALLENGE = 'Basic realm="invoice-relay"'
 SHUTDOWN_TIMEOUT = 2.0  # open requests are short reads: a stop does not wait for long
 
 
-def make_app(root: Path, token: Callable[[], str],
-             sources: health.HealthSources | None) -> web.Application:
+def make_app(root: Path, token: Callable[[], str], sources: health.HealthSources | None,
+             config: Callable[[], Config] | None = None) -> web.Application:
     app = web.Application(middlewares=[_json_errors, _auth])
     app[TOKEN_KEY] = token
     app[api.ROOT_KEY] = Path(root)
@@ -43,6 +44,7 @@ def make_app(root: Path, token: Callable[[], str],
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/api/messages/{key}", api.message)
     app.router.add_get("/api/queue", api.queue)
+    page.register(app, config)  # `/`: the status page (HTTP Basic when a token is set)
     return app
 
 
@@ -124,7 +126,8 @@ async def http_main(live: Live, sock: socket.socket, sources: health.HealthSourc
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     # The token is looked up per request: a reload (the Live swap) changes it.
     reloader.start(lambda _rt: None)
-    app = make_app(live.config.queue.path, lambda: live.config.http.token, sources)
+    app = make_app(live.config.queue.path, lambda: live.config.http.token, sources,
+                   lambda: live.config)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()
     await web.SockSite(runner, sock).start()
