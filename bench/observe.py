@@ -6,7 +6,8 @@ Two relay instances run side by side, each delivering to its own smtp-sink on 12
 
 - `plain`: the bench relay as bench/run starts it;
 - `observed`: the same, plus a `[[sender]]` policy for bench.test with a `webhook` pointing at
-  a receiver in this process (it answers 204 and counts the events it got), and a scraper
+  bench/webhook_sink.py (a process of its own that answers 204 and counts the events), and a
+  scraper
   that GETs `/metrics` once a second for the whole run.
 
 Rounds alternate plain, observed, plain, ... (smtp-source, one message per connection, 4 KiB,
@@ -23,10 +24,10 @@ Writes bench/out/observe-<timestamp>.json. Needs root and Postfix's smtp-source/
 from __future__ import annotations
 
 import argparse
-import http.server
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -34,40 +35,42 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench import BenchError, Relay, Sink, git_state, log, run_cli, run_round, write_results
+from bench import (
+    BenchError,
+    Relay,
+    Sink,
+    free_port,
+    git_state,
+    log,
+    run_cli,
+    run_round,
+    write_results,
+)
 
 SCRAPE_INTERVAL = 1.0
 
 
 class Receiver:
-    """A webhook endpoint on loopback: 204 to every POST, counting them."""
+    """bench/webhook_sink.py in a process of its own: 204 to every POST, counting them."""
 
     def __init__(self) -> None:
-        self.events = 0
-        self.lock = threading.Lock()
-        receiver = self
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve().parent / "webhook_sink.py"),
+             str(self.port)], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != b"ready":
+            raise BenchError("bench/webhook_sink.py did not start")
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                with receiver.lock:
-                    receiver.events += 1
-                self.send_response(204)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    @property
+    def events(self) -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/count", timeout=5) as answer:
+            return int(answer.read())
 
     def close(self) -> None:
-        self.server.shutdown()
+        self.proc.kill()
+        self.proc.wait(5)
 
 
 class Scraper:

@@ -72,15 +72,15 @@ class PostClient:
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self._tls = tls
         self._idle: dict[_Origin, list[_Connection]] = {}
+        self._targets: dict[str, tuple[_Origin, bytes]] = {}
 
     async def post(self, url: str, body: bytes, headers: dict[str, str],
                    timeout: float) -> Answer:
         """POST `body`; the answer's status. HttpError or TimeoutError when there is none."""
-        origin, path = _split(url)
-        head = [f"POST {path} HTTP/1.1", f"Host: {origin.host_header}",
-                f"User-Agent: {USER_AGENT}", f"Content-Length: {len(body)}"]
-        head += [f"{name}: {value}" for name, value in headers.items()]
-        request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+        origin, start = self._target(url)
+        head = [f"{name}: {value}\r\n" for name, value in headers.items()]
+        request = b"".join((start, b"Content-Length: %d\r\n" % len(body),
+                            "".join(head).encode("latin-1"), b"\r\n", body))
         async with asyncio.timeout(timeout):
             conn, reused = await self._connection(origin)
             try:
@@ -105,6 +105,18 @@ class PostClient:
         else:
             conn.close()
         return answer
+
+    def _target(self, url: str) -> tuple[_Origin, bytes]:
+        """The URL's origin and the request's first lines, worked out once per URL."""
+        known = self._targets.get(url)
+        if known is None:
+            origin, path = _split(url)
+            start = (f"POST {path} HTTP/1.1\r\nHost: {origin.host_header}\r\n"
+                     f"User-Agent: {USER_AGENT}\r\n").encode("latin-1")
+            if len(self._targets) > 1000:  # URLs come from the policies: a reload may change them
+                self._targets.clear()
+            known = self._targets[url] = (origin, start)
+        return known
 
     async def close(self) -> None:
         for conns in self._idle.values():
