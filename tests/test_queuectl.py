@@ -11,7 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from relay import metrics
 from relay.cli import main
 from tests.relayproc import RelayProcess
 from tests.sink import Sink
@@ -197,7 +199,21 @@ def test_retry_forgets_a_resting_path(tmp_path: Path, capsys) -> None:
                          delivery={"path_cooldown": "1h"}) as relay:
         send(relay.port, "rested")
         relay.wait_for_log("event=path_down")
+        assert suspended(relay) == 1.0  # the dashboard's "source suspended" panel sees it
         gate.open = True
         assert queue(relay, capsys, "retry", "--domain", "example.net")[0] == 0
         assert wait_until(lambda: len(mx.messages) == 1, timeout=5) < 1.5
         relay.wait_for_log("event=health_reset")
+        relay.wait_for_log('event=path_up .*note="queue retry"')
+        assert wait_until(lambda: suspended(relay) == 0.0, timeout=5) < 5
+
+
+def suspended(relay: RelayProcess) -> float | None:
+    """`source_suspended` of the kernel-chosen source towards example.net, as scraped."""
+    text = metrics.render(relay.queue_dir / metrics.DIRECTORY_NAME, relay.queue_dir)[0]
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            if sample.name == "invoice_relay_source_suspended" and \
+                    sample.labels == {"source": "default", "domain": "example.net"}:
+                return sample.value
+    return None

@@ -1102,9 +1102,17 @@ class DeliveryEngine:
     def forgive(self, domain: str | None) -> None:
         """`queue retry`: path cool-downs and open breakers (of `domain`, or all) are
         forgotten, so the retried recipients are attempted now, not deferred again."""
-        reset = self.health.forgive(domain, self.clock())
+        now = self.clock()
+        reset = self.health.forgive(domain, now)
         if reset:
             log.event("health_reset", domain=domain, reset=reset, note="queue retry")
+        # Forgiven paths are in rotation again: `source_suspended` says so at once.
+        back = {k for k in self._down if self.health.path(*k).available(now)}
+        self._down -= back
+        for destination, source in back:
+            self._mark_suspended(source, destination)
+            log.event("path_up", destination=destination, source=source or None,
+                      note="queue retry")
 
     def control(self, msgs: frozenset[str]) -> frozenset[tuple[str, int]]:
         """`queue hold|delete|bounce`: drop these messages' jobs that wait for a connection
