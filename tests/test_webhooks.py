@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -261,3 +262,28 @@ def test_missing_secret_file_is_a_config_error(tmp_path: Path) -> None:
                             check=False, cwd=tmp_path)
     assert served.returncode == EXIT_CONFIG
     assert where in served.stderr
+
+
+def test_a_reload_moves_events_to_a_new_url_and_secret(
+        relay_factory: RelayFactory, sink: Sink, receiver: Receiver, tmp_path: Path) -> None:
+    second = Receiver().start()
+    try:
+        with make_relay(relay_factory, tmp_path, sink, receiver.url) as relay:
+            send(relay, ["ap@example.net"], message(subject="before"))
+            receiver.wait_for(1)
+            (tmp_path / "hook2.key").write_bytes(b"rotated-secret\n")
+            policy = relay.dir / "policies" / "test.toml"
+            policy.write_text(policy.read_text().replace(receiver.url, second.url)
+                              .replace('"hook.key"', '"hook2.key"'))
+            relay.signal(signal.SIGHUP)
+            relay.wait_for_log(r"event=reloaded .*process=delivery")
+            send(relay, ["ap@example.net"], message(subject="after"))
+            second.wait_for(1)
+            time.sleep(0.3)
+        assert len(receiver.posts) == 1  # nothing more to the old URL
+        (headers, body), = second.posts
+        expected = "sha256=" + hmac.new(b"rotated-secret", body, hashlib.sha256).hexdigest()
+        assert headers["X-Invoice-Relay-Signature"] == expected  # signed with the new secret
+        assert SECRET.decode() not in relay.log
+    finally:
+        second.stop()
