@@ -154,7 +154,10 @@ def test_token_guards_api_and_metrics_but_not_healthz(delivered: tuple[RelayProc
 def test_page_paths_want_basic_with_the_token_as_password(delivered: tuple[RelayProcess, str]
                                                           ) -> None:
     port = delivered[0].http_port
-    for auth in (None, basic("anyone", "wrong"), bearer()):
+    # Malformed Basic headers too (not base64, not ASCII, no colon): a 401, never a 500.
+    malformed = ("Basic !!!", "Basic \xff\xfe", "Basic " + base64.b64encode(b"\xff:x").decode(),
+                 "Basic " + base64.b64encode(TOKEN.encode()).decode())
+    for auth in (None, basic("anyone", "wrong"), bearer(), *malformed):
         refused = get(port, "/", auth)
         assert refused.status == 401
         assert refused.headers["WWW-Authenticate"] == 'Basic realm="invoice-relay"'

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import hmac
 import os
 import signal
@@ -82,7 +81,7 @@ def _basic_password(header: str) -> str | None:
         return None
     try:
         decoded = base64.b64decode(value.strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # not base64 (binascii.Error), not ASCII, not UTF-8: no password
         return None
     _user, sep, password = decoded.partition(":")
     return password if sep else None
