@@ -287,3 +287,37 @@ def test_a_reload_moves_events_to_a_new_url_and_secret(
         assert SECRET.decode() not in relay.log
     finally:
         second.stop()
+
+
+async def test_stop_ends_the_worker_even_when_woken_at_the_stop() -> None:
+    """A wake that lands with the stop (Python 3.11's wait_for could swallow the cancel and
+    keep the loop going) and a send that hangs: stop() still returns promptly, every time."""
+    from relay.delivery.webhooks import STOP_WAIT, Target, Webhooks, WebhookWorker
+    from relay.queue.outbox import Event, Exchange
+
+    never = asyncio.Event()
+
+    class Store:
+        async def with_index(self, fn: Callable[..., Any], *args: object) -> Any:
+            await asyncio.sleep(0)
+            if fn.__name__ == "_release":
+                return 0
+            return Exchange(due=[Event("e1", "invoices.test", b"{}", time.time())], pending=1,
+                            next_due=None)
+
+    class Hooks(Webhooks):
+        def target(self, policy: str) -> Target | None:
+            return Target("http://127.0.0.1:9/never", b"k")
+
+    for _ in range(20):
+        worker = WebhookWorker(Store(), Hooks(None, {}))  # type: ignore[arg-type]
+
+        async def hang(*args: object) -> None:
+            await never.wait()
+        worker._client.post = hang  # type: ignore[method-assign]  # a receiver that hangs
+        worker.start()
+        await asyncio.sleep(0.01)
+        worker.wake()
+        async with asyncio.timeout(STOP_WAIT + 1):  # fails rather than hangs
+            await worker.stop()
+        assert worker._task is None

@@ -54,6 +54,7 @@ PER_URL = 8             # sends at once to one URL
 # longest wait for a slot: MAX_IN_FLIGHT / PER_URL * TIMEOUT). A restart frees them at once.
 LEASE = 300.0
 IDLE_WAKE = 30.0        # the worker looks at the outbox at least this often
+STOP_WAIT = 2.0         # seconds a stop waits for the worker and its sends to end
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ class WebhookWorker:
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._per_url: dict[str, asyncio.Semaphore] = {}
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._client = PostClient()
 
     def wake(self) -> None:
@@ -173,20 +175,26 @@ class WebhookWorker:
         settle is written once more (a 2xx not written would only be sent again)."""
         if self._task is None:
             return
+        # The flag as well as the cancel: Python 3.11's wait_for can swallow a cancellation
+        # that arrives as the event it waits for is set (a wake at the stop), and the loop
+        # would then run on while stop() waits for it.
+        self._stopping = True
+        self._wake.set()
         self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        # Bounded: a stop never waits on a receiver (unsent rows stay in the outbox).
+        await asyncio.wait({self._task}, timeout=STOP_WAIT)
         self._task = None
         for task in list(self._in_flight.values()):
             task.cancel()
-        await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight.values()), timeout=STOP_WAIT)
         await self._client.close()
         with contextlib.suppress(Exception):
             await self._exchange(limit=0)
 
     async def _run(self) -> None:
         await self.store.with_index(_release, time.time())
-        while True:
+        while not self._stopping:
             try:
                 wait = await self._turn()
             except asyncio.CancelledError:
@@ -194,8 +202,11 @@ class WebhookWorker:
             except Exception as exc:  # a busy index: the next turn tries again
                 log.event("webhook_error", level=40, error=f"{type(exc).__name__}: {exc}")
                 wait = 1.0
+            if self._stopping:
+                break
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
             self._wake.clear()
 
     async def _turn(self) -> float:
@@ -203,6 +214,8 @@ class WebhookWorker:
         room = MAX_IN_FLIGHT - len(self._in_flight)
         found = await self._exchange(room)
         metrics.WEBHOOK_PENDING.set(found.pending)
+        if self._stopping:
+            return 0.0
         for event in found.due:
             if event.id not in self._in_flight:  # a lease ran out while it waited for a slot
                 task = asyncio.get_running_loop().create_task(self._send(event))
