@@ -33,12 +33,13 @@ from prometheus_client import values as _values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from relay.queue.index import INDEX_FILE
+
 if TYPE_CHECKING:
     from relay.config import Config
 
 PREFIX = "invoice_relay"
 DIRECTORY_NAME = "metrics"
-INDEX_FILE = "index.sqlite"
 QUEUE_CACHE_SECONDS = 5.0   # a scrape reads the index at most this often (0.1 s at 1M rows)
 
 # Seconds to days: a delivery can wait through the whole retry schedule.

@@ -38,6 +38,7 @@ from relay.notify import Heartbeats
 from relay.queue.committer import Committer
 from relay.queue.dedupe import FILE_NAME as DEDUPE_FILE
 from relay.queue.dedupe import DedupeTable
+from relay.queue.index import INDEX_FILE
 from relay.queue.notices import Committed, NoticeWriter, read_pipes
 from relay.queue.recovery import recover
 from relay.queue.space import FreeSpaceGuard, Reserve, floor_bytes
@@ -97,7 +98,7 @@ def serve(cli_config: str | None) -> int:
         # Permissions get fixed and a lock held by a relay that is stopping goes away: exit 1,
         # which systemd restarts; only a path that can never work (a file, ...) is the config's.
         return 1 if exc.errno in _TRANSIENT else EXIT_CONFIG
-    db_path = root / "index.sqlite"
+    db_path = root / INDEX_FILE
     started = time.monotonic()
     try:
         report = recover(root, db_path, max_lifetime=config.queue.max_lifetime,
@@ -537,7 +538,7 @@ async def _delivery_main(live: Live, notice_fds: Sequence[int], ready_fd: int,
     _install_signals(stop, reloader)
     config = live.config
     root = config.queue.path
-    store = DeliveryStore(root, root / "index.sqlite", hostname=config.server.hostname,
+    store = DeliveryStore(root, root / INDEX_FILE, hostname=config.server.hostname,
                           max_lifetime=config.queue.max_lifetime,
                           segment_size=config.queue.segment_size)
     store.retention = config.queue.retention  # delivery records ([queue] retention)

@@ -22,6 +22,22 @@ from pathlib import Path
 from typing import Any
 
 
+def live_children(parent: int) -> dict[int, str]:
+    """pid -> process name (comm) of each live (non-zombie) child of `parent`, from /proc."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[1]) == parent and fields[0] != "Z":
+            found[int(entry)] = stat[stat.index("(") + 1:stat.rindex(")")]
+    return found
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

@@ -18,7 +18,7 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from relayproc import RelayProcess, free_port
+from relayproc import RelayProcess, free_port, live_children
 from sink import Sink
 
 from relay.config import ConfigError, load_config
@@ -63,16 +63,9 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def child_named(parent: int, name: str) -> int:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            comm = stat[stat.index("(") + 1:stat.rindex(")")]
-            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-            if ppid == parent and comm == name:
-                return int(entry)
+    for pid, comm in live_children(parent).items():
+        if comm == name:
+            return pid
     raise AssertionError(f"no child process {name} of {parent}")
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from relayproc import RelayProcess
+from relayproc import RelayProcess, live_children
 from sink import Sink
 
 from relay.serve import INTAKE_PROCESSES
@@ -73,17 +73,7 @@ CHILDREN = INTAKE_PROCESSES + 1
 
 
 def children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.append(int(entry))
-    return found
+    return list(live_children(pid))
 
 
 def alive(pid: int) -> bool:

@@ -29,7 +29,6 @@ import contextlib
 import datetime
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,6 +38,7 @@ from typing import Protocol
 
 from relay import log
 from relay.config import IPAddress, SourceAddress
+from relay.queue.segments import write_atomically
 
 DAY = 86400.0
 FLUSH_INTERVAL = 1.0          # seconds between writes of the counts file while counts change
@@ -332,7 +332,7 @@ class WarmupCounters:
         data = json.dumps({"day": snapshot.day.isoformat(), "counts": counts}).encode()
         with self._write_lock:
             if snapshot.generation > self._written:
-                _write_atomically(self.path, data)
+                write_atomically(self.path, data)
                 self._written = snapshot.generation
 
     async def flush(self) -> None:
@@ -346,15 +346,6 @@ class WarmupCounters:
             self._dirty = True
             log.event("warmup_counts_write_failed", level=logging.WARNING, file=str(self.path),
                       error=str(exc))
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # --- what the engine holds ----------------------------------------------------------------------

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import socket
 import time
@@ -37,6 +36,7 @@ from relay.addresses import HostPort
 from relay.delivery.nexthop import DnsFailure, ascii_domain, dns_resolver
 from relay.delivery.tls import verifying_context
 from relay.delivery.tlspolicy import OPPORTUNISTIC, TlsMode, TlsRequirement
+from relay.queue.segments import write_atomically
 
 if TYPE_CHECKING:
     from relay.config import Config
@@ -369,7 +369,7 @@ class MtaStsResolver:
                            "mx": list(policy.mx), "max_age": policy.max_age,
                            "fetched": policy.fetched}).encode()
         try:
-            await asyncio.to_thread(_write_atomic, self._cache_dir / f"{name}.json", data)
+            await asyncio.to_thread(write_atomically, self._cache_dir / f"{name}.json", data)
         except OSError as exc:  # the policy still applies from memory
             log.event("mta_sts_failed", level=30, domain=name,
                       reason=f"cache write: {exc.strerror or exc}")
@@ -443,22 +443,6 @@ def _due_refresh(policy: StsPolicy, now: float) -> bool:
 def _first_line(exc: object) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write, fsync, rename over the old file, fsync the folder: old or new survives a crash."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_cache_dir(folder: Path) -> tuple[dict[str, StsPolicy], list[str]]:

@@ -16,7 +16,7 @@ from typing import Any
 from relay.config import Config, load_or_report
 from relay.exitcodes import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE
 from relay.queue.envelope import ACTIVE, DEFERRED, FINAL_STATES, HOLD, QUEUED, UNKNOWN
-from relay.queue.index import FINAL_SQL
+from relay.queue.index import FINAL_SQL, INDEX_FILE
 from relay.queue.operator import VERBS
 from relay.queue.records import RECORDS_FILE, apply_recorded_finals
 from relay.queue.recovery import recover
@@ -32,7 +32,7 @@ def queue_command(cli_config: str | None, args: argparse.Namespace) -> int:
     root = config.queue.path
     if args.queue_verb == "rebuild":
         return _rebuild(config, force=getattr(args, "force", False))
-    db = root / "index.sqlite"
+    db = root / INDEX_FILE
     if not db.exists():
         hint = ("if mail was queued here, run `invoice-relay queue rebuild`"
                 if (root / "spool").is_dir() else "nothing was ever queued here?")
@@ -254,7 +254,7 @@ def _rebuild(config: Config, *, force: bool = False) -> int:
     if not (root / "spool").is_dir():
         print(f"{root}: no spool folder", file=sys.stderr)
         return EXIT_PROBLEM
-    db = root / "index.sqlite"
+    db = root / INDEX_FILE
     problem = _index_problem(db)
     if problem is None and not force:
         print(f"{db}: the queue index is healthy; `queue rebuild` is for a lost or damaged"
@@ -267,7 +267,7 @@ def _rebuild(config: Config, *, force: bool = False) -> int:
             print(f"{root}: the relay is running; stop it before `queue rebuild`",
                   file=sys.stderr)
             return EXIT_PROBLEM
-        db = root / "index.sqlite"
+        db = root / INDEX_FILE
         stamp = time.strftime("%Y%m%dT%H%M%S")
         for suffix in ("", "-wal", "-shm"):
             old = Path(f"{db}{suffix}")

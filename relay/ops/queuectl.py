@@ -18,6 +18,7 @@ from pathlib import Path
 
 from relay.config import Config
 from relay.exitcodes import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE
+from relay.queue.index import INDEX_FILE
 from relay.queue.operator import Change, Request, UnknownIds
 
 REPLY_TIMEOUT = 60.0  # a bounce of many messages writes their DSNs first
@@ -61,7 +62,7 @@ def _run_stopped(config: Config, req: Request) -> dict[str, object]:
 
     async def run() -> dict[str, object]:
         root = config.queue.path
-        store = DeliveryStore(root, root / "index.sqlite", hostname=config.server.hostname,
+        store = DeliveryStore(root, root / INDEX_FILE, hostname=config.server.hostname,
                               max_lifetime=config.queue.max_lifetime,
                               segment_size=config.queue.segment_size)
         await store.start()

@@ -21,6 +21,7 @@ from typing import Any
 from relay.config import load_or_report
 from relay.exitcodes import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE
 from relay.queue import records
+from relay.queue.index import INDEX_FILE
 from relay.queue.records import FIELDS, RECORDS_FILE
 
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -55,7 +56,7 @@ def status_command(cli_config: str | None, args: argparse.Namespace) -> int:
     try:
         if span is not None:
             return _export(conn, *span, args.format)
-        return _status(conn, root / "index.sqlite", args.key)
+        return _status(conn, root / INDEX_FILE, args.key)
     except sqlite3.DatabaseError as exc:
         print(f"{path}: cannot read the delivery records: {exc}", file=sys.stderr)
         return EXIT_PROBLEM

@@ -126,6 +126,7 @@ def sql_list(states: Sequence[State]) -> str:
 
 PENDING_SQL = sql_list(PENDING_STATES)   # ('queued', 'deferred', 'unknown')
 FINAL_SQL = sql_list(FINAL_STATES)
+INDEX_FILE = "index.sqlite"  # in the queue folder
 WAL_CHECKPOINT_PAGES = 64
 
 
@@ -295,17 +296,8 @@ class Index:
             (now, now, limit)).fetchall()
 
     def _envelopes(self, ids: Iterable[str]) -> dict[str, tuple]:
-        ids = list(ids)
-        found: dict[str, tuple] = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            for row in self.conn.execute(
-                    "SELECT id, sender, received, expires, body, smtputf8, segment, offset, size"
-                    " FROM messages"
-                    f" WHERE id IN ({marks})", chunk):
-                found[row[0]] = row[1:]
-        return found
+        return self._rows(
+            "sender, received, expires, body, smtputf8, segment, offset, size", ids)
 
     def message_ids(self, ids: Iterable[str]) -> dict[str, str]:
         """The Message-ID header of each of these messages that has one."""

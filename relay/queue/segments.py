@@ -89,6 +89,19 @@ def sync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data`: write a temporary file, fsync, rename over, fsync the
+    folder. A crash leaves the old file or the new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    sync_dir(path.parent)
+
+
 def make_spool_dir(spool_dir: Path) -> None:
     """Create the spool folder if needed, and make it and the queue folder findable after a
     power cut. A new folder's name is on disk only once the folder holding it is synced: `serve`

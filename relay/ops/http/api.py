@@ -14,6 +14,7 @@ from aiohttp import web
 from relay.ops import queuecmd, statuscmd
 from relay.queue import records
 from relay.queue.envelope import State
+from relay.queue.index import INDEX_FILE
 from relay.queue.records import RECORDS_FILE
 
 ROOT_KEY: web.AppKey[Path] = web.AppKey("queue_root", Path)
@@ -44,7 +45,7 @@ def find_messages(root: Path, key: str) -> list[dict[str, Any]]:
     except FileNotFoundError:  # nothing attempted yet: the index may still know the key
         conn = None
     try:
-        return [statuscmd.as_json(s) for s in statuscmd.lookup(conn, root / "index.sqlite", key)]
+        return [statuscmd.as_json(s) for s in statuscmd.lookup(conn, root / INDEX_FILE, key)]
     finally:
         if conn is not None:
             conn.close()
@@ -83,7 +84,7 @@ def _count(query: Any, name: str, default: int) -> int:
 
 def _rows(root: Path, state: str | None, domain: str | None, limit: int,
           offset: int) -> list[dict[str, object]]:
-    index = root / "index.sqlite"
+    index = root / INDEX_FILE
     if not index.exists():
         return []
     with contextlib.closing(sqlite3.connect(f"file:{index}?mode=ro", uri=True,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relay.notify import Heartbeats
+from relay.queue.index import INDEX_FILE
 from relay.queue.space import FreeSpaceGuard
 
 
@@ -30,7 +31,7 @@ class HealthSources:
 
     @property
     def index(self) -> Path:
-        return self.root / "index.sqlite"
+        return self.root / INDEX_FILE
 
 
 def problem(src: HealthSources) -> str | None:

@@ -29,6 +29,7 @@ from relay.config import Config
 from relay.ops import queuecmd
 from relay.ops.http import api
 from relay.queue import records
+from relay.queue.index import INDEX_FILE
 from relay.queue.records import OUTCOMES, RECORDS_FILE
 
 CONFIG_KEY: web.AppKey[Callable[[], Config]] = web.AppKey("config", Callable[[], Config])
@@ -80,7 +81,7 @@ def gather(root: Path, configured: tuple[str, ...]) -> Overview:
     start = (now // BUCKET) * BUCKET - (BUCKETS - 1) * BUCKET
     summary: dict[str, Any] = {"total": 0, "by_state": {}, "oldest_age_seconds": None,
                                "by_domain": []}
-    index = root / "index.sqlite"
+    index = root / INDEX_FILE
     if index.exists():
         with contextlib.closing(sqlite3.connect(f"file:{index}?mode=ro", uri=True,
                                                 timeout=30)) as conn:
