@@ -25,7 +25,21 @@ from dkimkeys import write_rsa
 from relayproc import RelayProcess
 from sink import Sink
 
-from relay.queue.records import RECORDS_FILE, Record, Records, invoice_id_of
+from relay.queue.envelope import Envelope
+from relay.queue.index import Index, Outcome
+from relay.queue.notices import Committed
+from relay.queue.records import (
+    FIELDS,
+    RECORDS_FILE,
+    Record,
+    Records,
+    attempts,
+    copy_pending,
+    find,
+    invoice_id_of,
+    open_readonly,
+)
+from relay.queue.segments import Location
 
 RelayFactory = Callable[..., RelayProcess]
 SINK_REPLY = "250 2.0.0 Ok: queued as 4XyZ9sinkQ"
@@ -202,3 +216,90 @@ def test_records_older_than_the_retention_are_pruned_by_the_running_relay(
 ])
 def test_invoice_id_is_read_from_the_header_block(data: bytes, expected: str | None) -> None:
     assert invoice_id_of(data) == expected
+
+
+# --- outcomes reach the records through the index (relay/queue/records.py) -------------------
+
+def _index_with_outcome(path: Path, queue_id: str, when: float) -> Index:
+    index = Index(path)
+    env = Envelope(id=queue_id, sender="billing@invoices.test", recipients=("ap@example.net",),
+                   received=when - 5, message_id="<inv-1@invoices.test>")
+    index.add([Committed(env, Location("seg", 0, 100))], max_lifetime=3600)
+    index.record([Outcome(msg=queue_id, idx=0, state="delivered", time=when, next_attempt=0,
+                          reply="250 2.0.0 Ok: queued as 4XyZ", host="mx.example.net",
+                          address="192.0.2.7:25", dkim=("invoices.test/s1",),
+                          invoice_id="INV-7", source="192.0.2.1:40000")])
+    return index
+
+
+def test_outcomes_recorded_in_the_index_are_copied_once_and_a_rebuilt_index_is_followed(
+        tmp_path: Path) -> None:
+    """What a killed relay recorded in the index but had not copied yet reaches the records at
+    the next start; copying again adds nothing; a rebuilt index (new rows from 1) is copied
+    from its start, not from where the old one ended."""
+    now = time.time()
+    _index_with_outcome(tmp_path / "index.sqlite", "0AAA", now).close()
+    store = Records(tmp_path / RECORDS_FILE)
+    store.attach_index(tmp_path / "index.sqlite")
+    # A new index met for the first time whose rows were written before: treated as copied
+    # by a release that wrote records directly. This one was new at attach time:
+    assert store.copy_from_index() == 0
+    store.close()
+    (tmp_path / "index.sqlite").unlink()
+    for extra in ("-wal", "-shm"):
+        (tmp_path / f"index.sqlite{extra}").unlink(missing_ok=True)
+
+    index = Index(tmp_path / "index.sqlite")  # attached before any outcome, as serve does
+    store = Records(tmp_path / RECORDS_FILE)
+    store.attach_index(tmp_path / "index.sqlite")
+    index.close()
+    _index_with_outcome(tmp_path / "index.sqlite", "0BBB", now).close()
+    assert store.copy_from_index() == 1
+    assert store.copy_from_index() == 0
+    store.close()
+    conn = open_readonly(tmp_path / RECORDS_FILE)
+    rows = [dict(zip(FIELDS, r, strict=True)) for r in conn.execute(
+        "SELECT a.time, a.queue_id, m.message_id, m.invoice_id, m.sender, a.recipient, a.state,"
+        " a.attempted, a.source, a.host, a.address, a.reply, a.tls, a.tls_cipher,"
+        " a.tls_verified, a.dkim, a.sha256 FROM attempts a JOIN messages m USING (queue_id)")]
+    assert rows == [{
+        "time": now, "queue_id": "0BBB", "message_id": "<inv-1@invoices.test>",
+        "invoice_id": "INV-7", "sender": "billing@invoices.test", "recipient": "ap@example.net",
+        "state": "delivered", "attempted": 1, "source": "192.0.2.1:40000",
+        "host": "mx.example.net", "address": "192.0.2.7:25",
+        "reply": "250 2.0.0 Ok: queued as 4XyZ", "tls": None, "tls_cipher": None,
+        "tls_verified": None, "dkim": "invoices.test/s1", "sha256": None}]
+    # Rebuilt: a new index file whose first rows have rowids the old one copied already.
+    (tmp_path / "index.sqlite").rename(tmp_path / "old.sqlite")
+    for extra in ("-wal", "-shm"):
+        (tmp_path / f"index.sqlite{extra}").unlink(missing_ok=True)
+    Index(tmp_path / "index.sqlite").close()
+    store = Records(tmp_path / RECORDS_FILE)
+    store.attach_index(tmp_path / "index.sqlite")
+    _index_with_outcome(tmp_path / "index.sqlite", "0CCC", now + 1).close()
+    assert store.copy_from_index() == 1
+    store.close()
+    assert {r[0] for r in conn.execute("SELECT queue_id FROM attempts")} == {"0BBB", "0CCC"}
+    conn.close()
+
+
+def test_queue_rebuild_copies_what_a_killed_relay_left_in_the_index(
+        tmp_path: Path) -> None:
+    """`copy_pending` (run by `queue rebuild` before it moves the index aside) takes the rows
+    a relay recorded after its last copy; readers see them before and after, once."""
+    Index(tmp_path / "index.sqlite").close()
+    store = Records(tmp_path / RECORDS_FILE)
+    store.attach_index(tmp_path / "index.sqlite")  # the running relay's start
+    store.close()
+    _index_with_outcome(tmp_path / "index.sqlite", "0DDD", time.time()).close()  # then killed
+    # Readers see it already: the records plus what the index holds beyond the last copy.
+    conn = open_readonly(tmp_path / RECORDS_FILE)
+    assert find(conn, "<inv-1@invoices.test>") == ["0DDD"]
+    assert [a["reply"] for a in attempts(conn, "0DDD")] == ["250 2.0.0 Ok: queued as 4XyZ"]
+    conn.close()
+    assert copy_pending(tmp_path / "index.sqlite", tmp_path / RECORDS_FILE) == 1
+    assert copy_pending(tmp_path / "index.sqlite", tmp_path / RECORDS_FILE) == 0
+    conn = open_readonly(tmp_path / RECORDS_FILE)
+    assert find(conn, "INV-7") == ["0DDD"]
+    assert len(attempts(conn, "0DDD")) == 1
+    conn.close()

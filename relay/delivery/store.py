@@ -29,7 +29,7 @@ from relay.queue import outbox
 from relay.queue.envelope import BOUNCED, EXPIRED, Envelope, new_queue_id
 from relay.queue.index import DueRecipient, Index, Outcome
 from relay.queue.notices import Committed
-from relay.queue.records import RECORDS_FILE, Record, Records
+from relay.queue.records import RECORDS_FILE, Records
 from relay.queue.segments import (
     SEGMENT_SIZE,
     Location,
@@ -52,6 +52,11 @@ DSN_WRITER = 90          # the writer number in the names of the DSN segments
 UNRECORDED_LIMIT = 32
 FRESH_SECONDS = 120.0    # a message younger than this is read on the event loop (page cache)
 PRUNE_EVERY = 600.0      # seconds between retention passes over the delivery records
+# Outcomes are copied into the delivery records in bulk (relay/queue/records.py): at most
+# this long after they were recorded (what `status` shows lags by that much), or once this
+# many wait; and always before a spool segment is removed and at a stop.
+COPY_SECONDS = 0.25
+COPY_ROWS = 1000
 DEFAULT_RETENTION = 400 * 86400.0
 
 
@@ -101,6 +106,10 @@ class DeliveryStore:
         self._restarted = 0.0
         self._index: Index | None = None
         self._records: Records | None = None
+        self._uncopied = 0          # outcomes recorded in the index, not yet in the records
+        self._uncopied_since = 0.0  # monotonic time the oldest of them was recorded
+        self._copied_at = -math.inf  # monotonic time of the last copy
+        self._copy_timer: asyncio.TimerHandle | None = None
         self.retention = DEFAULT_RETENTION  # [queue] retention; set again by a reload
         self._pruned = -math.inf  # the first maintenance step prunes
         self._batch = _Batch()
@@ -120,12 +129,20 @@ class DeliveryStore:
     async def start(self) -> None:
         self._index = await self._run(Index, self.db_path)
         self._records = await self._run(Records, self.db_path.parent / RECORDS_FILE)
+        await self._run(self._records.attach_index, self.db_path)
+        # What a killed relay recorded but had not copied yet.
+        await self._run(self._copy_records)
+        self._copied_at = -math.inf
 
     async def close(self, grace: float = 10.0) -> None:
         try:
             await asyncio.wait_for(self.flush(), grace)
         except TimeoutError:  # e.g. a full disk: those recipients are retried after restart
             log.event("record_abandoned", level=40, note="outcomes not recorded at shutdown")
+        if self._copy_timer is not None:
+            self._copy_timer.cancel()
+        with contextlib.suppress(Exception):
+            await self._run(self._copy_records)
         with contextlib.suppress(Exception):
             await self._run(self._dsn_writer.close)
             if self._dsn_sealed and self._index is not None:
@@ -220,6 +237,8 @@ class DeliveryStore:
             for fut in batch.futures:
                 if not fut.done():
                     fut.set_result(None)
+            if self._copy_wait() <= 0:  # before on_recorded logs them
+                await self._copy_records_or_wait()
             if removed:
                 self._removed(removed)
             if self._outbox_added:
@@ -232,6 +251,45 @@ class DeliveryStore:
                 except Exception as exc:  # recorded all the same; the next batch must go on
                     log.event("delivery_error", level=40, stage="recorded",
                               error=f"{type(exc).__name__}: {exc}")
+        if self._uncopied and self._copy_timer is None:
+            self._copy_timer = asyncio.get_running_loop().call_later(
+                max(0.0, self._copy_wait()), self._copy_soon)
+
+    def _copy_wait(self) -> float:
+        """Seconds until the outcomes not copied yet are due in the delivery records (`inf`:
+        nothing to copy). They are copied in bulk (relay/queue/records.py says why): at most
+        COPY_SECONDS after the oldest was recorded, or once COPY_ROWS wait; and at once when
+        nothing else waits to be written and the last copy is COPY_SECONDS old, so that a
+        quiet relay's records are current when its log says `delivered`."""
+        if not self._uncopied:
+            return math.inf
+        now = time.monotonic()
+        if self._uncopied >= COPY_ROWS or (
+                not self._batch and now - self._copied_at >= COPY_SECONDS):
+            return 0.0
+        return self._uncopied_since + COPY_SECONDS - now
+
+    def _copy_soon(self) -> None:
+        self._copy_timer = None
+        if self._flusher is None or self._flusher.done():  # else the flush loop copies
+            self._flusher = asyncio.get_running_loop().create_task(self._copy_then_flush())
+
+    async def _copy_then_flush(self) -> None:
+        await self._copy_records_or_wait()
+        await self._flush_loop()  # what was submitted meanwhile (its _kick saw us running)
+
+    async def _copy_records_or_wait(self) -> None:
+        try:
+            await self._run(self._copy_records)
+        except Exception as exc:  # e.g. a full disk: the rows wait in the index, tried again
+            log.event("records_copy_failed", level=30, error=f"{type(exc).__name__}: {exc}")
+
+    def _copy_records(self) -> None:
+        """On the index thread: the index's new attempts rows into the delivery records."""
+        if self._records is not None:
+            self._records.copy_from_index()
+        self._uncopied = 0
+        self._copied_at = time.monotonic()
 
     def _removed(self, names: list[str]) -> None:
         for name in names:
@@ -325,10 +383,6 @@ class DeliveryStore:
         assert index is not None
         dsns = self._queue_dsns(batch.results, made)
         sealed = batch.sealed + self._dsn_sealed
-        # The records first: a crash between the two commits re-attempts the recipient,
-        # which then has one record more, never one less.
-        if batch.results and self._records is not None:
-            self._records.add(self._records_of(batch.results))
         webhooks = self.webhooks
         with index._transaction():
             index.add_in_transaction(batch.claimed, self.max_lifetime, claimed=True)
@@ -342,6 +396,9 @@ class DeliveryStore:
             removable += index.seal_in_transaction(sealed)
             index.forget_in_transaction(batch.forgotten)
         self._dsn_sealed.clear()
+        if batch.results and not self._uncopied:
+            self._uncopied_since = time.monotonic()
+        self._uncopied += len(batch.results)
         removable += self._retry_removal
         self._retry_removal = []
         return len(dsns), self._remove_segments(sorted(set(removable)))
@@ -365,6 +422,7 @@ class DeliveryStore:
         assert self._index is not None
         try:
             if self._records is not None:
+                self._copy_records()  # a record is on disk before the file it describes goes
                 self._records.make_durable()
             self._index.make_durable()
         except (OSError, sqlite3.Error) as exc:  # a reader in the way: the next batch retries
@@ -389,17 +447,6 @@ class DeliveryStore:
                 log.event("spool_sync_failed", level=40, error=str(exc))
                 return []
         return removed
-
-    def _records_of(self, results: list[Result]) -> list[Record]:
-        assert self._index is not None
-        message_ids = self._index.message_ids({r.outcome.msg for r in results})
-        return [Record(queue_id=o.msg, idx=o.idx, recipient=r.due.rcpt, sender=r.due.sender,
-                       received=r.due.received, message_id=message_ids.get(o.msg),
-                       invoice_id=o.invoice_id, state=str(o.state), time=o.time,
-                       attempted=o.attempted, source=o.source, host=o.host, address=o.address,
-                       reply=o.reply, tls=o.tls, tls_cipher=o.tls_cipher,
-                       tls_verified=o.tls_verified, dkim=o.dkim, sha256=o.sha256)
-                for r in results for o in (r.outcome,)]
 
     def _queue_dsns(self, results: list[Result], made: dict[str, Committed | None]
                     ) -> list[Committed]:

@@ -18,7 +18,7 @@ from relay.exitcodes import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE
 from relay.queue.envelope import ACTIVE, DEFERRED, FINAL_STATES, HOLD, QUEUED, UNKNOWN
 from relay.queue.index import FINAL_SQL, INDEX_FILE
 from relay.queue.operator import VERBS
-from relay.queue.records import RECORDS_FILE, apply_recorded_finals
+from relay.queue.records import RECORDS_FILE, apply_recorded_finals, copy_pending
 from relay.queue.recovery import recover
 from relay.queue.segments import Location, SegmentCorrupt, read_at
 
@@ -268,6 +268,7 @@ def _rebuild(config: Config, *, force: bool = False) -> int:
                   file=sys.stderr)
             return EXIT_PROBLEM
         db = root / INDEX_FILE
+        _copy_outcomes(db, root / RECORDS_FILE)
         stamp = time.strftime("%Y%m%dT%H%M%S")
         for suffix in ("", "-wal", "-shm"):
             old = Path(f"{db}{suffix}")
@@ -282,6 +283,21 @@ def _rebuild(config: Config, *, force: bool = False) -> int:
           f" {report.corrupt} damaged records skipped,"
           f" {final} recipients final according to the delivery records")
     return EXIT_OK
+
+
+def _copy_outcomes(db: Path, records: Path) -> None:
+    """Outcomes the old index holds and the delivery records do not yet (a relay killed
+    within a second of recording them): copied before the index is moved aside."""
+    if not db.exists():
+        return
+    try:
+        copied = copy_pending(db, records)
+    except sqlite3.Error as exc:  # a damaged index: what it alone held cannot be read
+        print(f"{db}: could not copy its latest outcomes into the delivery records: {exc}",
+              file=sys.stderr)
+        return
+    if copied:
+        print(f"copied {copied} outcomes from the old index into the delivery records")
 
 
 def _index_problem(db: Path) -> str | None:

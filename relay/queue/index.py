@@ -100,9 +100,17 @@ CREATE TABLE IF NOT EXISTS attempts (
     sha256 TEXT,  -- of the bytes sent (as signed), when the data went out: proof of delivery
     tls_cipher TEXT,
     tls_verified INTEGER,  -- 1: chain and host name checked; 0: not; NULL: plain text
-    source TEXT  -- the outbound address it left from; NULL: the kernel's choice (or none tried)
+    source TEXT,  -- the outbound address it left from; NULL: the kernel's choice (or none tried)
+    -- For the delivery records only, which are copied from these rows (relay/queue/records.py):
+    attempted INTEGER,  -- 0: no connection was tried (expiry, DNS failure)
+    dkim TEXT,          -- "d/selector" of each signature of the bytes sent, space-separated
+    invoice_id TEXT     -- the message's X-Invoice-Id header
 );
 CREATE INDEX IF NOT EXISTS attempts_msg ON attempts(msg, idx);
+-- This index file's identity: the delivery records remember up to which attempts row they
+-- copied from which index (a rebuilt index starts its rows from 1 again).
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('id', lower(hex(randomblob(8))));
 -- Delivery events waiting for their webhook (relay/queue/outbox.py): written in the transaction
 -- of the outcome that caused them, deleted once the receiver answered 2xx.
 CREATE TABLE IF NOT EXISTS outbox (
@@ -171,7 +179,7 @@ class Outcome:
     tls_cipher: str | None = None
     tls_verified: bool | None = None  # None: plain text (or no connection)
     attempted: bool = True  # False when no connection was tried (e.g. expiry, DNS failure)
-    # For the delivery records only (relay/queue/records.py), not the index:
+    # For the delivery records (relay/queue/records.py), copied from the index's attempts:
     source: str | None = None          # our address:port of the connection
     dkim: tuple[str, ...] = ()         # "d/selector" per DKIM signature of the bytes sent
     invoice_id: str | None = None      # the message's X-Invoice-Id header
@@ -215,6 +223,10 @@ def _upgrade(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE attempts ADD COLUMN tls_verified INTEGER")
     if attempts and "source" not in attempts:
         conn.execute("ALTER TABLE attempts ADD COLUMN source TEXT")
+    if attempts and "attempted" not in attempts:
+        conn.execute("ALTER TABLE attempts ADD COLUMN attempted INTEGER")
+        conn.execute("ALTER TABLE attempts ADD COLUMN dkim TEXT")
+        conn.execute("ALTER TABLE attempts ADD COLUMN invoice_id TEXT")
     recipients = {row[1] for row in conn.execute("PRAGMA table_info(recipients)")}
     if recipients and "priority" not in recipients:
         conn.execute("ALTER TABLE recipients ADD COLUMN priority TEXT")
@@ -346,9 +358,11 @@ class Index:
               o.msg, o.idx) for o in outcomes])
         self.conn.executemany(
             "INSERT INTO attempts (msg, idx, time, outcome, host, address, reply, tls, sha256,"
-            " tls_cipher, tls_verified, source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            " tls_cipher, tls_verified, source, attempted, dkim, invoice_id)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             [(o.msg, o.idx, o.time, o.state, o.host, o.address, o.reply, o.tls, o.sha256,
-              o.tls_cipher, None if o.tls_verified is None else int(o.tls_verified), o.source)
+              o.tls_cipher, None if o.tls_verified is None else int(o.tls_verified), o.source,
+              int(o.attempted), " ".join(o.dkim) or None, o.invoice_id)
              for o in outcomes])
         finished = [m for m in touched if self._all_final(m)]
         now = max(o.time for o in outcomes)

@@ -13,20 +13,33 @@ year or more and are read by auditors. Why SQLite rather than per-day text files
 needs lookups by queue id, Message-ID and invoice id in milliseconds over a year of mail, and
 pruning is a DELETE by time, not a rewrite.
 
-Written only by the delivery process's index thread, in the same batch as the outcomes it
-describes and before them (relay/delivery/store.py), and made durable before any spool
-segment is removed. Rows are keyed (queue id, recipient, time, state), so a batch written
-twice (a failed index commit is retried) is stored once.
+Written only by the delivery process's index thread, and copied, not written twice: every
+outcome is first a row of the index's `attempts` table, in the transaction that records it
+(relay/queue/index.py); `copy_from_index` then copies the rows it has not copied yet, in one
+INSERT ... SELECT inside SQLite, and remembers in `copied` up to which row of which index file
+(its `meta` id) it got. Why not write both at once: an insert into these indexed tables costs
+60-100 us of CPU per row in small batches (each commit rewrites every touched page into the
+write-ahead log; the Message-ID index touches a random page per row) and about a third of
+that in batches of hundreds, which a copy every second makes of a busy relay's outcomes
+(relay/delivery/store.py decides when: at once when idle, before any segment removal, at a
+stop, and under load every COPY_SECONDS or COPY_ROWS rows). Nothing is lost in between: the
+rows wait in the index, which is durable on the same terms, and the delivery process copies
+what is left when it starts (after a crash) and `queue rebuild` before it moves the old index
+aside. Made durable before any spool segment is removed. Rows are keyed (queue id, recipient,
+time, state), so a row copied twice is stored once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from relay.queue.index import INDEX_FILE
 
 WAL_CHECKPOINT_PAGES = 64  # as the index's (relay/queue/index.py)
 
@@ -65,6 +78,8 @@ CREATE TABLE IF NOT EXISTS attempts (
 CREATE INDEX IF NOT EXISTS attempts_time ON attempts(time);
 CREATE TABLE IF NOT EXISTS durable_mark (n INTEGER NOT NULL);
 INSERT INTO durable_mark SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM durable_mark);
+-- How far the rows of each queue index file (its meta id) are copied (copy_from_index).
+CREATE TABLE IF NOT EXISTS copied (index_id TEXT PRIMARY KEY, upto INTEGER NOT NULL);
 """
 
 # The fields of one exported or shown record, in column order (CSV header, JSON keys).
@@ -75,7 +90,7 @@ FIELDS = ("time", "queue_id", "message_id", "invoice_id", "sender", "recipient",
 _SELECT = (
     "SELECT a.time, a.queue_id, m.message_id, m.invoice_id, m.sender, a.recipient, a.state,"
     " a.attempted, a.source, a.host, a.address, a.reply, a.tls, a.tls_cipher, a.tls_verified,"
-    " a.dkim, a.sha256 FROM attempts a JOIN messages m ON m.queue_id = a.queue_id")
+    " a.dkim, a.sha256 FROM r_attempts a JOIN r_messages m ON m.queue_id = a.queue_id")
 
 _HEADER_LIMIT = 65536
 _INVOICE_ID = re.compile(rb"(?im)^x-invoice-id:[ \t]*((?:[^\r\n]|\r\n[ \t])*)")
@@ -104,6 +119,36 @@ class Record:
     tls_verified: bool | None = None
     dkim: tuple[str, ...] = ()
     sha256: str | None = None
+
+
+# The index's attempts rows (upto, last] as records. "WHERE ... ORDER BY" keeps the upsert's
+# ON CONFLICT unambiguous after a SELECT (SQLite's parser needs a WHERE there).
+_COPY_MESSAGES = (
+    "INSERT INTO messages (queue_id, sender, received, message_id, invoice_id, last)"
+    " SELECT a.msg, m.sender, m.received, m.message_id, a.invoice_id, a.time"
+    " FROM idx.attempts a JOIN idx.messages m ON m.id = a.msg"
+    " WHERE a.rowid > ? AND a.rowid <= ? ORDER BY a.rowid"
+    " ON CONFLICT (queue_id) DO UPDATE SET last = MAX(last, excluded.last),"
+    " message_id = COALESCE(message_id, excluded.message_id),"
+    " invoice_id = COALESCE(invoice_id, excluded.invoice_id)")
+_COPY_ATTEMPTS = (
+    "INSERT OR IGNORE INTO attempts (queue_id, idx, recipient, time, state, attempted, source,"
+    " host, address, reply, tls, tls_cipher, tls_verified, dkim, sha256)"
+    " SELECT a.msg, a.idx, r.rcpt, a.time, a.outcome, COALESCE(a.attempted, 1), a.source,"
+    " a.host, a.address, a.reply, a.tls, a.tls_cipher, a.tls_verified, a.dkim, a.sha256"
+    " FROM idx.attempts a JOIN idx.recipients r ON r.msg = a.msg AND r.idx = a.idx"
+    " WHERE a.rowid > ? AND a.rowid <= ?")
+
+
+def copy_pending(index_path: Path, records_path: Path) -> int:
+    """Copy what the index holds and the records do not yet (`queue rebuild`, before the old
+    index is moved aside); how many rows. Raises sqlite3.Error on an unreadable index."""
+    store = Records(records_path)
+    try:
+        store.attach_index(index_path)
+        return store.copy_from_index()
+    finally:
+        store.close()
 
 
 def invoice_id_of(data: bytes) -> str | None:
@@ -135,6 +180,7 @@ class Records:
 
     def __init__(self, path: Path) -> None:
         self.conn = open_records(path)
+        self._index_id = ""  # of the index attached by attach_index
 
     def close(self) -> None:
         self.conn.close()
@@ -176,10 +222,50 @@ class Records:
         finally:
             self.conn.execute("PRAGMA synchronous=NORMAL")
 
+    def attach_index(self, index_path: Path) -> None:
+        """Make the queue index readable as `idx` for `copy_from_index` (this connection only
+        reads it: the index has one writer, the index thread's own connection)."""
+        self.conn.execute("ATTACH DATABASE ? AS idx", (str(index_path),))
+        if self.conn.execute("SELECT 1 FROM idx.sqlite_master WHERE name = 'meta'"
+                             ).fetchone() is None:
+            # An index of a release that wrote the records directly: nothing to copy from it.
+            self.conn.execute("DETACH DATABASE idx")
+            return
+        self._index_id = self.conn.execute(
+            "SELECT value FROM idx.meta WHERE key = 'id'").fetchone()[0]
+        if self.conn.execute("SELECT 1 FROM copied WHERE index_id = ?",
+                             (self._index_id,)).fetchone() is None:
+            # An index these records never saw: a new (or rebuilt) one has no attempts yet; one
+            # of a release that wrote records directly has them all here already.
+            self.conn.execute("INSERT INTO copied SELECT ?, COALESCE(MAX(rowid), 0)"
+                              " FROM idx.attempts", (self._index_id,))
+
+    def copy_from_index(self) -> int:
+        """Copy the attempts rows of the attached index not copied yet; how many."""
+        if not self._index_id:
+            return 0
+        # Deferred: only the records are written; the index is only read (a snapshot).
+        self.conn.execute("BEGIN")
+        try:
+            (upto,) = self.conn.execute("SELECT upto FROM copied WHERE index_id = ?",
+                                        (self._index_id,)).fetchone()
+            (last,) = self.conn.execute(
+                "SELECT COALESCE(MAX(rowid), 0) FROM idx.attempts").fetchone()
+            if last > upto:
+                self.conn.execute(_COPY_MESSAGES, (upto, last))
+                self.conn.execute(_COPY_ATTEMPTS, (upto, last))
+                self.conn.execute("UPDATE copied SET upto = ? WHERE index_id = ?",
+                                  (last, self._index_id))
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+        return max(0, last - upto)
+
     def prune(self, before: float, limit: int = 5000) -> int:
         """Remove up to `limit` messages whose newest record is older than `before`, with
         their records; how many. Bounded, so the writer thread is never held for long."""
-        self.conn.execute("BEGIN IMMEDIATE")
+        self.conn.execute("BEGIN")  # not IMMEDIATE: that would lock the attached index too
         try:
             old = [row[0] for row in self.conn.execute(
                 "SELECT queue_id FROM messages WHERE last < ? LIMIT ?", (before, limit))]
@@ -209,12 +295,58 @@ def records_problem(path: Path) -> str | None:
 
 
 def open_readonly(path: Path) -> sqlite3.Connection:
-    """A read-only connection; sqlite3.Error when the file is missing or not a database."""
+    """A read-only connection; sqlite3.Error when the file is missing or not a database.
+
+    Its queries read the views `r_messages` and `r_attempts`: the records, plus the outcomes
+    the queue index beside them holds and the delivery process has not copied yet (at most a
+    fraction of a second's: a webhook receiver asking the API right after a `delivered` event
+    sees the delivery)."""
     if not path.exists():
         raise FileNotFoundError(path)
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     conn.execute("SELECT 1 FROM messages LIMIT 1").fetchall()  # fails on a damaged file
+    pending = _attach_index_readonly(conn, path.parent / INDEX_FILE)
+    conn.execute(f"CREATE TEMP VIEW r_attempts AS {_RECORDED_ATTEMPTS}"
+                 + (f" UNION ALL {_PENDING_ATTEMPTS}" if pending else ""))
+    conn.execute(f"CREATE TEMP VIEW r_messages AS {_RECORDED_MESSAGES}"
+                 + (f" UNION ALL {_PENDING_MESSAGES}" if pending else ""))
     return conn
+
+
+def _attach_index_readonly(conn: sqlite3.Connection, index: Path) -> bool:
+    """Attach the queue index as `idx` if it is there and copies to these records."""
+    if not index.exists():
+        return False
+    try:
+        conn.execute("ATTACH DATABASE ? AS idx", (f"file:{index}?mode=ro",))
+        if conn.execute("SELECT 1 FROM idx.sqlite_master WHERE name = 'meta'").fetchone():
+            return True
+    except sqlite3.Error:  # damaged or being rebuilt: the records alone
+        pass
+    with contextlib.suppress(sqlite3.Error):
+        conn.execute("DETACH DATABASE idx")
+    return False
+
+
+_RECORDED_ATTEMPTS = (
+    "SELECT queue_id, idx, recipient, time, state, attempted, source, host, address, reply,"
+    " tls, tls_cipher, tls_verified, dkim, sha256 FROM main.attempts")
+_RECORDED_MESSAGES = (
+    "SELECT queue_id, sender, received, message_id, invoice_id, last FROM main.messages")
+# The index's attempts rows after the last copy (none when these records never copied from
+# this index file).
+_NOT_COPIED = ("a.rowid > (SELECT upto FROM main.copied"
+               " WHERE index_id = (SELECT value FROM idx.meta WHERE key = 'id'))")
+_PENDING_ATTEMPTS = (
+    "SELECT a.msg, a.idx, r.rcpt, a.time, a.outcome, COALESCE(a.attempted, 1), a.source,"
+    " a.host, a.address, a.reply, a.tls, a.tls_cipher, a.tls_verified, a.dkim, a.sha256"
+    " FROM idx.attempts a JOIN idx.recipients r ON r.msg = a.msg AND r.idx = a.idx"
+    f" WHERE {_NOT_COPIED}")
+_PENDING_MESSAGES = (
+    "SELECT a.msg, m.sender, m.received, m.message_id, MAX(a.invoice_id), MAX(a.time)"
+    " FROM idx.attempts a JOIN idx.messages m ON m.id = a.msg"
+    f" WHERE {_NOT_COPIED}"
+    " AND NOT EXISTS (SELECT 1 FROM main.messages x WHERE x.queue_id = a.msg) GROUP BY a.msg")
 
 
 def find(conn: sqlite3.Connection, key: str) -> list[str]:
@@ -222,13 +354,13 @@ def find(conn: sqlite3.Connection, key: str) -> list[str]:
     bare = key.strip()
     msgid = bare if bare.startswith("<") else f"<{bare}>"
     rows = conn.execute(
-        "SELECT queue_id FROM messages WHERE queue_id = ? OR message_id = ? OR invoice_id = ?"
+        "SELECT queue_id FROM r_messages WHERE queue_id = ? OR message_id = ? OR invoice_id = ?"
         " ORDER BY received", (bare.upper(), msgid, bare))
     return [row[0] for row in rows]
 
 
 def message(conn: sqlite3.Connection, queue_id: str) -> dict[str, object] | None:
-    row = conn.execute("SELECT sender, received, message_id, invoice_id FROM messages"
+    row = conn.execute("SELECT sender, received, message_id, invoice_id FROM r_messages"
                        " WHERE queue_id = ?", (queue_id,)).fetchone()
     if row is None:
         return None
@@ -265,7 +397,7 @@ def outcomes_since(conn: sqlite3.Connection, start: float, bucket: float
     return conn.execute(
         "SELECT CAST((a.time - ?) / ? AS INTEGER),"
         " lower(substr(a.recipient, instr(a.recipient, '@') + 1)), a.state, COUNT(*)"
-        f" FROM attempts a WHERE a.time >= ? AND a.state IN ({marks}) GROUP BY 1, 2, 3",
+        f" FROM r_attempts a WHERE a.time >= ? AND a.state IN ({marks}) GROUP BY 1, 2, 3",
         (start, bucket, start, *OUTCOMES)).fetchall()
 
 
@@ -275,12 +407,12 @@ def sources_since(conn: sqlite3.Connection, start: float
     state, the state after its latest attempt and that attempt's time."""
     counts: dict[str, dict[str, int]] = {}
     for address, state, n in conn.execute(
-            f"SELECT {_SOURCE_ADDRESS}, a.state, COUNT(*) FROM attempts a"
+            f"SELECT {_SOURCE_ADDRESS}, a.state, COUNT(*) FROM r_attempts a"
             " WHERE a.time >= ? AND a.source IS NOT NULL GROUP BY 1, 2", (start,)):
         counts.setdefault(address, {})[state] = n
     # SQLite's bare columns beside MAX(): the state of the row with the latest time.
     latest = conn.execute(
-        f"SELECT {_SOURCE_ADDRESS}, a.state, MAX(a.time) FROM attempts a"
+        f"SELECT {_SOURCE_ADDRESS}, a.state, MAX(a.time) FROM r_attempts a"
         " WHERE a.time >= ? AND a.source IS NOT NULL GROUP BY 1", (start,)).fetchall()
     return [(address, counts.get(address, {}), state, when) for address, state, when in latest]
 
