@@ -248,8 +248,9 @@ def _tls_summary(version: str | None, cipher: str | None, verified: int | None) 
 def _rebuild(config: Config, *, force: bool = False) -> int:
     """Move the damaged index aside and rebuild it from the spool segments.
 
-    The delivery records (records.sqlite) are not touched; recipients they show as final
-    stay final in the new index, so a rebuild never sends a delivered invoice again."""
+    The delivery records (records.sqlite) first get the outcomes only the old index holds
+    and lose nothing; recipients they show as final stay final in the new index, so a
+    rebuild never sends a delivered invoice again."""
     root = config.queue.path
     if not (root / "spool").is_dir():
         print(f"{root}: no spool folder", file=sys.stderr)
