@@ -93,14 +93,24 @@ class BufferedValue:
 def flush() -> None:
     """Write every value changed since the last flush into this process's files."""
     with _lock:
-        for value in _pending:
-            value._dirty = False
-            _file(value._prefix).write_value(value._key, value._value, value._timestamp)
-        _pending.clear()
+        _write(_pending)
+
+
+def _write(values: list[BufferedValue]) -> None:
+    """(with _lock held)"""
+    for value in values:
+        value._dirty = False
+        _file(value._prefix).write_value(value._key, value._value, value._timestamp)
+    values.clear()
 
 
 def _start_flusher() -> None:
+    """At a process's first update (with _lock held): write every series now, as MmapedValue
+    does at a forked child's first update. The files' pages get their blocks while there is
+    room: a first write into a sparse mapped page on a full disk is a SIGBUS."""
     _flusher["pid"] = os.getpid()
+    _write(list(_values))
+    _pending.clear()
     threading.Thread(target=_flush_forever, name="metrics-flush", daemon=True).start()
 
 
