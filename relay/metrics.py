@@ -2,8 +2,11 @@
 
 `serve` calls `setup()` once, before it forks: from then on each process writes its samples to
 its own memory-mapped file under `<queue.path>/metrics/` (prometheus-client's multiprocess
-mode), and `render()`, in whichever process answers `/metrics`, adds them up. An update costs a
-lock and a write to a mapped page: no system call, nothing on the disk's hot path.
+mode, with our own value class: relay/metricvalue.py), and `render()`, in whichever process
+answers `/metrics`, adds them up. An update changes a float in memory under a lock; each
+process writes its changed values to its file every half second (and before it exits), so a
+scrape lags by up to half a second, and a process killed with SIGKILL loses up to half a
+second of its counts.
 
 Call sites reach a metric through this module at call time (`metrics.ACCEPTED.inc()`), never
 by `from relay.metrics import ACCEPTED`: `setup()` rebuilds the objects so that they write to
@@ -33,6 +36,7 @@ from prometheus_client import values as _values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from relay import metricvalue
 from relay.queue.index import INDEX_FILE
 
 if TYPE_CHECKING:
@@ -154,13 +158,21 @@ def setup(queue_root: Path) -> None:
     """Before the fork in `serve`: start from an empty metrics folder (a restart's counters
     begin at zero, as Prometheus expects of a new process) and switch to shared files."""
     global _directory
+    if _directory is not None:
+        metricvalue.close()  # an earlier folder's files (a second setup in one process)
     directory = queue_root / DIRECTORY_NAME
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
-    _values.ValueClass = _values.MultiProcessValue()
+    _values.ValueClass = metricvalue.BufferedValue
     _directory = directory
     _build()
+
+
+def flush() -> None:
+    """Write this process's changed values to its file now (before a process exits)."""
+    if _directory is not None:
+        metricvalue.flush()
 
 
 # --- label values -------------------------------------------------------------------------

@@ -206,6 +206,7 @@ def serve(cli_config: str | None) -> int:
         for pid in children:
             _wait_child(pid, DRAIN_GRACE + 10)
         lock.close()
+        metrics.flush()
         log.flush()
     return code
 
@@ -302,6 +303,7 @@ def _fork(main: Callable[[], Coroutine[Any, Any, int]], parent: int, name: str,
                   error=f"{type(exc).__name__}: {exc}",
                   where=_where(exc))
     finally:
+        metrics.flush()  # the last half second of counts (os._exit skips atexit)
         log.flush()
         os._exit(code)
 

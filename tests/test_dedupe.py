@@ -137,11 +137,14 @@ def test_table_finds_keys_past_freed_slots_and_probes_little(tmp_path: Path) -> 
     table = DedupeTable(tmp_path / "dedupe.table", slots=8)
     first = (0).to_bytes(8, "little") + b"A" * 8
     second = (8).to_bytes(8, "little") + b"B" * 8  # 8 % 8 == 0: the same start slot
-    assert table.claim([first], "ID1", 1000.0, 86400.0) == [None]
-    assert table.claim([second], "ID2", 1000.0, 86400.0) == [None]
-    table.settle([second], "ID2", committed=True)
-    table.settle([first], "ID1", committed=False)  # its commit failed: the slot is freed
+    claimed = table.claim([first], "ID1", 1000.0, 86400.0)
+    assert claimed.firsts == [None]
+    second_claimed = table.claim([second], "ID2", 1000.0, 86400.0)
+    assert second_claimed.firsts == [None]
+    assert [slot for slot, _ in claimed.held + second_claimed.held] == [0, 1]
+    table.settle(second_claimed.held, "ID2", committed=True)
+    table.settle(claimed.held, "ID1", committed=False)  # its commit failed: the slot is freed
     # The freed slot must not end the probe: the second key is still known...
-    assert table.claim([second], "ID3", 1001.0, 86400.0) == ["ID2"]
+    assert table.claim([second], "ID3", 1001.0, 86400.0).firsts == ["ID2"]
     # ...and a new key reuses the freed slot rather than a fresh one.
-    assert table.claim([first], "ID4", 1001.0, 86400.0) == [None]
+    assert table.claim([first], "ID4", 1001.0, 86400.0) == ([None], [(0, first)])

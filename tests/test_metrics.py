@@ -102,10 +102,26 @@ def delivered_run(tmp_path: Path) -> tuple[str, RelayProcess]:
             sink.wait_for(4)  # three messages and the DSN of the bounce
             relay.events("deferred", at_least=1)
             relay.events("delivered", at_least=4)
-            time.sleep(0.2)  # the sessions' connection_lost (the gauge back at 0)
-            body, content_type = metrics.render(relay.queue_dir / metrics.DIRECTORY_NAME)
+            body, content_type = settled(relay.queue_dir / metrics.DIRECTORY_NAME)
     assert content_type.startswith("text/plain")
     return body.decode(), relay
+
+
+def settled(directory: Path, timeout: float = 5) -> tuple[bytes, str]:
+    """A render once the run's last updates are in (each process writes its samples out
+    twice a second): the last delivery's latency, the DSN's acceptance, and every session's
+    connection_lost (the gauge back at 0)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = samples(metrics.render(directory)[0].decode())
+        done = value(found, "delivery_latency_seconds_count") == 4 and \
+            value(found, "messages_accepted_total") == 5 and \
+            value(found, "smtp_connections") == 0
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    time.sleep(0.7)  # anything else counted by now is written out within half a second
+    return metrics.render(directory)
 
 
 def test_a_relay_counts_what_it_accepted_and_delivered(

@@ -199,7 +199,9 @@ def test_retry_forgets_a_resting_path(tmp_path: Path, capsys) -> None:
                          delivery={"path_cooldown": "1h"}) as relay:
         send(relay.port, "rested")
         relay.wait_for_log("event=path_down")
-        assert suspended(relay) == 1.0  # the dashboard's "source suspended" panel sees it
+        # The dashboard's "source suspended" panel sees it (each process writes its samples
+        # out twice a second: poll).
+        assert wait_until(lambda: suspended(relay) == 1.0, timeout=5) < 5
         gate.open = True
         assert queue(relay, capsys, "retry", "--domain", "example.net")[0] == 0
         assert wait_until(lambda: len(mx.messages) == 1, timeout=5) < 1.5

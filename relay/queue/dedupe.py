@@ -33,6 +33,7 @@ import os
 import struct
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 FILE_NAME = "dedupe.table"
 SLOTS = 1 << 18            # 262,144 recipient-messages, 14 MiB of file (sparse until used)
@@ -47,6 +48,7 @@ EMPTY, PENDING, FINAL = 0, 1, 2
 # at the first EMPTY slot (a new key, the common case, then costs one or two reads, not PROBE).
 FREED = 3
 _NO_KEY = b"\0" * 16
+_STATE = 48                # offset of a slot's state byte
 
 
 class Busy(Exception):
@@ -55,11 +57,20 @@ class Busy(Exception):
 
 def dedupe_key(message_id: str, sender: str, recipient: str, body_digest: bytes) -> bytes:
     """16 bytes naming one recipient of one message (never all zeros in practice)."""
-    h = hashlib.blake2b(digest_size=16)
-    for part in (message_id, sender, recipient.lower()):
-        h.update(part.encode("utf-8", "surrogateescape") + b"\0")
+    # One encode of "id\0sender\0rcpt\0": the same bytes as encoding each part and adding
+    # b"\0" (the table persists across restarts, so the keys must not change).
+    text = f"{message_id}\0{sender}\0{recipient.lower()}\0"
+    h = hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=16)
     h.update(body_digest)
     return h.digest()
+
+
+class Claim(NamedTuple):
+    """`claim`'s answer: per key None (this message may queue it) or the queue id that
+    already did; and the (slot, key) pairs this message holds pending, for `settle`."""
+
+    firsts: list[str | None]
+    held: list[tuple[int, bytes]]
 
 
 def _map_file(path: Path, size: int, slots: int) -> mmap.mmap:
@@ -106,13 +117,13 @@ class DedupeTable:
         """Claims of a relay that died before their commit's outcome: never queued."""
         for slot in range(self.slots):
             offset = _HEADER.size + slot * _SLOT.size
-            if self._mem[offset + 48] == PENDING:
+            if self._mem[offset + _STATE] == PENDING:
                 _SLOT.pack_into(self._mem, offset, _NO_KEY, b"", 0.0, FREED)
 
     # --- on the event loop, microseconds each ------------------------------------------------
 
     def claim(self, keys: Sequence[bytes], queue_id: str, now: float,
-              window: float) -> list[str | None]:
+              window: float) -> Claim:
         """For each key: None when this message may queue it (claimed, pending, for
         `queue_id`), or the queue id of the message that already did. Busy when another
         message holds a pending claim on one of them (this call then claims nothing new
@@ -122,25 +133,29 @@ class DedupeTable:
             found = [self._find(key, now, window) for key in keys]
             if any(state == PENDING and first != owner for _, state, first in found):
                 raise Busy
-            result: list[str | None] = []
+            firsts: list[str | None] = []
+            held: list[tuple[int, bytes]] = []
             for key, (slot, state, first) in zip(keys, found, strict=True):
                 if state == FINAL:
-                    result.append(first.decode())
+                    firsts.append(first.decode())
                     continue
                 if state == EMPTY:
                     self._store(slot, key, owner, now, PENDING)
-                result.append(None)
-            return result
+                firsts.append(None)
+                held.append((slot, key))
+            return Claim(firsts, held)
 
-    def settle(self, keys: Sequence[bytes], queue_id: str, *, committed: bool) -> None:
-        """The commit's outcome: our pending claims become final, or are forgotten."""
+    def settle(self, held: Sequence[tuple[int, bytes]], queue_id: str, *,
+               committed: bool) -> None:
+        """The commit's outcome for `claim(...).held`: our pending claims become final, or
+        are forgotten. A slot no longer holding our claim (taken over after PENDING_LIMIT)
+        is left alone."""
         owner = queue_id.encode()
         with self._lock:
-            for key in keys:
-                slot = self._claimed_slot(key, owner)
-                if slot is None:
+            for slot, key in held:
+                stored, first, stamp, state = self._read(slot)
+                if stored != key or first != owner or state != PENDING:
                     continue
-                stamp = self._read(slot)[2]
                 if committed:
                     self._store(slot, key, owner, stamp, FINAL)
                 else:
@@ -155,27 +170,19 @@ class DedupeTable:
     def _store(self, slot: int, key: bytes, first: bytes, stamp: float, state: int) -> None:
         _SLOT.pack_into(self._mem, _HEADER.size + slot * _SLOT.size, key, first, stamp, state)
 
-    def _claimed_slot(self, key: bytes, owner: bytes) -> int | None:
-        start = int.from_bytes(key[:8], "little") % self.slots
-        for step in range(PROBE):
-            slot = (start + step) % self.slots
-            stored, first, _, state = self._read(slot)
-            if stored == key and first == owner and state == PENDING:
-                return slot
-        return None
-
     def _find(self, key: bytes, now: float, window: float) -> tuple[int, int, bytes]:
         """(slot, state, first id) of `key`; for a key not known within the window, the slot
         to claim (EMPTY): a free or expired one, else the oldest final entry."""
         start = int.from_bytes(key[:8], "little") % self.slots
         victim, victim_age = start, -1.0
+        mem, slots = self._mem, self.slots
         for step in range(PROBE):
-            slot = (start + step) % self.slots
-            stored, first, stamp, state = self._read(slot)
-            if state == EMPTY:
+            slot = (start + step) % slots
+            if mem[_HEADER.size + slot * _SLOT.size + _STATE] == EMPTY:
                 # Never used: the key is not further along. Take this slot, unless an earlier
                 # one is as free (dead or freed).
                 return (victim if victim_age == float("inf") else slot), EMPTY, b""
+            stored, first, stamp, state = self._read(slot)
             age = now - stamp
             # A claim older than PENDING_LIMIT lost its session somehow: it no longer blocks.
             live = (state == PENDING and age < PENDING_LIMIT) or \

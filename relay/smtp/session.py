@@ -669,7 +669,7 @@ class RelaySMTP(AiosmtpdSession):
         else:
             envelope = _with_head_facts(envelope, b"".join(reader.parts)[:HEAD_BYTES],
                                         headers_count=stream.headers_count)
-        claims: list[bytes] = []
+        claims: list[tuple[int, bytes]] = []
         if self.ctx.dedupe is not None and envelope.message_id and reader.digest is not None:
             claims, firsts = await self._claim(envelope, reader.digest)
             kept = _not_duplicates(envelope, firsts)
@@ -690,21 +690,21 @@ class RelaySMTP(AiosmtpdSession):
         return reply
 
     async def _claim(self, envelope: Envelope, digest: bytes
-                     ) -> tuple[list[bytes], list[str | None]]:
-        """Claim each recipient for this message (relay.queue.dedupe); the keys, and per
-        recipient the queue id that already has it (or None). An identical message being
-        committed right now is waited for: its outcome decides."""
+                     ) -> tuple[list[tuple[int, bytes]], list[str | None]]:
+        """Claim each recipient for this message (relay.queue.dedupe); the claims to settle,
+        and per recipient the queue id that already has it (or None). An identical message
+        being committed right now is waited for: its outcome decides."""
         table = self.ctx.dedupe
         assert table is not None and envelope.message_id is not None
         keys = [dedupe_key(envelope.message_id, envelope.sender, rcpt, digest)
                 for rcpt in envelope.recipients]
         while True:
             try:
-                firsts = table.claim(keys, envelope.id, time.time(), self.ctx.dedupe_window)
+                claim = table.claim(keys, envelope.id, time.time(), self.ctx.dedupe_window)
             except DedupeBusy:
                 await asyncio.sleep(0.005)
                 continue
-            return [k for k, f in zip(keys, firsts, strict=True) if f is None], firsts
+            return claim.held, claim.firsts
 
     async def _write(self, envelope: Envelope, received: bytes, reader: DataReader,
                      stream: _Stream) -> str:
