@@ -208,7 +208,9 @@ class DeliveryEngine:
             if more:
                 continue  # more may be due right now
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), self._poll_interval())
+                # asyncio.timeout, not wait_for: no task per wait (3.11's wait_for makes one)
+                async with asyncio.timeout(self._poll_interval()):
+                    await self.wake.wait()
 
     def _poll_interval(self) -> float:
         """IDLE_POLL, or less when handed-back recipients come due sooner."""
@@ -506,7 +508,8 @@ class DeliveryEngine:
                     break
                 path.more.clear()
                 try:
-                    await asyncio.wait_for(path.more.wait(), remaining)
+                    async with asyncio.timeout(remaining):  # no task per wait, as wait_for
+                        await path.more.wait()
                 except TimeoutError:
                     break
         finally:

@@ -92,15 +92,21 @@ class RelaySMTP(AiosmtpdSession):
         self._counted = False  # admitted by the anvil: uncount at the end
         self.listener = listener  # "host:port" of the listener, the smtp_connections label
         self._open = False        # counted in smtp_connections: uncount at the end
+        self._client = "?"        # the peer's address, once connected
 
     @property
     def client(self) -> str:
+        return self._client
+
+    def _peer_address(self) -> str:
         return self.session.peer[0] if self.session and self.session.peer else "?"
 
     # --- connection bookkeeping ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        # Read about ten times per message; made again here after STARTTLS (same peer).
+        self._client = self._peer_address()
         self.ctx.sessions.add(self)
         if self.listener:
             self._open = True
