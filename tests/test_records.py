@@ -303,3 +303,47 @@ def test_queue_rebuild_copies_what_a_killed_relay_left_in_the_index(
     assert find(conn, "INV-7") == ["0DDD"]
     assert len(attempts(conn, "0DDD")) == 1
     conn.close()
+
+
+def _final_message(index: Index, queue_id: str, segment: str, when: float) -> None:
+    env = Envelope(id=queue_id, sender="billing@invoices.test", recipients=("ap@example.net",),
+                   received=when - 5, message_id=f"<{queue_id}@invoices.test>")
+    index.add([Committed(env, Location(segment, 0, 100))], max_lifetime=3600)
+    index.record([Outcome(msg=queue_id, idx=0, state="delivered", time=when, next_attempt=0,
+                          reply=f"250 ok {queue_id}")])
+    # record() marks a message done at the newest outcome's time
+    index.conn.execute("UPDATE messages SET done = ? WHERE id = ?", (when, queue_id))
+
+
+def test_finished_messages_leave_the_index_but_never_the_records(tmp_path: Path) -> None:
+    """A message final for long enough whose segment file is gone leaves the index (which
+    would otherwise grow by every message ever relayed); its records stay, and outcomes
+    recorded afterwards are still copied (the newest attempts row is never removed)."""
+    now = time.time()
+    index = Index(tmp_path / "index.sqlite")
+    store = Records(tmp_path / RECORDS_FILE)
+    store.attach_index(tmp_path / "index.sqlite")
+    _final_message(index, "0OLD1", "seg-a", now - 3 * 86400)   # segment removed: goes
+    _final_message(index, "0OLD2", "seg-b", now - 3 * 86400)   # segment still there: stays
+    _final_message(index, "0NEW", "seg-a", now - 60)            # final too recently: stays
+    index.forget_segments(["seg-a"])
+    store.copy_from_index()
+    assert index.forget_finished(now - 86400, 0) == (1, 0)
+    left = {row[0] for row in index.conn.execute("SELECT id FROM messages")}
+    assert left == {"0OLD2", "0NEW"}
+    for table in ("recipients", "attempts"):
+        assert index.conn.execute(f"SELECT COUNT(*) FROM {table} WHERE msg = '0OLD1'"
+                                  ).fetchone() == (0,)
+    # The newest attempts row stays even when its message could go.
+    index.conn.execute("UPDATE messages SET done = ? WHERE id = '0NEW'", (now - 3 * 86400,))
+    assert index.forget_finished(now - 86400, 0) == (0, 0)
+    _final_message(index, "0NEXT", "seg-c", now)
+    assert index.forget_finished(now - 86400, 0) == (1, 0)  # now 0NEW may go
+    assert store.copy_from_index() == 1  # 0NEXT's row: a fresh rowid, copied
+    index.close()
+    store.close()
+    conn = open_readonly(tmp_path / RECORDS_FILE)
+    assert {row[0] for row in conn.execute("SELECT queue_id FROM attempts")} == {
+        "0OLD1", "0OLD2", "0NEW", "0NEXT"}
+    assert find(conn, "<0OLD1@invoices.test>") == ["0OLD1"]
+    conn.close()

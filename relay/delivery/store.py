@@ -52,6 +52,11 @@ DSN_WRITER = 90          # the writer number in the names of the DSN segments
 UNRECORDED_LIMIT = 32
 FRESH_SECONDS = 120.0    # a message younger than this is read on the event loop (page cache)
 PRUNE_EVERY = 600.0      # seconds between retention passes over the delivery records
+# A finished message leaves the queue index this long after its last outcome (once its
+# segment file is gone); `status` and the API read the delivery records, kept for
+# [queue] retention. Without it the index would grow by every message ever relayed.
+FINISHED_KEEP = 86400.0
+FORGET_EVERY = 30.0      # seconds between passes over a window of the index (forget_finished)
 # Outcomes are copied into the delivery records in bulk (relay/queue/records.py): at most
 # this long after they were recorded (what `status` shows lags by that much), or once this
 # many wait; and always before a spool segment is removed and at a stop.
@@ -112,6 +117,8 @@ class DeliveryStore:
         self._copy_timer: asyncio.TimerHandle | None = None
         self.retention = DEFAULT_RETENTION  # [queue] retention; set again by a reload
         self._pruned = -math.inf  # the first maintenance step prunes
+        self._forgot = -math.inf   # last forget_finished pass (monotonic)
+        self._forget_from = 0      # rowid where the next pass starts
         self._batch = _Batch()
         self._flusher: asyncio.Task[None] | None = None
         self._unrecorded = 0
@@ -343,6 +350,9 @@ class DeliveryStore:
         if now - self._pruned > PRUNE_EVERY and self._records is not None:
             self._pruned = now
             await self._prune()
+        if now - self._forgot > FORGET_EVERY and self._index is not None:
+            self._forgot = now
+            await self._forget_finished()
         if self.reserve.released and now - self._reserve_tried > 1.0:
             self._reserve_tried = now
             # The WAL file only shrinks when asked to; on a full disk it holds the room we need.
@@ -366,6 +376,23 @@ class DeliveryStore:
             log.event("records_pruned", messages=removed)
             if removed >= 5000:
                 self._pruned = -math.inf  # more to do: the next maintenance step goes on
+
+    async def _forget_finished(self) -> None:
+        """Remove from the index messages final for FINISHED_KEEP (see Index.forget_finished):
+        one window of rows per pass, their outcomes copied into the records first."""
+        try:
+            removed = await self._run(self._forget_window, time.time() - FINISHED_KEEP)
+        except (OSError, sqlite3.Error) as exc:  # e.g. a full disk: the next pass tries again
+            log.event("index_forget_failed", level=30, error=str(exc))
+            return
+        if removed:
+            log.event("index_forgot", messages=removed)
+
+    def _forget_window(self, before: float) -> int:
+        assert self._index is not None
+        self._copy_records()  # the attempts rows about to go are in the records first
+        removed, self._forget_from = self._index.forget_finished(before, self._forget_from)
+        return removed
 
     def _checkpoint(self, mode: str) -> None:
         assert self._index is not None

@@ -137,6 +137,7 @@ FINAL_SQL = sql_list(FINAL_STATES)
 INDEX_FILE = "index.sqlite"  # in the queue folder
 WAL_CHECKPOINT_PAGES = 64
 WRITER_CACHE_KIB = 64 * 1024
+FORGET_WINDOW = 20_000  # messages rows looked at per forget_finished call
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,6 +431,33 @@ class Index:
 
     def forget_in_transaction(self, names: Sequence[str]) -> None:
         self.conn.executemany("DELETE FROM segments WHERE name = ?", [(n,) for n in names])
+
+    def forget_finished(self, before: float, after: int, window: int = FORGET_WINDOW
+                        ) -> tuple[int, int]:
+        """Remove from the index the messages (with their recipients and attempts) final
+        before `before` whose segment file is gone: the delivery records hold their history
+        (copy them first: relay/queue/records.py). Looks at the messages rows with rowid in
+        (`after`, `after` + `window`], so one call is short; returns (messages removed, where
+        the next call starts: 0 once past the last row).
+
+        The attempts row with the highest rowid always stays: the records remember how far
+        they copied by rowid, and SQLite would give a new row a rowid already copied if the
+        highest one were deleted."""
+        with self._transaction():
+            found = [row[0] for row in self.conn.execute(
+                "SELECT id FROM messages m WHERE rowid > ? AND rowid <= ? AND done < ?"
+                " AND segment IS NOT NULL"
+                " AND NOT EXISTS (SELECT 1 FROM segments s WHERE s.name = m.segment)",
+                (after, after + window, before))]
+            newest = self.conn.execute(
+                "SELECT msg FROM attempts WHERE rowid = (SELECT MAX(rowid) FROM attempts)"
+            ).fetchone()
+            gone = [(m,) for m in found if newest is None or m != newest[0]]
+            self.conn.executemany("DELETE FROM attempts WHERE msg = ?", gone)
+            self.conn.executemany("DELETE FROM recipients WHERE msg = ?", gone)
+            self.conn.executemany("DELETE FROM messages WHERE id = ?", gone)
+            (last,) = self.conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM messages").fetchone()
+        return len(gone), (after + window if after + window < last else 0)
 
     def segments(self) -> dict[str, SegmentRow]:
         return {name: SegmentRow(messages, finished, bool(sealed), upto)
