@@ -1038,8 +1038,8 @@ class DeliveryEngine:
                               source=v.source or source, dkim=v.signed_by,
                               invoice_id=job.invoice_id, remote=v.remote)
             results.append(Result(due, outcome, status))
-            metrics.child(metrics.DELIVERIES, state, domain).inc()
-            metrics.child(metrics.SOURCE_DELIVERIES, source_label, state).inc()
+            metrics.add(metrics.DELIVERIES, state, domain)
+            metrics.add(metrics.SOURCE_DELIVERIES, source_label, state)
             if state == DELIVERED:
                 metrics.DELIVERY_LATENCY.observe(max(0.0, now - due.received))
         # Not awaited: the connection goes on with its next job while the outcome is recorded

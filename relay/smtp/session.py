@@ -110,13 +110,13 @@ class RelaySMTP(AiosmtpdSession):
         self.ctx.sessions.add(self)
         if self.listener:
             self._open = True
-            metrics.child(metrics.SMTP_CONNECTIONS, self.listener).inc()
+            metrics.add(metrics.SMTP_CONNECTIONS, self.listener)
 
     def connection_lost(self, error: Exception | None) -> None:
         self.ctx.sessions.discard(self)
         if self._open:
             self._open = False
-            metrics.child(metrics.SMTP_CONNECTIONS, self.listener).dec()
+            metrics.add(metrics.SMTP_CONNECTIONS, self.listener, amount=-1)
         if self._counted and self.ctx.anvil is not None:
             self._counted = False
             self.ctx.anvil.disconnect(self.client, trusted=self.ctx.is_trusted(self.client))
@@ -731,7 +731,7 @@ class RelaySMTP(AiosmtpdSession):
             return replies.INTERNAL_ERROR
         if self.ctx.anvil is not None:
             self.ctx.anvil.add_queued(1)
-        metrics.ACCEPTED.inc()  # committed and about to get its 250 (a duplicate never is)
+        metrics.add(metrics.ACCEPTED)  # committed and about to get its 250 (a duplicate never is)
         log.event("received", id=envelope.id, client=self.client, sender=envelope.sender,
                   nrcpt=len(envelope.recipients), size=size, message_id=envelope.message_id,
                   auth=envelope.auth,
