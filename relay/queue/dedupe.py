@@ -115,10 +115,14 @@ class DedupeTable:
 
     def _clear_pending(self) -> None:
         """Claims of a relay that died before their commit's outcome: never queued."""
-        for slot in range(self.slots):
-            offset = _HEADER.size + slot * _SLOT.size
-            if self._mem[offset + _STATE] == PENDING:
-                _SLOT.pack_into(self._mem, offset, _NO_KEY, b"", 0.0, FREED)
+        # Every slot's state byte in one slice, searched in C: a start pays a millisecond,
+        # not a Python loop over every slot.
+        first = _HEADER.size + _STATE
+        states = self._mem[first:first + self.slots * _SLOT.size:_SLOT.size]
+        slot = states.find(PENDING)
+        while slot >= 0:
+            _SLOT.pack_into(self._mem, _HEADER.size + slot * _SLOT.size, _NO_KEY, b"", 0.0, FREED)
+            slot = states.find(PENDING, slot + 1)
 
     # --- on the event loop, microseconds each ------------------------------------------------
 
