@@ -8,6 +8,7 @@ import os
 import threading
 from pathlib import Path
 
+import pytest
 from rawsmtp import QUEUED, Raw, send_raw
 from relayproc import RelayProcess
 from sink import Sink
@@ -148,3 +149,21 @@ def test_table_finds_keys_past_freed_slots_and_probes_little(tmp_path: Path) -> 
     assert table.claim([second], "ID3", 1001.0, 86400.0).firsts == ["ID2"]
     # ...and a new key reuses the freed slot rather than a fresh one.
     assert table.claim([first], "ID4", 1001.0, 86400.0) == ([None], [(0, first)])
+
+
+def test_claims_of_a_dead_relay_are_cleared_at_the_next_start(tmp_path: Path) -> None:
+    """A relay killed between a claim and its commit's outcome left pending claims: the next
+    start frees them (never queued), keeps final entries, and the same message can then be
+    queued instead of waiting for an owner that is gone."""
+    from relay.queue.dedupe import Busy, DedupeTable
+
+    keys = [i.to_bytes(8, "little") + b"K" * 8 for i in range(1, 40)]
+    table = DedupeTable(tmp_path / "dedupe.table", slots=64)
+    done = table.claim(keys[:1], "DONE", 1000.0, 86400.0)
+    table.settle(done.held, "DONE", committed=True)
+    table.claim(keys[1:], "DEAD", 1000.0, 86400.0)  # the relay dies before settling
+    with pytest.raises(Busy):  # a live claim: an identical message waits for its outcome
+        table.claim(keys[1:2], "OTHER", 1001.0, 86400.0)
+    table.close()
+    table = DedupeTable(tmp_path / "dedupe.table", slots=64)
+    assert table.claim(keys, "NEW", 1002.0, 86400.0).firsts == ["DONE"] + [None] * 38
