@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -187,3 +188,23 @@ def test_local_bucket_takes_a_batch() -> None:
     assert bucket.try_take(2) == pytest.approx(0.2)
     now[0] = 0.2
     assert bucket.try_take(2) == 0
+
+
+async def test_close_ends_even_when_a_heartbeat_swallows_its_cancel(
+        nodes: Callable[..., Cluster]) -> None:
+    """Python 3.11 can lose a cancel (asyncio.timeout turning it into TimeoutError, which a
+    heartbeat reports as Redis being down): close() must end all the same, not hang the
+    delivery process's stop. Here the heartbeat swallows every cancel."""
+    node = await nodes(heartbeat=0.05)
+    beating = asyncio.Event()
+
+    async def stubborn_beat() -> None:
+        beating.set()
+        with contextlib.suppress(asyncio.CancelledError):  # swallowed, as a lost cancel
+            await asyncio.sleep(30)
+
+    node._beat = stubborn_beat  # type: ignore[method-assign]
+    await asyncio.wait_for(beating.wait(), 5)
+    started = time.monotonic()
+    await asyncio.wait_for(node.close(), 10)
+    assert time.monotonic() - started < 3

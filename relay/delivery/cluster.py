@@ -152,6 +152,7 @@ class Cluster:
         self._scripts: dict[str, AsyncScript] = {}
         self._held: dict[str, set[str]] = {}  # destination -> lease members held by this node
         self._loop_task: asyncio.Task[None] | None = None
+        self._closing = False  # close() began: the heartbeat loop ends at its next turn
         self._degraded_logged = False
 
     @classmethod
@@ -184,16 +185,21 @@ class Cluster:
     async def close(self, release: bool = True) -> None:
         """Stop the heartbeat; with `release`, give back this node's leases and announce the
         leave (release=False is a node that dies: its slots wait for their TTL)."""
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
-            self._loop_task = None
+        self._closing = True
+        task, self._loop_task = self._loop_task, None
+        while task is not None and not task.done():
+            # A cancel can be lost (Python 3.11's asyncio.timeout may turn a cancel that meets
+            # its own deadline into TimeoutError, which _guarded reports as ClusterDown): cancel
+            # again until it ends; _closing ends the loop at its next turn in any case.
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
         if release and self.up and self._redis is not None:
             with contextlib.suppress(ClusterDown):
                 await self._guarded(self._leave())
         if self._redis is not None:
-            await self._redis.aclose()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.timeout):
+                    await self._redis.aclose()
             self._redis = None
         self.up = False
 
@@ -209,9 +215,10 @@ class Cluster:
         self._held.clear()
 
     async def _heartbeat_loop(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.heartbeat)
-            await self._beat()
+            if not self._closing:
+                await self._beat()
 
     async def _beat(self) -> None:
         """Announce this node and renew its leases in one round trip; count the live nodes."""
