@@ -347,3 +347,30 @@ def test_finished_messages_leave_the_index_but_never_the_records(tmp_path: Path)
         "0OLD1", "0OLD2", "0NEW", "0NEXT"}
     assert find(conn, "<0OLD1@invoices.test>") == ["0OLD1"]
     conn.close()
+
+
+def test_readers_look_records_up_by_index_not_by_scanning(tmp_path: Path) -> None:
+    """`status`, the API and `status --export` read the records and the index's rows not
+    copied yet through views; each lookup must use an index on both files (a year of
+    records is millions of rows), never read a whole table."""
+    Index(tmp_path / "index.sqlite").close()
+    Records(tmp_path / RECORDS_FILE).close()
+    store = Records(tmp_path / RECORDS_FILE)
+    store.attach_index(tmp_path / "index.sqlite")
+    store.close()
+    conn = open_readonly(tmp_path / RECORDS_FILE)
+    lookups = [
+        ("SELECT queue_id FROM r_messages WHERE queue_id = ? OR message_id = ?"
+         " OR invoice_id = ?", ("Q", "<m>", "INV")),
+        ("SELECT sender FROM r_messages WHERE queue_id = ?", ("Q",)),
+        ("SELECT * FROM r_rows WHERE queue_id = ?", ("Q",)),
+        ("SELECT * FROM r_rows WHERE time >= ? AND time < ?", (1.0, 2.0)),
+    ]
+    for query, args in lookups:
+        plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {query}", args)]
+        # Reading a view or a subquery's few rows ("SCAN r_rows", "SCAN a") is fine; a table or
+        # a whole index ("SCAN main.messages", "SCAN a USING INDEX ...") is not.
+        scans = [step for step in plan if step.startswith("SCAN")
+                 and not (step.startswith("SCAN r_") or step == "SCAN a")]
+        assert not scans, (query, plan)
+    conn.close()

@@ -87,10 +87,12 @@ FIELDS = ("time", "queue_id", "message_id", "invoice_id", "sender", "recipient",
           "attempted", "source", "host", "address", "reply", "tls", "tls_cipher",
           "tls_verified", "dkim", "sha256")
 
+# From r_rows (open_readonly): one row per record with its message's facts, joined inside each
+# arm of the view (a join of two UNION ALL views would make SQLite build one of them whole).
 _SELECT = (
-    "SELECT a.time, a.queue_id, m.message_id, m.invoice_id, m.sender, a.recipient, a.state,"
+    "SELECT a.time, a.queue_id, a.message_id, a.invoice_id, a.sender, a.recipient, a.state,"
     " a.attempted, a.source, a.host, a.address, a.reply, a.tls, a.tls_cipher, a.tls_verified,"
-    " a.dkim, a.sha256 FROM r_attempts a JOIN r_messages m ON m.queue_id = a.queue_id")
+    " a.dkim, a.sha256 FROM r_rows a")
 
 _HEADER_LIMIT = 65536
 _INVOICE_ID = re.compile(rb"(?im)^x-invoice-id:[ \t]*((?:[^\r\n]|\r\n[ \t])*)")
@@ -310,6 +312,8 @@ def open_readonly(path: Path) -> sqlite3.Connection:
                  + (f" UNION ALL {_PENDING_ATTEMPTS}" if pending else ""))
     conn.execute(f"CREATE TEMP VIEW r_messages AS {_RECORDED_MESSAGES}"
                  + (f" UNION ALL {_PENDING_MESSAGES}" if pending else ""))
+    conn.execute(f"CREATE TEMP VIEW r_rows AS {_RECORDED_ROWS}"
+                 + (f" UNION ALL {_PENDING_ROWS}" if pending else ""))
     return conn
 
 
@@ -342,11 +346,27 @@ _PENDING_ATTEMPTS = (
     " a.host, a.address, a.reply, a.tls, a.tls_cipher, a.tls_verified, a.dkim, a.sha256"
     " FROM idx.attempts a JOIN idx.recipients r ON r.msg = a.msg AND r.idx = a.idx"
     f" WHERE {_NOT_COPIED}")
+# The LIMIT keeps SQLite from flattening the subquery into the GROUP BY, which would read every
+# attempts row in msg order instead of the few after the last copy.
 _PENDING_MESSAGES = (
     "SELECT a.msg, m.sender, m.received, m.message_id, MAX(a.invoice_id), MAX(a.time)"
-    " FROM idx.attempts a JOIN idx.messages m ON m.id = a.msg"
-    f" WHERE {_NOT_COPIED}"
-    " AND NOT EXISTS (SELECT 1 FROM main.messages x WHERE x.queue_id = a.msg) GROUP BY a.msg")
+    " FROM (SELECT msg, invoice_id, time FROM idx.attempts a"
+    f" WHERE {_NOT_COPIED} LIMIT -1) a"
+    " JOIN idx.messages m ON m.id = a.msg"
+    " WHERE NOT EXISTS (SELECT 1 FROM main.messages x WHERE x.queue_id = a.msg) GROUP BY a.msg")
+_RECORDED_ROWS = (
+    "SELECT a.time AS time, a.queue_id AS queue_id, m.message_id AS message_id,"
+    " m.invoice_id AS invoice_id, m.sender AS sender, a.recipient AS recipient,"
+    " a.state AS state, a.attempted AS attempted, a.source AS source, a.host AS host,"
+    " a.address AS address, a.reply AS reply, a.tls AS tls, a.tls_cipher AS tls_cipher,"
+    " a.tls_verified AS tls_verified, a.dkim AS dkim, a.sha256 AS sha256, a.idx AS idx"
+    " FROM main.attempts a JOIN main.messages m ON m.queue_id = a.queue_id")
+_PENDING_ROWS = (
+    "SELECT a.time, a.msg, m.message_id, a.invoice_id, m.sender, r.rcpt, a.outcome,"
+    " COALESCE(a.attempted, 1), a.source, a.host, a.address, a.reply, a.tls, a.tls_cipher,"
+    " a.tls_verified, a.dkim, a.sha256, a.idx"
+    " FROM idx.attempts a JOIN idx.recipients r ON r.msg = a.msg AND r.idx = a.idx"
+    f" JOIN idx.messages m ON m.id = a.msg WHERE {_NOT_COPIED}")
 
 
 def find(conn: sqlite3.Connection, key: str) -> list[str]:
