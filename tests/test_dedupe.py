@@ -46,9 +46,21 @@ def test_resubmissions_on_many_connections_name_the_first(tmp_path: Path) -> Non
                    for line in duplicates)
         assert len(received(relay)) == 1
         if (os.cpu_count() or 1) >= 2:
-            # A queue id carries its intake process's pid (12 bits) after the time.
-            pids = {e["id"][14:17] for e in relay.events("duplicate")} | {first[14:17]}
-            assert len(pids) == 2, pids
+            # Across both intake processes. A queue id carries its intake process's pid (12
+            # bits) after the time. Which process accepts a connection is the kernel's choice:
+            # when one took all 16, resubmit on new connections until the other takes one.
+            def pids() -> set[str]:
+                return {e["id"][14:17] for e in relay.events("duplicate")} | {first[14:17]}
+
+            extra = 0
+            while len(pids()) < 2 and extra < 100:
+                extra += 1
+                with Raw(relay.port) as raw:
+                    raw.ehlo()
+                    assert queued_id(send_raw(raw, INVOICE, rcpt="ap@example.net")) == first
+                relay.wait_for_log("event=duplicate", count=15 + extra)
+            assert len(pids()) == 2, pids()
+        assert len(received(relay)) == 1
     assert len(sink.messages) == 1
 
 
