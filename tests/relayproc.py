@@ -17,14 +17,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 
-def live_children(parent: int) -> dict[int, str]:
-    """pid -> process name (comm) of each live (non-zombie) child of `parent`, from /proc."""
-    found = {}
+def proc_stats() -> Iterator[tuple[int, str, list[str], str]]:
+    """(pid, comm, the fields after comm, the whole line) of /proc/PID/stat for each live
+    (non-zombie) process; fields[1] is its parent, fields[2] its process group."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -33,9 +33,13 @@ def live_children(parent: int) -> dict[int, str]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[1]) == parent and fields[0] != "Z":
-            found[int(entry)] = stat[stat.index("(") + 1:stat.rindex(")")]
-    return found
+        if fields[0] != "Z":
+            yield int(entry), stat[stat.index("(") + 1:stat.rindex(")")], fields, stat
+
+
+def live_children(parent: int) -> dict[int, str]:
+    """pid -> process name (comm) of each live (non-zombie) child of `parent`, from /proc."""
+    return {pid: comm for pid, comm, fields, _ in proc_stats() if int(fields[1]) == parent}
 
 
 def free_port(host: str = "127.0.0.1") -> int:

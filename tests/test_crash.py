@@ -8,7 +8,6 @@ Nothing may stay 'active' in the index and nothing may stay pending once everyth
 
 from __future__ import annotations
 
-import os
 import smtplib
 import sqlite3
 import threading
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from queuefiles import pending_ids
-from relayproc import RelayProcess
+from relayproc import RelayProcess, proc_stats
 from sink import Sink
 
 CLIENTS = 8
@@ -120,19 +119,8 @@ def marker_of(data: bytes) -> str:
 
 def group_processes(pgid: int) -> list[tuple[int, str]]:
     """Live (non-zombie) processes in process group `pgid` or whose parent is `pgid`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        state, ppid, pgrp = fields[0], int(fields[1]), int(fields[2])
-        if state != "Z" and (pgrp == pgid or ppid == pgid):
-            found.append((int(entry), stat[:80]))
-    return found
+    return [(pid, stat[:80]) for pid, _, fields, stat in proc_stats()
+            if pgid in (int(fields[2]), int(fields[1]))]
 
 
 def assert_group_dead(pgid: int) -> None:

@@ -220,15 +220,21 @@ def test_invoice_id_is_read_from_the_header_block(data: bytes, expected: str | N
 
 # --- outcomes reach the records through the index (relay/queue/records.py) -------------------
 
-def _index_with_outcome(path: Path, queue_id: str, when: float) -> Index:
-    index = Index(path)
+def _delivered(index: Index, queue_id: str, when: float, *, segment: str = "seg",
+               message_id: str = "<inv-1@invoices.test>") -> None:
+    """A message indexed in `segment` and delivered at `when` (so done since then)."""
     env = Envelope(id=queue_id, sender="billing@invoices.test", recipients=("ap@example.net",),
-                   received=when - 5, message_id="<inv-1@invoices.test>")
-    index.add([Committed(env, Location("seg", 0, 100))], max_lifetime=3600)
+                   received=when - 5, message_id=message_id)
+    index.add([Committed(env, Location(segment, 0, 100))], max_lifetime=3600)
     index.record([Outcome(msg=queue_id, idx=0, state="delivered", time=when, next_attempt=0,
                           reply="250 2.0.0 Ok: queued as 4XyZ", host="mx.example.net",
                           address="192.0.2.7:25", dkim=("invoices.test/s1",),
                           invoice_id="INV-7", source="192.0.2.1:40000")])
+
+
+def _index_with_outcome(path: Path, queue_id: str, when: float) -> Index:
+    index = Index(path)
+    _delivered(index, queue_id, when)
     return index
 
 
@@ -305,16 +311,6 @@ def test_queue_rebuild_copies_what_a_killed_relay_left_in_the_index(
     conn.close()
 
 
-def _final_message(index: Index, queue_id: str, segment: str, when: float) -> None:
-    env = Envelope(id=queue_id, sender="billing@invoices.test", recipients=("ap@example.net",),
-                   received=when - 5, message_id=f"<{queue_id}@invoices.test>")
-    index.add([Committed(env, Location(segment, 0, 100))], max_lifetime=3600)
-    index.record([Outcome(msg=queue_id, idx=0, state="delivered", time=when, next_attempt=0,
-                          reply=f"250 ok {queue_id}")])
-    # record() marks a message done at the newest outcome's time
-    index.conn.execute("UPDATE messages SET done = ? WHERE id = ?", (when, queue_id))
-
-
 def test_finished_messages_leave_the_index_but_never_the_records(tmp_path: Path) -> None:
     """A message final for long enough whose segment file is gone leaves the index (which
     would otherwise grow by every message ever relayed); its records stay, and outcomes
@@ -323,9 +319,12 @@ def test_finished_messages_leave_the_index_but_never_the_records(tmp_path: Path)
     index = Index(tmp_path / "index.sqlite")
     store = Records(tmp_path / RECORDS_FILE)
     store.attach_index(tmp_path / "index.sqlite")
-    _final_message(index, "0OLD1", "seg-a", now - 3 * 86400)   # segment removed: goes
-    _final_message(index, "0OLD2", "seg-b", now - 3 * 86400)   # segment still there: stays
-    _final_message(index, "0NEW", "seg-a", now - 60)            # final too recently: stays
+    _delivered(index, "0OLD1", now - 3 * 86400, segment="seg-a",
+               message_id="<0OLD1@invoices.test>")   # segment removed: goes
+    _delivered(index, "0OLD2", now - 3 * 86400, segment="seg-b",
+               message_id="<0OLD2@invoices.test>")   # segment still there: stays
+    _delivered(index, "0NEW", now - 60, segment="seg-a",
+               message_id="<0NEW@invoices.test>")    # final too recently: stays
     index.forget_segments(["seg-a"])
     store.copy_from_index()
     assert index.forget_finished(now - 86400, 0) == (1, 0)
@@ -337,7 +336,8 @@ def test_finished_messages_leave_the_index_but_never_the_records(tmp_path: Path)
     # The newest attempts row stays even when its message could go.
     index.conn.execute("UPDATE messages SET done = ? WHERE id = '0NEW'", (now - 3 * 86400,))
     assert index.forget_finished(now - 86400, 0) == (0, 0)
-    _final_message(index, "0NEXT", "seg-c", now)
+    _delivered(index, "0NEXT", now, segment="seg-c",
+               message_id="<0NEXT@invoices.test>")
     assert index.forget_finished(now - 86400, 0) == (1, 0)  # now 0NEW may go
     assert store.copy_from_index() == 1  # 0NEXT's row: a fresh rowid, copied
     index.close()

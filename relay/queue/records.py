@@ -188,7 +188,9 @@ class Records:
         self.conn.close()
 
     def add(self, records: Sequence[Record]) -> None:
-        """Store records in one transaction (synchronous=NORMAL: see make_durable)."""
+        """Store records directly, in one transaction (synchronous=NORMAL: see make_durable).
+        The relay's outcomes arrive by copy_from_index; this is for records from elsewhere
+        (older data to keep, tests)."""
         if not records:
             return
         self.conn.execute("BEGIN IMMEDIATE")
